@@ -1,0 +1,122 @@
+"""The router's stored objects, as frozen dataclasses.
+
+These are what the store returns and the API renders; the routing snapshot
+(``domain.routing.RouteTable``) is built from them. Times are timezone-aware UTC
+``datetime`` values; ids are ``uuid.UUID``.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class PhoneNumber:
+    id: uuid.UUID
+    phone_number: str  # always E.164
+    name: str
+    assistant_id: uuid.UUID | None
+    transfer_trunk_id: uuid.UUID | None
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class TrunkTransport(enum.StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+    TLS = "tls"
+
+
+@dataclass(frozen=True)
+class Trunk:
+    id: uuid.UUID
+    name: str
+    host: str
+    port: int
+    transport: TrunkTransport
+    provider: str
+    username: str | None
+    has_password: bool  # the password itself never leaves the store decrypted unasked
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Assistant:
+    id: uuid.UUID
+    name: str
+    runtime_uri: str | None  # None: use the default runtime pool from config
+    created_at: datetime
+    updated_at: datetime
+
+
+class CallStatus(enum.StrEnum):
+    CONNECTING = "connecting"
+    IN_PROGRESS = "in-progress"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class EndReason(enum.StrEnum):
+    """Why a call ended: a closed set (``../shared/api.md``); also a metric label."""
+
+    CALLER_HANGUP = "caller_hangup"
+    ASSISTANT_HANGUP = "assistant_hangup"
+    TRANSFERRED = "transferred"
+    REJECTED_UNKNOWN_NUMBER = "rejected_unknown_number"
+    REJECTED_UNASSIGNED = "rejected_unassigned"
+    REJECTED_INACTIVE = "rejected_inactive"
+    REJECTED_OVER_CAPACITY = "rejected_over_capacity"
+    REJECTED_DRAINING = "rejected_draining"
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    CALLER_CANCELLED = "caller_cancelled"
+    MAX_DURATION = "max_duration"
+    ENDED_BY_API = "ended_by_api"
+    ROUTER_SHUTDOWN = "router_shutdown"
+    ROUTER_RESTART = "router_restart"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    id: uuid.UUID
+    status: CallStatus
+    caller_phone: str
+    assistant_phone: str  # the dialled number, E.164 (or the raw user part if unparsable)
+    number_id: uuid.UUID | None
+    assistant_id: uuid.UUID | None
+    sip_call_id: str
+    started_at: datetime | None  # answer time
+    ended_at: datetime | None
+    end_reason: EndReason | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    direction: str = "inbound"
+
+    @property
+    def duration_seconds(self) -> int | None:
+        if self.started_at is None:
+            return 0 if self.ended_at is not None else None
+        if self.ended_at is None:
+            return None
+        return int((self.ended_at - self.started_at).total_seconds())
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: uuid.UUID
+    name: str
+    prefix: str  # first characters of the key, for operators to recognise it
+    read_only: bool
+    created_at: datetime

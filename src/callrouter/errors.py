@@ -1,0 +1,78 @@
+"""The router's exception tree.
+
+Outcomes are values (a rejected call is ``domain.routing.Reject``), failures are
+exceptions. Every exception that can reach a peer knows what to answer with:
+
+    CallrouterError                    base; ``status`` = HTTP status, ``sip_status`` = SIP
+    ├── ConfigError                    invalid configuration; lists every problem
+    ├── ValidationError (422/400)      bad input; ``details`` names each bad field
+    │   └── InvalidNumber (400)        not a phone number
+    ├── NotFound (404)                 unknown id
+    ├── Conflict (409)                 duplicate number, object still referenced
+    ├── StoreError (500)               the database failed (translated in store/ only)
+    └── EngineError (500, SIP 500)     pjsua2 failed (translated in sip/ only)
+
+Foreign exceptions (sqlite3, pjsua2.Error) are translated in exactly one function
+per adapter, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One bad field in a request: where it is and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class CallrouterError(Exception):
+    status: int = 500
+    sip_status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, details: list[FieldProblem] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class ConfigError(CallrouterError):
+    code = "invalid_config"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+
+class ValidationError(CallrouterError):
+    status = 422
+    sip_status = 400
+    code = "validation_error"
+
+
+class InvalidNumber(ValidationError):
+    status = 400
+    code = "invalid_phone_number"
+
+
+class NotFound(CallrouterError):
+    status = 404
+    sip_status = 404
+    code = "not_found"
+
+
+class Conflict(CallrouterError):
+    status = 409
+    code = "conflict"
+
+
+class StoreError(CallrouterError):
+    code = "store_error"
+
+
+class EngineError(CallrouterError):
+    code = "engine_error"
