@@ -121,7 +121,9 @@ make_libs() {
 
 build_swig() {
   local tree="$1" swig="$tree/pjsip-apps/src/swig"
+  # SWIG reads the header next to pjsua2.i; the compiler includes both next to the wrapper.
   cp "$engine_dir/callrouter_guard.hpp" "$engine_dir/callrouter_guard_impl.hpp" "$swig/"
+  cp "$engine_dir/callrouter_guard.hpp" "$engine_dir/callrouter_guard_impl.hpp" "$swig/python/"
   # The guard: compiled into the wrapper, its functions exported to Python.
   cat >> "$swig/pjsua2.i" <<'SWIG'
 
@@ -148,7 +150,7 @@ collect() {  # $1 = tree, $2 = dest
 }
 
 main() {
-  local pyver src key dest work tree
+  local pyver src key dest tree
   pyver=$("$PYTHON" -c 'import sys,sysconfig;print(sys.version.split()[0], sysconfig.get_config_var("EXT_SUFFIX"))')
   command -v apt-get >/dev/null && [ -z "${CALLROUTER_PJPROJECT_SOURCE:-}" ] && ensure_deb_src
   src=$(source_id)
@@ -159,7 +161,7 @@ main() {
   else
     step "building engine $key from $src for python $pyver"
     work=$(mktemp -d "${TMPDIR:-/tmp}/callrouter-engine.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
+    trap 'rm -rf "$work"' EXIT   # global on purpose: the trap runs after main returns
     tree=$(fetch_source "$work")
     step "source: $tree ($(grep -h 'PJ_VERSION_\(MAJOR\|MINOR\|REV\) ' "$tree/version.mak" | awk '{print $4}' | paste -sd.))"
     run_step configure configure_and_build "$tree"
@@ -172,6 +174,9 @@ main() {
       echo "pjproject_tree=$(basename "$tree")"
       echo "python=$pyver"
       echo "config_site_sha256=$(sha256sum "$engine_dir/config_site.h" | cut -d' ' -f1)"
+      echo "ioqueue=epoll"
+      # The compiled limits, as NAME=VALUE lines (read by `callrouter engine-info`).
+      awk '$1=="#define" && $2 ~ /^PJ/ {v=$3; for(i=4;i<=NF;i++) v=v" "$i; print $2"="v}' "$engine_dir/config_site.h"
       echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     } > "$dest.tmp/ENGINE-INFO"
     rm -rf "$dest"; mv "$dest.tmp" "$dest"

@@ -21,6 +21,7 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
 )
+from callrouter.domain.session import Command, Event
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,66 @@ class Store(Protocol):
     async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey: ...
     async def find_api_key(self, key_hash: bytes) -> ApiKey | None: ...
     async def count_api_keys(self) -> int: ...
+
+
+# ---- the SIP side ------------------------------------------------------------------
+# The SIP adapter calls a CallHandler (the service) on the SIP thread for every new
+# INVITE and every event on a bridged call; the handler answers with values and the
+# adapter carries them out. The service reaches the SIP side through CallControl.
+
+
+@dataclass(frozen=True)
+class InboundInvite:
+    sip_call_id: str
+    request_uri: str
+    to_header: str
+    from_header: str
+    source: str  # "ip:port" the INVITE came from
+    received_at: float  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class Rejected:
+    code: int
+    reason: str
+    retry_after: int | None = None
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """SIP commands for the adapter, and when the call next wants a TimerFired."""
+
+    commands: tuple[Command, ...]
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    call_id: uuid.UUID
+    runtime_headers: tuple[tuple[str, str], ...]
+    caller_uri: str  # From URI for the runtime leg (the caller's identity)
+    reaction: Reaction
+
+
+class CallHandler(Protocol):
+    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected: ...
+    def on_event(self, call_id: uuid.UUID, event: Event, now: float) -> Reaction: ...
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    running: bool
+    max_calls: int  # engine call slots (pjsua calls)
+    calls_in_use: int
+    guard: dict[str, int]  # guard module counters
+    version: str
+
+
+class CallControl(Protocol):
+    """What the service asks of the SIP side; safe to call from any thread."""
+
+    def deliver(self, call_id: uuid.UUID, event: Event) -> None:
+        """Hand ``event`` to the call on the SIP thread (ignored if the call is gone)."""
+        ...
+
+    def status(self) -> EngineStatus: ...

@@ -75,7 +75,6 @@ class EndReason(enum.StrEnum):
     TRANSFERRED = "transferred"
     REJECTED_UNKNOWN_NUMBER = "rejected_unknown_number"
     REJECTED_UNASSIGNED = "rejected_unassigned"
-    REJECTED_INACTIVE = "rejected_inactive"
     REJECTED_OVER_CAPACITY = "rejected_over_capacity"
     REJECTED_DRAINING = "rejected_draining"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"

@@ -1,0 +1,49 @@
+# callrouter: `make run` and `make test` install whatever is missing, then run.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+.PHONY: run test deps venv engine lint unit integration bench bench-quick clean
+
+run: deps venv engine
+	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
+
+test: deps venv engine lint
+	$(VENV)/bin/pytest -q
+
+deps:
+	@bash scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "callrouter needs Python 3.11, found " + sys.version' 
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+engine: venv
+	PYTHON=$(PY) bash scripts/build-engine.sh --install $(SITE)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests scripts bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: deps venv engine
+	$(VENV)/bin/pytest -q tests/integration
+
+bench: deps venv engine
+	$(PY) bench/run.py
+
+bench-quick: deps venv engine
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,370 @@
+"""Configuration: parsed once, validated as a whole, frozen.
+
+How it works: every setting is declared once in ``SETTINGS`` (dotted path,
+default, parser). ``load(environ, path)`` layers the defaults, then the TOML file
+given with ``--config`` (if any), then environment variables, parses each value,
+checks the settings against each other, and raises ``ConfigError`` listing
+*every* problem at once. The environment variable for ``a.b_c`` is
+``CALLROUTER_A_B_C``; a few short aliases (``CALLROUTER_RTP_PORTS``,
+``CALLROUTER_DATA_DIR``) are kept because operators and the issue texts use them.
+``config/callrouter.toml`` documents every setting with its default; a unit test
+keeps it in step with ``SETTINGS``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from callrouter.errors import ConfigError
+
+ENV_PREFIX = "CALLROUTER_"
+ENV_ALIASES = {
+    "CALLROUTER_RTP_PORTS": "sip.rtp_ports",
+    "CALLROUTER_DATA_DIR": "storage.data_dir",
+}
+ENGINE_SLOT_RESERVE = 16  # pjsua call slots kept free so the router, not pjsua, says 503
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    allowed_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    forbidden_action: str  # "drop" | "reject"
+    unknown_number_code: int
+    not_a_number_code: int
+    unassigned_code: int
+    inactive_code: int
+    runtime_failure_code: int
+    retry_after_seconds: int
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    listen: HostPort
+    advertise: str
+    rtp_ports: PortRange
+    max_calls: int
+    ring_timeout_seconds: float
+    max_duration_seconds: float
+    codecs: tuple[str, ...]
+    inbound: InboundConfig
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    pool: tuple[str, ...]
+    strategy: str  # "round-robin" | "first"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: HostPort
+    rate_limit_per_minute: int
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "callrouter.db"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str  # "json" | "console" | "auto"
+    level: str
+    engine_level: int
+
+
+@dataclass(frozen=True)
+class Config:
+    sip: SipConfig
+    runtime: RuntimeConfig
+    http: HttpConfig
+    storage: StorageConfig
+    log: LogConfig
+    default_region: str
+    drain_timeout_seconds: float
+
+
+# ---- parsers: value -> parsed value, or ValueError with a message ------------------
+
+
+def _host_port(value: Any) -> HostPort:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    host = host.strip("[]")
+    return HostPort(host, _port(port))
+
+
+def _port(value: Any) -> int:
+    port = _int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return port
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number <= 0:
+        raise ValueError(f"must be positive, got {number}")
+    return number
+
+
+def _seconds(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected seconds, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"must be positive, got {number}")
+    return number
+
+
+def _sip_code(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        code = _int(value)
+        if not low <= code <= high:
+            raise ValueError(f"expected a SIP status {low}-{high}, got {code}")
+        return code
+
+    return parse
+
+
+def _port_range(value: Any) -> PortRange:
+    start, sep, end = str(value).partition("-")
+    if not sep:
+        raise ValueError(f"expected start-end, got {value!r}")
+    rng = PortRange(_port(start), _port(end))
+    if rng.start < 1024 or rng.end < rng.start:
+        raise ValueError(f"expected 1024 <= start <= end, got {value!r}")
+    return rng
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"expected a list, got {value!r}")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _str_list(value))
+    except ValueError as exc:
+        raise ValueError(f"invalid network: {exc}") from None
+
+
+def _sip_uris(value: Any) -> tuple[str, ...]:
+    uris = _str_list(value)
+    for uri in uris:
+        if not uri.lower().startswith(("sip:", "sips:")) or "@" not in uri and ":" not in uri[4:]:
+            raise ValueError(f"not a SIP URI: {uri!r}")
+    return uris
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _region(value: Any) -> str:
+    text = str(value).strip().upper()
+    if len(text) != 2 or not text.isalpha():
+        raise ValueError(f"expected a two-letter region code, got {value!r}")
+    return text
+
+
+def _codecs(value: Any) -> tuple[str, ...]:
+    codecs = tuple(c.upper() for c in _str_list(value))
+    unknown = set(codecs) - {"PCMU", "PCMA", "G722"}
+    if unknown or not codecs:
+        raise ValueError(f"supported codecs are PCMU, PCMA, G722; got {value!r}")
+    return codecs
+
+
+@dataclass(frozen=True)
+class Setting:
+    path: str
+    default: Any
+    parse: Callable[[Any], Any]
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.path.replace(".", "_").upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("sip.listen", "0.0.0.0:5060", _host_port),
+    Setting("sip.advertise", "", str),
+    Setting("sip.rtp_ports", "20000-29999", _port_range),
+    Setting("sip.max_calls", 1000, _positive_int),
+    Setting("sip.ring_timeout_seconds", 30, _seconds),
+    Setting("sip.max_duration_seconds", 14400, _seconds),
+    Setting("sip.codecs", ["PCMU", "PCMA"], _codecs),
+    Setting("sip.inbound.allowed_sources", ["127.0.0.0/8", "::1/128"], _networks),
+    Setting("sip.inbound.forbidden_action", "drop", _choice("drop", "reject")),
+    Setting("sip.inbound.unknown_number_code", 404, _sip_code(400, 699)),
+    Setting("sip.inbound.not_a_number_code", 404, _sip_code(400, 699)),
+    Setting("sip.inbound.unassigned_code", 480, _sip_code(400, 699)),
+    Setting("sip.inbound.inactive_code", 480, _sip_code(400, 699)),
+    Setting("sip.inbound.runtime_failure_code", 503, _sip_code(400, 699)),
+    Setting("sip.inbound.retry_after_seconds", 5, _positive_int),
+    Setting("runtime.pool", [], _sip_uris),
+    Setting("runtime.strategy", "round-robin", _choice("round-robin", "first")),
+    Setting("http.listen", "127.0.0.1:8080", _host_port),
+    Setting("http.rate_limit_per_minute", 100, _positive_int),
+    Setting("storage.data_dir", "./var", lambda v: Path(str(v))),
+    Setting("log.format", "auto", _choice("auto", "json", "console")),
+    Setting("log.level", "info", _choice("debug", "info", "warning", "error")),
+    Setting("log.engine_level", 1, _int),
+    Setting("numbers.default_region", "NL", _region),
+    Setting("drain.timeout_seconds", 30, _seconds),
+)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _raw_values(environ: Mapping[str, str], path: Path | None, problems: list[str]) -> dict[str, Any]:
+    raw = {s.path: s.default for s in SETTINGS}
+    if path is not None:
+        try:
+            from_file = _flatten(tomllib.loads(path.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{path}: {exc}")
+            from_file = {}
+        for key in sorted(set(from_file) - set(raw)):
+            problems.append(f"{path}: unknown setting {key!r}")
+        raw.update({k: v for k, v in from_file.items() if k in raw})
+    by_env = {s.env: s.path for s in SETTINGS} | ENV_ALIASES
+    for name, setting_path in by_env.items():
+        if name in environ:
+            raw[setting_path] = environ[name]
+    return raw
+
+
+def _parsed(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        try:
+            values[setting.path] = setting.parse(raw[setting.path])
+        except ValueError as exc:
+            problems.append(f"{setting.path} ({setting.env}): {exc}")
+    return values
+
+
+def _cross_checks(v: Mapping[str, Any], engine_max_calls: int | None) -> list[str]:
+    problems = []
+    # Each inbound call takes up to two engine calls (caller + runtime leg) and each leg
+    # an RTP and an RTCP port, so the RTP range must cover max_calls * 2 legs * 2 ports.
+    needed_ports = v["sip.max_calls"] * 4
+    if v["sip.rtp_ports"].size < needed_ports:
+        problems.append(
+            f"sip.rtp_ports: {v['sip.rtp_ports'].size} ports cannot carry sip.max_calls="
+            f"{v['sip.max_calls']} bridged calls (needs {needed_ports})"
+        )
+    if engine_max_calls is not None and v["sip.max_calls"] * 2 + ENGINE_SLOT_RESERVE > engine_max_calls:
+        problems.append(
+            f"sip.max_calls: {v['sip.max_calls']} bridged calls need "
+            f"{v['sip.max_calls'] * 2 + ENGINE_SLOT_RESERVE} engine call slots; "
+            f"the engine was built with {engine_max_calls}"
+        )
+    return problems
+
+
+def load(
+    environ: Mapping[str, str],
+    path: Path | None = None,
+    *,
+    engine_max_calls: int | None = None,
+) -> Config:
+    """Build the configuration; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    values = _parsed(_raw_values(environ, path, problems), problems)
+    if not problems:
+        problems.extend(_cross_checks(values, engine_max_calls))
+    if problems:
+        raise ConfigError(problems)
+    return _build(values)
+
+
+def _build(v: Mapping[str, Any]) -> Config:
+    inbound = InboundConfig(
+        allowed_sources=v["sip.inbound.allowed_sources"],
+        forbidden_action=v["sip.inbound.forbidden_action"],
+        unknown_number_code=v["sip.inbound.unknown_number_code"],
+        not_a_number_code=v["sip.inbound.not_a_number_code"],
+        unassigned_code=v["sip.inbound.unassigned_code"],
+        inactive_code=v["sip.inbound.inactive_code"],
+        runtime_failure_code=v["sip.inbound.runtime_failure_code"],
+        retry_after_seconds=v["sip.inbound.retry_after_seconds"],
+    )
+    sip = SipConfig(
+        listen=v["sip.listen"],
+        advertise=v["sip.advertise"],
+        rtp_ports=v["sip.rtp_ports"],
+        max_calls=v["sip.max_calls"],
+        ring_timeout_seconds=v["sip.ring_timeout_seconds"],
+        max_duration_seconds=v["sip.max_duration_seconds"],
+        codecs=v["sip.codecs"],
+        inbound=inbound,
+    )
+    return Config(
+        sip=sip,
+        runtime=RuntimeConfig(pool=v["runtime.pool"], strategy=v["runtime.strategy"]),
+        http=HttpConfig(listen=v["http.listen"], rate_limit_per_minute=v["http.rate_limit_per_minute"]),
+        storage=StorageConfig(data_dir=v["storage.data_dir"]),
+        log=LogConfig(format=v["log.format"], level=v["log.level"], engine_level=v["log.engine_level"]),
+        default_region=v["numbers.default_region"],
+        drain_timeout_seconds=v["drain.timeout_seconds"],
+    )

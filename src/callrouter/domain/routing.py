@@ -1,0 +1,149 @@
+"""The routing decision: what happens to an INVITE, as a value.
+
+``decide`` is pure and fast: it runs on the SIP thread for every INVITE, against an
+immutable ``RouteTable`` snapshot that the service swaps in after every change to
+the number table (so the very next INVITE sees the change). The answer is one of
+a closed set: ``Bridge`` (dial the assistant's runtime) or ``Reject`` (a final SIP
+status). Requests from sources outside the allowed networks never get here: the
+engine's guard module drops them before pjsua allocates anything (see
+docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from callrouter.domain.models import Assistant, EndReason, PhoneNumber
+
+
+class Outcome(enum.StrEnum):
+    """Routing outcomes: the metric label set and the log field."""
+
+    BRIDGED = "bridged"
+    UNKNOWN_NUMBER = "unknown_number"
+    NOT_A_NUMBER = "not_a_number"
+    UNASSIGNED = "unassigned"
+    INACTIVE = "inactive"
+    FORBIDDEN_SOURCE = "forbidden_source"
+    OVER_CAPACITY = "over_capacity"
+    DRAINING = "draining"
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    CALLER_CANCELLED = "caller_cancelled"
+
+
+@dataclass(frozen=True)
+class Route:
+    number_id: uuid.UUID
+    e164: str
+    assistant_id: uuid.UUID | None
+    runtime_uri: str | None  # the assistant's own runtime, if it has one
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    by_e164: Mapping[str, Route] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, numbers: list[PhoneNumber], assistants: list[Assistant]) -> RouteTable:
+        runtime = {a.id: a.runtime_uri for a in assistants}
+        return cls({
+            n.phone_number: Route(
+                n.id, n.phone_number, n.assistant_id,
+                runtime.get(n.assistant_id) if n.assistant_id else None, n.is_active,
+            )
+            for n in numbers
+        })
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The configurable parts of the decision (config ``[sip.inbound]``)."""
+
+    max_calls: int
+    unknown_number_code: int = 404
+    not_a_number_code: int = 404
+    unassigned_code: int = 480
+    inactive_code: int = 480
+    retry_after_seconds: int = 5
+
+
+@dataclass(frozen=True)
+class CallContext:
+    dialled: str | None  # E.164, or None when the dialled user part is not a phone number
+    active_calls: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class Bridge:
+    route: Route
+    targets: tuple[str, ...]  # runtime URIs to try in order
+    outcome: Outcome = Outcome.BRIDGED
+
+
+@dataclass(frozen=True)
+class Reject:
+    code: int
+    outcome: Outcome
+    end_reason: EndReason
+    route: Route | None = None
+    retry_after: int | None = None
+
+
+Decision = Bridge | Reject
+
+
+class RuntimePool:
+    """The default runtimes (config ``[runtime]``), rotated per call for round-robin."""
+
+    def __init__(self, uris: tuple[str, ...], strategy: str = "round-robin") -> None:
+        self._uris = uris
+        self._rotate = strategy == "round-robin"
+        self._next = itertools.count()
+
+    @property
+    def uris(self) -> tuple[str, ...]:
+        return self._uris
+
+    def order(self) -> tuple[str, ...]:
+        if not self._uris or not self._rotate:
+            return self._uris
+        start = next(self._next) % len(self._uris)
+        return self._uris[start:] + self._uris[:start]
+
+
+def decide(ctx: CallContext, table: RouteTable, policy: Policy, pool: RuntimePool) -> Decision:
+    """Route one INVITE. Order matters: load shedding first, then the number."""
+    if ctx.draining:
+        return Reject(503, Outcome.DRAINING, EndReason.REJECTED_DRAINING,
+                      retry_after=policy.retry_after_seconds)
+    if ctx.active_calls >= policy.max_calls:
+        return Reject(503, Outcome.OVER_CAPACITY, EndReason.REJECTED_OVER_CAPACITY,
+                      retry_after=policy.retry_after_seconds)
+    if ctx.dialled is None:
+        return Reject(policy.not_a_number_code, Outcome.NOT_A_NUMBER,
+                      EndReason.REJECTED_UNKNOWN_NUMBER)
+    route = table.by_e164.get(ctx.dialled)
+    if route is None:
+        return Reject(policy.unknown_number_code, Outcome.UNKNOWN_NUMBER,
+                      EndReason.REJECTED_UNKNOWN_NUMBER)
+    if not route.is_active:
+        return Reject(policy.inactive_code, Outcome.INACTIVE, EndReason.REJECTED_UNASSIGNED, route)
+    if route.assistant_id is None:
+        return Reject(policy.unassigned_code, Outcome.UNASSIGNED,
+                      EndReason.REJECTED_UNASSIGNED, route)
+    targets = _targets(route, pool)
+    if not targets:
+        return Reject(503, Outcome.RUNTIME_UNAVAILABLE, EndReason.RUNTIME_UNAVAILABLE, route,
+                      retry_after=policy.retry_after_seconds)
+    return Bridge(route, targets)
+
+
+def _targets(route: Route, pool: RuntimePool) -> tuple[str, ...]:
+    own = (route.runtime_uri,) if route.runtime_uri else ()
+    return own + tuple(uri for uri in pool.order() if uri not in own)

@@ -1,0 +1,226 @@
+"""The endpoints of ``../shared/api.md``: thin handlers, parse -> management/store -> view.
+
+Reads go straight to the store; every change goes through ``Management``, which validates
+and refreshes the routing snapshot. Errors are raised as ``errors.CallrouterError`` and
+shaped in ``http.failures``; authentication and the per-key rate limit happen before
+any of this, in ``http.guard``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar, cast
+
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.security import HTTPBearer
+
+from callrouter.domain.models import CallStatus
+from callrouter.errors import NotFound, ValidationError
+from callrouter.http import schemas
+from callrouter.http import views as v
+from callrouter.http.deps import ApiDeps
+from callrouter.http.failures import CallNotControllable, TooManyRequests
+from callrouter.http.ratelimit import FixedWindowLimiter
+from callrouter.ports import CallQuery
+
+OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/ready"})
+_T = TypeVar("_T")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": v.ErrorBody} for status in (400, 401, 403, 404, 409, 422, 429)}
+
+
+def _deps(request: Request) -> ApiDeps:
+    return cast(ApiDeps, request.app.state.deps)
+
+
+def _control_limiter(request: Request) -> FixedWindowLimiter:
+    return cast(FixedWindowLimiter, request.app.state.control_limiter)
+
+
+Deps = Annotated[ApiDeps, Depends(_deps)]
+ControlLimiter = Annotated[FixedWindowLimiter, Depends(_control_limiter)]
+# Documents the bearer scheme in OpenAPI; the check itself is http.guard.Guard.
+router = APIRouter(prefix="/api/v1", responses=_ERRORS,
+                   dependencies=[Security(HTTPBearer(auto_error=False))])
+open_router = APIRouter(prefix="/api/v1")
+
+
+def _found(obj: _T | None, what: str) -> _T:
+    if obj is None:
+        raise NotFound(f"{what} not found")
+    return obj
+
+
+# -- numbers ---------------------------------------------------------------------------
+
+@router.get("/numbers", tags=["numbers"])
+async def list_numbers(deps: Deps) -> v.NumberList:
+    return v.NumberList(numbers=[v.NumberView.of(n) for n in await deps.store.list_numbers()])
+
+
+@router.post("/numbers", status_code=201, tags=["numbers"])
+async def create_number(body: schemas.NumberCreate, deps: Deps) -> v.NumberEnvelope:
+    number = await deps.management.create_number(body.to_input())
+    return v.NumberEnvelope(number=v.NumberView.of(number))
+
+
+@router.get("/numbers/{number_id}", tags=["numbers"])
+async def get_number(number_id: uuid.UUID, deps: Deps) -> v.NumberEnvelope:
+    number = _found(await deps.store.get_number(number_id), "number")
+    return v.NumberEnvelope(number=v.NumberView.of(number))
+
+
+@router.patch("/numbers/{number_id}", tags=["numbers"])
+async def update_number(
+    number_id: uuid.UUID, body: schemas.NumberPatch, deps: Deps
+) -> v.NumberEnvelope:
+    number = await deps.management.update_number(number_id, body.to_changes())
+    return v.NumberEnvelope(number=v.NumberView.of(number))
+
+
+@router.delete("/numbers/{number_id}", tags=["numbers"])
+async def delete_number(number_id: uuid.UUID, deps: Deps) -> v.Success:
+    await deps.management.delete_number(number_id)
+    return v.Success()
+
+
+# -- SIP trunks ------------------------------------------------------------------------
+
+@router.get("/sip-trunks", tags=["sip-trunks"])
+async def list_trunks(deps: Deps) -> v.TrunkList:
+    return v.TrunkList(trunks=[v.TrunkView.of(t) for t in await deps.store.list_trunks()])
+
+
+@router.post("/sip-trunks", status_code=201, tags=["sip-trunks"])
+async def create_trunk(body: schemas.TrunkCreate, deps: Deps) -> v.TrunkEnvelope:
+    return v.TrunkEnvelope.of(await deps.management.create_trunk(body.to_input()))
+
+
+@router.get("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
+async def get_trunk(trunk_id: uuid.UUID, deps: Deps) -> v.TrunkEnvelope:
+    return v.TrunkEnvelope.of(_found(await deps.store.get_trunk(trunk_id), "SIP trunk"))
+
+
+@router.patch("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
+async def update_trunk(
+    trunk_id: uuid.UUID, body: schemas.TrunkPatch, deps: Deps
+) -> v.TrunkEnvelope:
+    return v.TrunkEnvelope.of(await deps.management.update_trunk(trunk_id, body.to_changes()))
+
+
+@router.delete("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
+async def delete_trunk(trunk_id: uuid.UUID, deps: Deps) -> v.Success:
+    await deps.management.delete_trunk(trunk_id)
+    return v.Success()
+
+
+# -- assistants ------------------------------------------------------------------------
+
+@router.get("/assistants", tags=["assistants"])
+async def list_assistants(deps: Deps) -> v.AssistantList:
+    found = await deps.store.list_assistants()
+    return v.AssistantList(assistants=[v.AssistantView.of(a) for a in found])
+
+
+@router.post("/assistants", status_code=201, tags=["assistants"])
+async def create_assistant(body: schemas.AssistantCreate, deps: Deps) -> v.AssistantEnvelope:
+    assistant = await deps.management.create_assistant(body.to_input())
+    return v.AssistantEnvelope(assistant=v.AssistantView.of(assistant))
+
+
+@router.get("/assistants/{assistant_id}", tags=["assistants"])
+async def get_assistant(assistant_id: uuid.UUID, deps: Deps) -> v.AssistantEnvelope:
+    assistant = _found(await deps.store.get_assistant(assistant_id), "assistant")
+    return v.AssistantEnvelope(assistant=v.AssistantView.of(assistant))
+
+
+@router.patch("/assistants/{assistant_id}", tags=["assistants"])
+async def update_assistant(
+    assistant_id: uuid.UUID, body: schemas.AssistantPatch, deps: Deps
+) -> v.AssistantEnvelope:
+    assistant = await deps.management.update_assistant(assistant_id, body.to_changes())
+    return v.AssistantEnvelope(assistant=v.AssistantView.of(assistant))
+
+
+@router.delete("/assistants/{assistant_id}", tags=["assistants"])
+async def delete_assistant(assistant_id: uuid.UUID, deps: Deps) -> v.Success:
+    await deps.management.delete_assistant(assistant_id)
+    return v.Success()
+
+
+# -- calls -----------------------------------------------------------------------------
+
+@router.get("/calls", tags=["calls"])
+async def list_calls(
+    deps: Deps,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status: CallStatus | None = None,
+    start_date: datetime | None = None,
+    end_date: datetime | None = None,
+) -> v.CallList:
+    query = CallQuery(limit=limit, offset=offset, status=status,
+                      start_date=_utc(start_date), end_date=_utc(end_date))
+    if query.start_date and query.end_date and query.start_date > query.end_date:
+        raise schemas.invalid("end_date", "must not be before start_date")
+    calls, total = await deps.store.list_calls(query)
+    return v.CallList(calls=[v.CallView.of(c) for c in calls],
+                      pagination=v.Pagination(total=total, limit=limit, offset=offset))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Query times without a zone are taken as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+@router.get("/calls/{call_id}", tags=["calls"])
+async def get_call(call_id: uuid.UUID, deps: Deps) -> v.CallDetail:
+    return v.CallDetail.of(_found(await deps.store.get_call(call_id), "call"))
+
+
+@router.post("/calls/{call_id}/control", tags=["calls"])
+async def control_call(
+    call_id: uuid.UUID, body: schemas.ControlCommand, deps: Deps, limiter: ControlLimiter
+) -> v.ControlResult:
+    command = _command(body, deps)
+    verdict = limiter.hit(call_id)
+    if not verdict.allowed:
+        raise TooManyRequests(f"at most {verdict.limit} control commands per minute per call",
+                              verdict.headers())
+    try:
+        result = await deps.control(call_id, command)
+    except ValidationError as exc:
+        raise CallNotControllable(exc.message, details=exc.details) from exc
+    return v.ControlResult(success=bool(result.get("success", True)),
+                           message=str(result.get("message", "ok")))
+
+
+def _command(body: schemas.ControlCommand, deps: ApiDeps) -> dict[str, Any]:
+    if body.type == "end-call":
+        return {"type": "end-call"}
+    if not body.destination:
+        raise schemas.invalid("destination", "is required for a transfer")
+    destination = deps.management.control_destination(body.destination)
+    return {"type": "transfer", "destination": destination, "message": body.message}
+
+
+# -- health (open) ---------------------------------------------------------------------
+
+@open_router.get("/health", tags=["health"], responses={503: {"model": v.Health}})
+async def health(deps: Deps, response: Response) -> v.Health:
+    checks = await deps.health()
+    healthy = all(check.get("status") == "ok" for check in checks.values())
+    if checks.get("database", {}).get("status") != "ok":
+        response.status_code = 503
+    return v.Health(status="ok" if healthy else "degraded", version=deps.version, checks=checks)
+
+
+@open_router.get("/ready", tags=["health"], responses={503: {"model": v.Readiness}})
+async def ready(deps: Deps, response: Response) -> v.Readiness:
+    is_ready, reason = deps.ready()
+    if not is_ready:
+        response.status_code = 503
+    return v.Readiness(status="ready" if is_ready else "not_ready", reason=reason)

@@ -1,0 +1,213 @@
+"""Response models: what the API returns, in the platform's published shapes.
+
+Each view is a pydantic model built from a domain object by ``of``; the handlers declare
+them as ``response_model`` so FastAPI's OpenAPI schema is exactly what is served.
+Timestamps render as ISO 8601 UTC with milliseconds and ``Z``; older field names the
+platform still documents are echoed (``agent_id`` beside ``assistant_id``, ``auth_username``
+beside ``username``, trunks under both ``sip_trunk`` and ``trunk``). A trunk password has
+no field here, so no response can carry one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, PlainSerializer
+
+from callrouter.domain.models import (
+    Assistant,
+    CallRecord,
+    CallStatus,
+    PhoneNumber,
+    Trunk,
+    TrunkTransport,
+)
+from callrouter.errors import FieldProblem
+
+
+def iso_ms(moment: datetime) -> str:
+    """``2025-12-13T10:00:00.000Z``: UTC, milliseconds, ``Z``."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+Timestamp = Annotated[datetime, PlainSerializer(iso_ms, return_type=str)]
+
+
+class NumberView(BaseModel):
+    id: uuid.UUID
+    phone_number: str
+    name: str
+    assistant_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+    transfer_trunk_id: uuid.UUID | None
+    is_active: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, n: PhoneNumber) -> NumberView:
+        return cls(id=n.id, phone_number=n.phone_number, name=n.name,
+                   assistant_id=n.assistant_id, agent_id=n.assistant_id,
+                   transfer_trunk_id=n.transfer_trunk_id, is_active=n.is_active,
+                   created_at=n.created_at, updated_at=n.updated_at)
+
+
+class NumberEnvelope(BaseModel):
+    number: NumberView
+
+
+class NumberList(BaseModel):
+    numbers: list[NumberView]
+
+
+class TrunkView(BaseModel):
+    id: uuid.UUID
+    name: str
+    host: str
+    port: int
+    address: str
+    transport: TrunkTransport
+    provider: str
+    username: str | None
+    auth_username: str | None
+    is_active: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, t: Trunk) -> TrunkView:
+        return cls(id=t.id, name=t.name, host=t.host, port=t.port, address=t.address,
+                   transport=t.transport, provider=t.provider, username=t.username,
+                   auth_username=t.username, is_active=t.is_active,
+                   created_at=t.created_at, updated_at=t.updated_at)
+
+
+class TrunkEnvelope(BaseModel):
+    sip_trunk: TrunkView
+    trunk: TrunkView
+
+    @classmethod
+    def of(cls, t: Trunk) -> TrunkEnvelope:
+        view = TrunkView.of(t)
+        return cls(sip_trunk=view, trunk=view)
+
+
+class TrunkList(BaseModel):
+    trunks: list[TrunkView]
+
+
+class AssistantView(BaseModel):
+    id: uuid.UUID
+    name: str
+    runtime_uri: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def of(cls, a: Assistant) -> AssistantView:
+        return cls(id=a.id, name=a.name, runtime_uri=a.runtime_uri,
+                   created_at=a.created_at, updated_at=a.updated_at)
+
+
+class AssistantEnvelope(BaseModel):
+    assistant: AssistantView
+
+
+class AssistantList(BaseModel):
+    assistants: list[AssistantView]
+
+
+class CallView(BaseModel):
+    id: uuid.UUID
+    direction: str
+    status: CallStatus
+    caller_phone: str
+    assistant_phone: str
+    phone_number: str
+    number_id: uuid.UUID | None
+    assistant_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+    sip_call_id: str
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+    duration_seconds: int | None
+    end_reason: str | None
+    error: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def fields_of(cls, c: CallRecord) -> dict[str, Any]:
+        return {"id": c.id, "direction": c.direction, "status": c.status,
+                "caller_phone": c.caller_phone, "assistant_phone": c.assistant_phone,
+                "phone_number": c.assistant_phone, "number_id": c.number_id,
+                "assistant_id": c.assistant_id, "agent_id": c.assistant_id,
+                "sip_call_id": c.sip_call_id, "started_at": c.started_at,
+                "ended_at": c.ended_at, "duration_seconds": c.duration_seconds,
+                "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
+                "created_at": c.created_at, "updated_at": c.updated_at}
+
+    @classmethod
+    def of(cls, c: CallRecord) -> CallView:
+        return cls(**cls.fields_of(c))
+
+
+class CallDetail(CallView):
+    """The call at top level and again under ``call`` (both published shapes)."""
+
+    call: CallView
+
+    @classmethod
+    def of(cls, c: CallRecord) -> CallDetail:
+        return cls(**cls.fields_of(c), call=CallView.of(c))
+
+
+class Pagination(BaseModel):
+    total: int
+    limit: int
+    offset: int
+
+
+class CallList(BaseModel):
+    calls: list[CallView]
+    pagination: Pagination
+
+
+class Success(BaseModel):
+    success: bool = True
+
+
+class ControlResult(BaseModel):
+    success: bool
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    details: list[ErrorDetail]
+
+    @classmethod
+    def of(cls, code: str, message: str, details: list[FieldProblem] | None = None) -> ErrorBody:
+        return cls(error=code, message=message,
+                   details=[ErrorDetail(field=d.field, message=d.message)
+                            for d in details or []])
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    checks: dict[str, dict[str, Any]]
+
+
+class Readiness(BaseModel):
+    status: str
+    reason: str

@@ -1,0 +1,318 @@
+"""Management: the one place changes to the number table, trunks and assistants go through.
+
+How it works: the HTTP layer turns a request into one of the small input values below
+(``NumberInput``, ``NumberChanges``, ...; a ``...Changes`` field left ``UNSET`` is not
+touched, ``None`` detaches). ``Management`` validates it — every bad field is reported at
+once in one ``ValidationError`` — builds the domain object with an id and timestamps
+from the injected clock, and calls the store. Mutations are serialised by one lock so a
+check ("does this assistant exist?") and the write that relies on it are not interleaved
+with another API change; the store's own constraints still backstop races with other
+processes. After every successful change it awaits ``on_routing_change`` so the router's
+routing snapshot is rebuilt before the API answers: the very next INVITE sees the change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from callrouter.crypto import SecretBox, generate_api_key, hash_api_key
+from callrouter.domain.models import ApiKey, Assistant, PhoneNumber, Trunk, TrunkTransport
+from callrouter.domain.numbers import normalise
+from callrouter.errors import FieldProblem, InvalidNumber, NotFound, ValidationError
+from callrouter.ports import Store
+
+_SIP_URI = re.compile(
+    r"sips?:(?:[^@\s<>\"]+@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+    r"(?::\d{1,5})?(?:;[^\s<>\"]*)?"
+)
+_HOST = re.compile(r"\[?[0-9A-Fa-f:.]+\]?|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
+_MAX_NAME = 200
+_TEXT_FIELDS = frozenset({"name", "host", "provider", "username", "runtime_uri"})
+
+
+class Unset(enum.Enum):
+    """Marks a ``...Changes`` field the request did not mention (``None`` means detach)."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True)
+class NumberInput:
+    phone_number: str
+    name: str = ""
+    assistant_id: uuid.UUID | None = None
+    transfer_trunk_id: uuid.UUID | None = None
+    is_active: bool = True
+
+
+@dataclass(frozen=True)
+class NumberChanges:
+    name: str | Unset = UNSET
+    assistant_id: uuid.UUID | Unset | None = UNSET
+    transfer_trunk_id: uuid.UUID | Unset | None = UNSET
+    is_active: bool | Unset = UNSET
+
+
+@dataclass(frozen=True)
+class TrunkInput:
+    name: str
+    host: str
+    port: int = 5060
+    transport: TrunkTransport = TrunkTransport.UDP
+    provider: str = ""
+    username: str | None = None
+    password: str | None = None
+    is_active: bool = True
+
+
+@dataclass(frozen=True)
+class TrunkChanges:
+    name: str | Unset = UNSET
+    host: str | Unset = UNSET
+    port: int | Unset = UNSET
+    transport: TrunkTransport | Unset = UNSET
+    provider: str | Unset = UNSET
+    username: str | Unset | None = UNSET
+    password: str | Unset | None = UNSET
+    is_active: bool | Unset = UNSET
+
+
+@dataclass(frozen=True)
+class AssistantInput:
+    name: str
+    runtime_uri: str | None = None
+    id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class AssistantChanges:
+    name: str | Unset = UNSET
+    runtime_uri: str | Unset | None = UNSET
+
+
+_Obj = TypeVar("_Obj", PhoneNumber, Trunk, Assistant)
+
+
+def given(changes: object) -> dict[str, Any]:
+    """The fields of a ``...Changes`` value that the request set."""
+    return {f.name: getattr(changes, f.name) for f in fields(changes)  # type: ignore[arg-type]
+            if getattr(changes, f.name) is not UNSET}
+
+
+def is_sip_uri(text: str) -> bool:
+    return _SIP_URI.fullmatch(text) is not None
+
+
+class Management:
+    """Validated create/update/delete of numbers, trunks and assistants; API-key checks."""
+
+    def __init__(
+        self,
+        store: Store,
+        secrets: SecretBox,
+        default_region: str,
+        on_routing_change: Callable[[], Awaitable[None]],
+        now: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._secrets = secrets
+        self._region = default_region
+        self._on_routing_change = on_routing_change
+        self._now = now
+        self._lock = asyncio.Lock()
+
+    # -- numbers ---------------------------------------------------------------------
+
+    async def create_number(self, new: NumberInput) -> PhoneNumber:
+        async with self._lock:
+            e164 = normalise(new.phone_number, self._region)
+            await self._check_refs(new.assistant_id, new.transfer_trunk_id)
+            now = self._now()
+            number = PhoneNumber(
+                id=uuid.uuid4(), phone_number=e164, name=_checked_name(new.name, "name"),
+                assistant_id=new.assistant_id, transfer_trunk_id=new.transfer_trunk_id,
+                is_active=new.is_active, created_at=now, updated_at=now)
+            return await self._changed(await self._store.create_number(number))
+
+    async def update_number(self, number_id: uuid.UUID, changes: NumberChanges) -> PhoneNumber:
+        async with self._lock:
+            number = _found(await self._store.get_number(number_id), "number")
+            updates = given(changes)
+            if "name" in updates:
+                updates["name"] = _checked_name(updates["name"], "name")
+            await self._check_refs(updates.get("assistant_id"), updates.get("transfer_trunk_id"))
+            updated = self._touched(number, updates)
+            return await self._changed(await self._store.update_number(updated))
+
+    async def delete_number(self, number_id: uuid.UUID) -> None:
+        async with self._lock:
+            await self._deleted(await self._store.delete_number(number_id), "number")
+
+    async def _check_refs(self, assistant_id: object, trunk_id: object) -> None:
+        problems: list[FieldProblem] = []
+        if isinstance(assistant_id, uuid.UUID) and not await self._store.get_assistant(
+                assistant_id):
+            problems.append(FieldProblem("assistant_id", f"no assistant with id {assistant_id}"))
+        if isinstance(trunk_id, uuid.UUID) and not await self._store.get_trunk(trunk_id):
+            problems.append(FieldProblem("transfer_trunk_id", f"no SIP trunk with id {trunk_id}"))
+        _raise_if(problems)
+
+    # -- trunks ----------------------------------------------------------------------
+
+    async def create_trunk(self, new: TrunkInput) -> Trunk:
+        _raise_if(_trunk_problems(given(new)))
+        now = self._now()
+        trunk = Trunk(
+            id=uuid.uuid4(), name=new.name.strip(), host=new.host.strip(), port=new.port,
+            transport=new.transport, provider=new.provider.strip(), username=new.username,
+            has_password=new.password is not None, is_active=new.is_active,
+            created_at=now, updated_at=now)
+        async with self._lock:
+            return await self._changed(
+                await self._store.create_trunk(trunk, self._encrypted(new.password)))
+
+    async def update_trunk(self, trunk_id: uuid.UUID, changes: TrunkChanges) -> Trunk:
+        updates = given(changes)
+        _raise_if(_trunk_problems(updates))
+        password = updates.pop("password", UNSET)
+        async with self._lock:
+            trunk = _found(await self._store.get_trunk(trunk_id), "SIP trunk")
+            updated = self._touched(trunk, _stripped(updates))
+            keep = password is UNSET
+            encrypted = None if keep else self._encrypted(password)
+            return await self._changed(await self._store.update_trunk(updated, encrypted, keep))
+
+    async def delete_trunk(self, trunk_id: uuid.UUID) -> None:
+        async with self._lock:
+            await self._deleted(await self._store.delete_trunk(trunk_id), "SIP trunk")
+
+    def _encrypted(self, password: str | None) -> bytes | None:
+        return None if password is None else self._secrets.encrypt(password)
+
+    # -- assistants ------------------------------------------------------------------
+
+    async def create_assistant(self, new: AssistantInput) -> Assistant:
+        _raise_if(_assistant_problems(given(new)))
+        now = self._now()
+        assistant = Assistant(
+            id=new.id or uuid.uuid4(), name=new.name.strip(), runtime_uri=new.runtime_uri,
+            created_at=now, updated_at=now)
+        async with self._lock:
+            return await self._changed(await self._store.create_assistant(assistant))
+
+    async def update_assistant(
+        self, assistant_id: uuid.UUID, changes: AssistantChanges
+    ) -> Assistant:
+        updates = given(changes)
+        _raise_if(_assistant_problems(updates))
+        async with self._lock:
+            assistant = _found(await self._store.get_assistant(assistant_id), "assistant")
+            updated = self._touched(assistant, _stripped(updates))
+            return await self._changed(await self._store.update_assistant(updated))
+
+    async def delete_assistant(self, assistant_id: uuid.UUID) -> None:
+        async with self._lock:
+            await self._deleted(await self._store.delete_assistant(assistant_id), "assistant")
+
+    # -- calls and keys ----------------------------------------------------------------
+
+    def control_destination(self, raw: str) -> str:
+        """A transfer destination as a SIP URI or an E.164 number; ``ValidationError`` else."""
+        text = raw.strip()
+        if text.startswith(("sip:", "sips:")):
+            if is_sip_uri(text):
+                return text
+            raise _invalid("destination", "is not a valid SIP URI")
+        try:
+            return normalise(text.removeprefix("tel:"), self._region)
+        except InvalidNumber as exc:
+            raise _invalid("destination", "must be an E.164 number or a SIP URI") from exc
+
+    async def authenticate(self, token: str) -> ApiKey | None:
+        return await self._store.find_api_key(hash_api_key(token))
+
+    # -- shared steps ----------------------------------------------------------------
+
+    def _touched(self, obj: _Obj, updates: dict[str, Any]) -> _Obj:
+        return replace(obj, **updates, updated_at=self._now())
+
+    async def _changed(self, obj: _Obj) -> _Obj:
+        await self._on_routing_change()
+        return obj
+
+    async def _deleted(self, existed: bool, what: str) -> None:
+        if not existed:
+            raise NotFound(f"{what} not found")
+        await self._on_routing_change()
+
+
+async def issue_api_key(
+    store: Store, *, name: str, read_only: bool, now: datetime
+) -> tuple[str, ApiKey]:
+    """Create and store a new API key; returns the token (shown once) and its record."""
+    issued = generate_api_key(name, read_only, now)
+    return issued.token, await store.create_api_key(issued.record, issued.key_hash)
+
+
+def _found(obj: _Obj | None, what: str) -> _Obj:
+    if obj is None:
+        raise NotFound(f"{what} not found")
+    return obj
+
+
+def _stripped(updates: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.strip() if k in _TEXT_FIELDS and v is not None else v
+            for k, v in updates.items()}
+
+
+def _checked_name(name: str, field: str) -> str:
+    _raise_if(_name_problems(name, field, required=False))
+    return name.strip()
+
+
+def _name_problems(name: object, field: str, *, required: bool) -> list[FieldProblem]:
+    text = name.strip() if isinstance(name, str) else ""
+    if required and not text:
+        return [FieldProblem(field, "must not be empty")]
+    if len(text) > _MAX_NAME:
+        return [FieldProblem(field, f"must be at most {_MAX_NAME} characters")]
+    return []
+
+
+def _trunk_problems(values: dict[str, Any]) -> list[FieldProblem]:
+    problems = _name_problems(values["name"], "name", required=True) if "name" in values else []
+    host = values.get("host")
+    if host is not None and not _HOST.fullmatch(host.strip()):
+        problems.append(FieldProblem("host", "must be a host name or IP address"))
+    port = values.get("port")
+    if port is not None and not 1 <= port <= 65535:
+        problems.append(FieldProblem("port", "must be between 1 and 65535"))
+    return problems
+
+
+def _assistant_problems(values: dict[str, Any]) -> list[FieldProblem]:
+    problems = _name_problems(values["name"], "name", required=True) if "name" in values else []
+    uri = values.get("runtime_uri")
+    if uri is not None and not is_sip_uri(uri):
+        problems.append(FieldProblem("runtime_uri", "must be a sip: or sips: URI, or null"))
+    return problems
+
+
+def _invalid(field: str, reason: str) -> ValidationError:
+    return ValidationError(f"{field} {reason}", details=[FieldProblem(field, reason)])
+
+
+def _raise_if(problems: Sequence[FieldProblem]) -> None:
+    if problems:
+        summary = "; ".join(f"{p.field}: {p.message}" for p in problems)
+        raise ValidationError(f"invalid request: {summary}", details=list(problems))

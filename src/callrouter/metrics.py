@@ -1,0 +1,303 @@
+"""The router's Prometheus metrics, behind one object with domain verbs.
+
+How it works: ``Metrics`` owns a private ``CollectorRegistry`` (never the process-global
+one, so tests and several routers in one process do not collide). Callers speak in domain
+terms (``routing_decision(Outcome.BRIDGED, 0.004)``); this module alone knows metric names,
+units and buckets. Every label value comes from a closed set: an enum (``Outcome``,
+``EndReason``, ``StoreOperation``, ``GuardAction``) or a fixed table (SIP codes, HTTP
+methods, the route templates the API registers). An unknown enum value raises
+``ValueError``; an open-ended input (a SIP code, a request path) collapses to ``"other"``.
+Never a phone number, a Call-ID or a raw URL path in a label: cardinality stays bounded.
+
+Each verb does a dict lookup into label children created at start-up, then one
+prometheus_client update (lock-protected, so safe from the SIP thread and the asyncio
+loop alike). Engine counters that live in C (call slots, the guard module) are read at
+scrape time through callbacks the composition root registers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    make_asgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from callrouter import __version__
+from callrouter.domain.models import EndReason
+
+__all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
+
+OTHER = "other"
+
+
+class Outcome(enum.StrEnum):
+    """What the router decided for an INVITE (``callrouter_routing_decisions_total``)."""
+
+    BRIDGED = "bridged"
+    UNKNOWN_NUMBER = "unknown_number"
+    UNASSIGNED = "unassigned"
+    INACTIVE = "inactive"
+    NOT_A_NUMBER = "not_a_number"
+    FORBIDDEN_SOURCE = "forbidden_source"
+    OVER_CAPACITY = "over_capacity"
+    DRAINING = "draining"
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"
+    CALLER_CANCELLED = "caller_cancelled"
+
+
+class StoreOperation(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+    BATCH_WRITE = "batch_write"
+    PING = "ping"
+
+
+class GuardAction(enum.StrEnum):
+    """What the engine's guard module (scripts/engine/callrouter_guard.hpp) did to a request."""
+
+    DROPPED_SOURCE = "dropped_source"
+    REFUSED_METHOD = "refused_method"
+    REFUSED_REPLACES = "refused_replaces"
+    ENGINE_FULL = "engine_full"
+
+
+# SIP codes the router sends on purpose get their own series; anything else is "other".
+SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+# INVITE -> response on loopback is sub-millisecond; a slow runtime answers in seconds.
+SIP_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+CALL_DURATION_BUCKETS = (
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+)  # fmt: skip
+STORE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+EngineSlotsSource = Callable[[], tuple[int, int]]  # -> (max calls, calls in use)
+EngineGuardSource = Callable[[], Mapping[str, int]]  # GuardAction value -> count so far
+
+
+class Metrics:
+    """All of the router's metrics. One instance per router, shared by every component."""
+
+    def __init__(
+        self,
+        *,
+        version: str = __version__,
+        pjproject: str = "unknown",
+        http_routes: Iterable[str] = (),
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._http_routes = frozenset(http_routes) | {OTHER}
+        self._engine = _EngineCollector()
+        self.registry.register(self._engine)
+        self._define_sip()
+        self._define_calls()
+        self._define_io()
+        self._build_info = Gauge(
+            "callrouter_build_info",
+            "Router build: version and the pjproject the engine was built from; always 1.",
+            ["version", "pjproject"],
+            registry=self.registry,
+        )
+        self._build_info.labels(version, pjproject).set(1)
+
+    def _define_sip(self) -> None:
+        r = self.registry
+        self._invites = Counter(
+            "callrouter_sip_invites_received", "Initial INVITEs that reached the router.",
+            registry=r,
+        )  # fmt: skip
+        decisions = Counter(
+            "callrouter_routing_decisions", "Routing decisions, by outcome.", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self._decisions = {o: decisions.labels(o.value) for o in Outcome}
+        responses = Counter(
+            "callrouter_sip_responses_sent", "SIP responses sent to callers, by status code.",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self._responses = {c: responses.labels(str(c)) for c in SIP_CODES}
+        self._responses_other = responses.labels(OTHER)
+        self._first_response = _latency(r, "first_response", "INVITE to the first response.")
+        self._decision_time = _latency(r, "decision", "INVITE to the routing decision.")
+        self._answer_time = _latency(r, "answer", "INVITE to the caller's call being answered.")
+
+    def _define_calls(self) -> None:
+        r = self.registry
+        self._active = Gauge(
+            "callrouter_calls_active", "Calls the router holds, from INVITE to end.", registry=r
+        )
+        ended = Counter("callrouter_calls_ended", "Calls ended, by reason.", ["reason"], registry=r)
+        self._ended = {e: ended.labels(e.value) for e in EndReason}
+        self._runtime_answer = Histogram(
+            "callrouter_runtime_answer_seconds",
+            "Outbound INVITE to the assistant runtime until it answered.",
+            buckets=SIP_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._duration = Histogram(
+            "callrouter_call_duration_seconds",
+            "Answered calls: answer to hang-up.",
+            buckets=CALL_DURATION_BUCKETS,
+            registry=r,
+        )
+
+    def _define_io(self) -> None:
+        r = self.registry
+        store = Histogram(
+            "callrouter_store_query_seconds", "Database operations, by kind.", ["operation"],
+            buckets=STORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._store = {op: store.labels(op.value) for op in StoreOperation}
+        self._http_count = Counter(
+            "callrouter_http_requests", "API requests, by route template, method and status.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self._http_time = Histogram(
+            "callrouter_http_request_duration_seconds", "API request handling time.",
+            ["route", "method"], buckets=HTTP_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    # --- SIP and routing -------------------------------------------------------------------
+
+    def invite_received(self) -> None:
+        self._invites.inc()
+
+    def routing_decision(self, outcome: Outcome | str, seconds: float) -> None:
+        """Count a decision and observe INVITE -> decision. Unknown outcome: ValueError."""
+        self._decisions[Outcome(outcome)].inc()
+        self._decision_time.observe(seconds)
+
+    def first_response(self, seconds: float) -> None:
+        self._first_response.observe(seconds)
+
+    def caller_answered(self, seconds: float) -> None:
+        self._answer_time.observe(seconds)
+
+    def runtime_answered(self, seconds: float) -> None:
+        self._runtime_answer.observe(seconds)
+
+    def response_sent(self, code: int) -> None:
+        self._responses.get(code, self._responses_other).inc()
+
+    # --- call lifecycle ----------------------------------------------------------------------
+
+    def call_started(self) -> None:
+        """The router took a call (a session exists). Pair with exactly one ``call_ended``."""
+        self._active.inc()
+
+    def call_ended(self, reason: EndReason | str, duration_seconds: float | None) -> None:
+        """``duration_seconds`` is None for a call never answered (not observed then)."""
+        counter = self._ended[EndReason(reason)]
+        self._active.dec()
+        counter.inc()
+        if duration_seconds is not None:
+            self._duration.observe(duration_seconds)
+
+    # --- store and API -----------------------------------------------------------------------
+
+    def store_query(self, operation: StoreOperation | str, seconds: float) -> None:
+        self._store[StoreOperation(operation)].observe(seconds)
+
+    def add_http_routes(self, templates: Iterable[str]) -> None:
+        """Declare route templates (``/api/v1/numbers/{id}``) that get their own series."""
+        self._http_routes = self._http_routes | frozenset(templates)
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """``route`` is the matched template; anything undeclared is counted as "other"."""
+        route = route if route in self._http_routes else OTHER
+        method = method.upper()
+        method = method if method in HTTP_METHODS else OTHER
+        code = str(status) if 100 <= status <= 599 else OTHER
+        self._http_count.labels(route, method, code).inc()
+        self._http_time.labels(route, method).observe(seconds)
+
+    # --- engine (read at scrape time) --------------------------------------------------------
+
+    def set_engine_slots_source(self, source: EngineSlotsSource | None) -> None:
+        """``source() -> (max_calls, in_use)``, called on every scrape; None to detach."""
+        self._engine.slots = source
+
+    def set_engine_guard_source(self, source: EngineGuardSource | None) -> None:
+        """``source() -> {GuardAction value: count}``, called on every scrape."""
+        self._engine.guard = source
+
+    def set_build_info(self, *, version: str, pjproject: str) -> None:
+        self._build_info.clear()
+        self._build_info.labels(version, pjproject).set(1)
+
+    # --- exposition --------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition and its content type, for any HTTP framework."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def asgi_app(self) -> Callable[..., Any]:
+        """An ASGI app serving this registry, to mount at ``/metrics``."""
+        return make_asgi_app(registry=self.registry)
+
+
+def _latency(registry: CollectorRegistry, name: str, doc: str) -> Histogram:
+    return Histogram(
+        f"callrouter_call_setup_{name}_seconds", doc,
+        buckets=SIP_LATENCY_BUCKETS, registry=registry,
+    )  # fmt: skip
+
+
+class _EngineCollector(Collector):
+    """Engine figures kept in C (pjsua's call table, the guard's atomics), read per scrape."""
+
+    def __init__(self) -> None:
+        self.slots: EngineSlotsSource | None = None
+        self.guard: EngineGuardSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Declares the names up front so the registry can check for clashes at register time.
+        return [*_slot_families(), _guard_family()]
+
+    def collect(self) -> Iterator[Metric]:
+        if self.slots is not None:
+            max_calls, in_use = self.slots()
+            yield from _slot_families(max_calls, max(max_calls - in_use, 0))
+        if self.guard is not None:
+            yield _guard_family(self.guard())
+
+
+def _slot_families(max_calls: int | None = None, free: int | None = None) -> list[Metric]:
+    families: list[Metric] = [
+        GaugeMetricFamily("callrouter_engine_max_calls", "Engine call slots (PJSUA_MAX_CALLS).",
+                          value=max_calls),
+        GaugeMetricFamily("callrouter_engine_free_call_slots", "Engine call slots not in use.",
+                          value=free),
+    ]  # fmt: skip
+    return families
+
+
+def _guard_family(counts: Mapping[str, int] | None = None) -> Metric:
+    family = CounterMetricFamily(
+        "callrouter_engine_guard", "Requests the engine's guard module acted on, by action.",
+        labels=["action"],
+    )  # fmt: skip
+    if counts is not None:
+        unknown = set(counts) - set(GuardAction)
+        if unknown:
+            raise ValueError(f"unknown guard actions: {sorted(unknown)}")
+        for action in GuardAction:
+            family.add_metric([action.value], counts.get(action.value, 0))
+    return family

@@ -1,0 +1,188 @@
+"""The in-memory store: the fake beside ``SqliteStore`` for tests of the service and API.
+
+How it works: plain dicts keyed by id. Every method runs without an ``await`` between
+its check and its write, so on one event loop each call is atomic, like a SQLite
+transaction. It enforces the schema's rules by hand (unique E.164 number, unique ids,
+references from numbers to existing assistants/trunks, ``RESTRICT`` on delete) and
+raises the same errors (``store.rules``), so the shared contract suite passes on both.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from callrouter.domain.models import ApiKey, Assistant, CallRecord, PhoneNumber, Trunk
+from callrouter.errors import Conflict
+from callrouter.ports import CallQuery
+from callrouter.store import rules
+
+
+class MemoryStore:
+    """``ports.Store`` in dicts; ``open``/``close`` only mark it usable."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[uuid.UUID, PhoneNumber] = {}
+        self._trunks: dict[uuid.UUID, tuple[Trunk, bytes | None]] = {}
+        self._assistants: dict[uuid.UUID, Assistant] = {}
+        self._calls: dict[uuid.UUID, CallRecord] = {}
+        self._keys: dict[bytes, ApiKey] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> float:
+        return 0.0
+
+    # -- numbers ---------------------------------------------------------------------
+
+    async def list_numbers(self) -> Sequence[PhoneNumber]:
+        return sorted(self._numbers.values(), key=lambda n: (n.created_at, str(n.id)))
+
+    async def get_number(self, number_id: uuid.UUID) -> PhoneNumber | None:
+        return self._numbers.get(number_id)
+
+    async def create_number(self, number: PhoneNumber) -> PhoneNumber:
+        if number.id in self._numbers:
+            raise rules.duplicate_id()
+        self._check_number(number)
+        self._numbers[number.id] = number
+        return number
+
+    async def update_number(self, number: PhoneNumber) -> PhoneNumber:
+        old = self._numbers.get(number.id)
+        if old is None:
+            raise rules.not_found("number")
+        self._check_number(number)
+        self._numbers[number.id] = replace(number, created_at=old.created_at)
+        return number
+
+    async def delete_number(self, number_id: uuid.UUID) -> bool:
+        return self._numbers.pop(number_id, None) is not None
+
+    def _check_number(self, number: PhoneNumber) -> None:
+        if any(other.phone_number == number.phone_number and other.id != number.id
+               for other in self._numbers.values()):
+            raise rules.duplicate_number()
+        dangling_assistant = (number.assistant_id is not None
+                              and number.assistant_id not in self._assistants)
+        dangling_trunk = (number.transfer_trunk_id is not None
+                          and number.transfer_trunk_id not in self._trunks)
+        if dangling_assistant or dangling_trunk:
+            raise Conflict(rules.IN_USE)
+
+    def _numbers_using(self, *, assistant: uuid.UUID | None = None,
+                       trunk: uuid.UUID | None = None) -> bool:
+        return any((assistant is not None and n.assistant_id == assistant)
+                   or (trunk is not None and n.transfer_trunk_id == trunk)
+                   for n in self._numbers.values())
+
+    # -- trunks ----------------------------------------------------------------------
+
+    async def list_trunks(self) -> Sequence[Trunk]:
+        trunks = (t for t, _ in self._trunks.values())
+        return sorted(trunks, key=lambda t: (t.created_at, str(t.id)))
+
+    async def get_trunk(self, trunk_id: uuid.UUID) -> Trunk | None:
+        found = self._trunks.get(trunk_id)
+        return None if found is None else found[0]
+
+    async def create_trunk(self, trunk: Trunk, password_enc: bytes | None) -> Trunk:
+        if trunk.id in self._trunks:
+            raise rules.duplicate_id()
+        return self._put_trunk(trunk, password_enc)
+
+    async def update_trunk(
+        self, trunk: Trunk, password_enc: bytes | None, keep_password: bool
+    ) -> Trunk:
+        old = self._trunks.get(trunk.id)
+        if old is None:
+            raise rules.not_found("trunk")
+        password = old[1] if keep_password else password_enc
+        return self._put_trunk(replace(trunk, created_at=old[0].created_at), password)
+
+    async def delete_trunk(self, trunk_id: uuid.UUID) -> bool:
+        if self._numbers_using(trunk=trunk_id):
+            raise Conflict(rules.TRUNK_IN_USE)
+        return self._trunks.pop(trunk_id, None) is not None
+
+    async def get_trunk_password(self, trunk_id: uuid.UUID) -> bytes | None:
+        found = self._trunks.get(trunk_id)
+        return None if found is None else found[1]
+
+    def _put_trunk(self, trunk: Trunk, password_enc: bytes | None) -> Trunk:
+        stored = replace(trunk, has_password=password_enc is not None)
+        self._trunks[trunk.id] = (stored, password_enc)
+        return stored
+
+    # -- assistants ------------------------------------------------------------------
+
+    async def list_assistants(self) -> Sequence[Assistant]:
+        return sorted(self._assistants.values(), key=lambda a: (a.created_at, str(a.id)))
+
+    async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
+        return self._assistants.get(assistant_id)
+
+    async def create_assistant(self, assistant: Assistant) -> Assistant:
+        if assistant.id in self._assistants:
+            raise rules.duplicate_id()
+        self._assistants[assistant.id] = assistant
+        return assistant
+
+    async def update_assistant(self, assistant: Assistant) -> Assistant:
+        old = self._assistants.get(assistant.id)
+        if old is None:
+            raise rules.not_found("assistant")
+        self._assistants[assistant.id] = replace(assistant, created_at=old.created_at)
+        return assistant
+
+    async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
+        if self._numbers_using(assistant=assistant_id):
+            raise Conflict(rules.ASSISTANT_IN_USE)
+        return self._assistants.pop(assistant_id, None) is not None
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
+        for record in records:
+            old = self._calls.get(record.id)
+            created = record.created_at if old is None else old.created_at
+            self._calls[record.id] = replace(record, created_at=created)
+
+    async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
+        return self._calls.get(call_id)
+
+    async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]:
+        matching = rules.newest_first([c for c in self._calls.values() if _matches(c, query)])
+        return matching[query.offset:query.offset + query.limit], len(matching)
+
+    async def close_open_calls(self, now: datetime) -> int:
+        open_ids = [i for i, c in self._calls.items() if c.status in rules.OPEN_STATUSES]
+        for call_id in open_ids:
+            self._calls[call_id] = rules.closed_after_restart(self._calls[call_id], now)
+        return len(open_ids)
+
+    # -- API keys --------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey:
+        if key_hash in self._keys or any(k.id == key.id for k in self._keys.values()):
+            raise rules.duplicate_id()
+        self._keys[key_hash] = key
+        return key
+
+    async def find_api_key(self, key_hash: bytes) -> ApiKey | None:
+        return self._keys.get(key_hash)
+
+    async def count_api_keys(self) -> int:
+        return len(self._keys)
+
+
+def _matches(call: CallRecord, query: CallQuery) -> bool:
+    return ((query.status is None or call.status == query.status)
+            and (query.start_date is None or call.created_at >= query.start_date)
+            and (query.end_date is None or call.created_at <= query.end_date))

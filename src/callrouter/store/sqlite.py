@@ -1,0 +1,337 @@
+"""The SQLite store (aiosqlite): the number table, trunks, assistants, calls, API keys.
+
+How it works: one connection in autocommit mode, WAL journal (readers never block the
+writer; the ``keys create`` CLI may open the same file while the router runs) and
+foreign keys on. Every operation holds one ``asyncio.Lock`` and runs inside an explicit
+``BEGIN IMMEDIATE`` … ``COMMIT``, so coroutines sharing the connection never see each
+other's half-done transactions.
+
+Integrity lives in the schema, not in read-then-write checks: ``numbers.phone_number``
+is UNIQUE (of two concurrent registrations of one number exactly one succeeds) and the
+number -> assistant / trunk references are ``ON DELETE RESTRICT``. ``sqlite3`` errors
+are translated in one function, ``_translate``; a constraint failure becomes
+``Conflict`` (409), anything else ``StoreError``.
+
+Schema changes are numbered migrations, applied at ``open()`` in one transaction each and
+recorded in ``schema_version``. Times are stored as fixed-width UTC text
+(``2025-12-13T10:00:00.000000Z``) so text order is time order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from callrouter.domain.models import (
+    ApiKey,
+    Assistant,
+    CallRecord,
+    CallStatus,
+    EndReason,
+    PhoneNumber,
+    Trunk,
+)
+from callrouter.errors import Conflict, StoreError
+from callrouter.ports import CallQuery
+from callrouter.store import rows, rules
+from callrouter.store.rows import (
+    ASSISTANT_COLS,
+    CALL_COLS,
+    KEY_COLS,
+    NUMBER_COLS,
+    TRUNK_COLS,
+    Row,
+    insert_sql,
+    select_sql,
+    to_text,
+    update_sql,
+)
+
+Params = Sequence[Any] | Mapping[str, Any]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE assistants (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, runtime_uri TEXT,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE trunks (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, host TEXT NOT NULL,
+            port INTEGER NOT NULL, transport TEXT NOT NULL, provider TEXT NOT NULL,
+            username TEXT, password_enc BLOB, is_active INTEGER NOT NULL,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        """CREATE TABLE numbers (
+            id TEXT PRIMARY KEY, phone_number TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+            assistant_id TEXT REFERENCES assistants(id) ON DELETE RESTRICT,
+            transfer_trunk_id TEXT REFERENCES trunks(id) ON DELETE RESTRICT,
+            is_active INTEGER NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+        "CREATE INDEX numbers_assistant ON numbers(assistant_id)",
+        "CREATE INDEX numbers_trunk ON numbers(transfer_trunk_id)",
+        """CREATE TABLE calls (
+            id TEXT PRIMARY KEY, status TEXT NOT NULL, caller_phone TEXT NOT NULL,
+            assistant_phone TEXT NOT NULL, number_id TEXT, assistant_id TEXT,
+            sip_call_id TEXT NOT NULL, started_at TEXT, ended_at TEXT, end_reason TEXT,
+            error TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+            direction TEXT NOT NULL)""",
+        "CREATE INDEX calls_newest ON calls(created_at DESC, id DESC)",
+        "CREATE INDEX calls_status_newest ON calls(status, created_at DESC, id DESC)",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL,
+            read_only INTEGER NOT NULL, key_hash BLOB NOT NULL UNIQUE,
+            created_at TEXT NOT NULL)""",
+    ),
+)
+
+_TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
+_UPSERT_CALL = (insert_sql("calls", CALL_COLS)
+                + f" ON CONFLICT(id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
+
+
+def _translate(exc: sqlite3.Error, *, in_use: str = rules.IN_USE) -> Exception:
+    """The one place sqlite3 errors become router errors (callers ``raise ... from exc``)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "numbers.phone_number" in text:
+            return rules.duplicate_number()
+        if "UNIQUE" in text or "PRIMARY KEY" in text:
+            return rules.duplicate_id()
+        if "FOREIGN KEY" in text:
+            return Conflict(in_use)
+    return StoreError(f"database error: {text}")
+
+
+class SqliteStore:
+    """``ports.Store`` on one SQLite file; ``open()`` creates it and applies migrations."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
+                           f"busy_timeout={self._busy_timeout_ms}"):
+                await self._db.execute(f"PRAGMA {pragma}")
+        except sqlite3.Error as exc:
+            await self.close()
+            raise _translate(exc) from exc
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def ping(self) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._fetch("SELECT 1")
+        return loop.time() - started
+
+    async def _migrate(self) -> None:
+        async with self._tx(write=True) as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+            found = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
+            current = int(found[0]) if found and found[0] is not None else 0
+            if current > len(MIGRATIONS):
+                raise StoreError(f"database schema {current} is newer than this router "
+                                 f"supports ({len(MIGRATIONS)})")
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+
+    # -- the one transaction/translation path -----------------------------------------
+
+    @asynccontextmanager
+    async def _tx(
+        self, *, write: bool = False, in_use: str = rules.IN_USE
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        if self._db is None:
+            raise StoreError("store is not open")
+        db = self._db
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield db
+                except BaseException:
+                    await db.rollback()
+                    raise
+                await db.commit()
+            except sqlite3.Error as exc:
+                raise _translate(exc, in_use=in_use) from exc
+
+    async def _fetch(self, sql: str, params: Params = ()) -> list[Row]:
+        async with self._tx() as db:
+            cursor = await db.execute(sql, params)
+            return list(await cursor.fetchall())
+
+    async def _change(self, sql: str, params: Params, *, in_use: str = rules.IN_USE) -> int:
+        async with self._tx(write=True, in_use=in_use) as db:
+            cursor = await db.execute(sql, params)
+            return cursor.rowcount
+
+    async def _update_one(self, sql: str, params: Params, what: str) -> None:
+        if await self._change(sql, params) == 0:
+            raise rules.not_found(what)
+
+    async def _one(self, sql: str, object_id: uuid.UUID) -> Row | None:
+        found = await self._fetch(f"{sql} WHERE id = ?", (str(object_id),))
+        return found[0] if found else None
+
+    # -- numbers ---------------------------------------------------------------------
+
+    async def list_numbers(self) -> Sequence[PhoneNumber]:
+        found = await self._fetch(select_sql("numbers", NUMBER_COLS) + _BY_AGE)
+        return [rows.number_from_row(r) for r in found]
+
+    async def get_number(self, number_id: uuid.UUID) -> PhoneNumber | None:
+        row = await self._one(select_sql("numbers", NUMBER_COLS), number_id)
+        return None if row is None else rows.number_from_row(row)
+
+    async def create_number(self, number: PhoneNumber) -> PhoneNumber:
+        await self._change(insert_sql("numbers", NUMBER_COLS), rows.number_to_row(number))
+        return number
+
+    async def update_number(self, number: PhoneNumber) -> PhoneNumber:
+        sql = update_sql("numbers", NUMBER_COLS)
+        await self._update_one(sql, rows.number_to_row(number), "number")
+        return number
+
+    async def delete_number(self, number_id: uuid.UUID) -> bool:
+        return await self._change("DELETE FROM numbers WHERE id = ?", (str(number_id),)) > 0
+
+    # -- trunks ----------------------------------------------------------------------
+
+    async def list_trunks(self) -> Sequence[Trunk]:
+        return [rows.trunk_from_row(r) for r in await self._fetch(_TRUNK_SELECT + _BY_AGE)]
+
+    async def get_trunk(self, trunk_id: uuid.UUID) -> Trunk | None:
+        row = await self._one(_TRUNK_SELECT, trunk_id)
+        return None if row is None else rows.trunk_from_row(row)
+
+    async def create_trunk(self, trunk: Trunk, password_enc: bytes | None) -> Trunk:
+        sql = insert_sql("trunks", (*TRUNK_COLS, "password_enc"))
+        await self._change(sql, {**rows.trunk_to_row(trunk), "password_enc": password_enc})
+        return await self._must_get_trunk(trunk.id)
+
+    async def update_trunk(
+        self, trunk: Trunk, password_enc: bytes | None, keep_password: bool
+    ) -> Trunk:
+        cols = TRUNK_COLS if keep_password else (*TRUNK_COLS, "password_enc")
+        params = {**rows.trunk_to_row(trunk), "password_enc": password_enc}
+        await self._update_one(update_sql("trunks", cols), params, "trunk")
+        return await self._must_get_trunk(trunk.id)
+
+    async def delete_trunk(self, trunk_id: uuid.UUID) -> bool:
+        sql = "DELETE FROM trunks WHERE id = ?"
+        return await self._change(sql, (str(trunk_id),), in_use=rules.TRUNK_IN_USE) > 0
+
+    async def get_trunk_password(self, trunk_id: uuid.UUID) -> bytes | None:
+        row = await self._one("SELECT password_enc FROM trunks", trunk_id)
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    async def _must_get_trunk(self, trunk_id: uuid.UUID) -> Trunk:
+        trunk = await self.get_trunk(trunk_id)
+        if trunk is None:
+            raise rules.not_found("trunk")
+        return trunk
+
+    # -- assistants ------------------------------------------------------------------
+
+    async def list_assistants(self) -> Sequence[Assistant]:
+        found = await self._fetch(select_sql("assistants", ASSISTANT_COLS) + _BY_AGE)
+        return [rows.assistant_from_row(r) for r in found]
+
+    async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
+        row = await self._one(select_sql("assistants", ASSISTANT_COLS), assistant_id)
+        return None if row is None else rows.assistant_from_row(row)
+
+    async def create_assistant(self, assistant: Assistant) -> Assistant:
+        sql = insert_sql("assistants", ASSISTANT_COLS)
+        await self._change(sql, rows.assistant_to_row(assistant))
+        return assistant
+
+    async def update_assistant(self, assistant: Assistant) -> Assistant:
+        sql = update_sql("assistants", ASSISTANT_COLS)
+        await self._update_one(sql, rows.assistant_to_row(assistant), "assistant")
+        return assistant
+
+    async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
+        sql = "DELETE FROM assistants WHERE id = ?"
+        return await self._change(sql, (str(assistant_id),), in_use=rules.ASSISTANT_IN_USE) > 0
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
+        async with self._tx(write=True) as db:
+            await db.executemany(_UPSERT_CALL, [rows.call_to_row(r) for r in records])
+
+    async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
+        row = await self._one(select_sql("calls", CALL_COLS), call_id)
+        return None if row is None else rows.call_from_row(row)
+
+    async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]:
+        where, params = _call_filter(query)
+        page = {**params, "limit": query.limit, "offset": query.offset}
+        listing = (select_sql("calls", CALL_COLS) + where
+                   + " ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset")
+        async with self._tx() as db:
+            counted = await db.execute(f"SELECT COUNT(*) FROM calls{where}", params)
+            total = await counted.fetchone()
+            found = await (await db.execute(listing, page)).fetchall()
+        return [rows.call_from_row(r) for r in found], int(total[0]) if total else 0
+
+    async def close_open_calls(self, now: datetime) -> int:
+        at = to_text(now)
+        return await self._change(
+            "UPDATE calls SET status=:status, end_reason=:reason, ended_at=:at, updated_at=:at "
+            "WHERE status IN (:open1, :open2)",
+            {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
+             "at": at, "open1": rules.OPEN_STATUSES[0].value,
+             "open2": rules.OPEN_STATUSES[1].value})
+
+    # -- API keys --------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey:
+        sql = insert_sql("api_keys", (*KEY_COLS, "key_hash"))
+        await self._change(sql, {**rows.key_to_row(key), "key_hash": key_hash})
+        return key
+
+    async def find_api_key(self, key_hash: bytes) -> ApiKey | None:
+        found = await self._fetch(select_sql("api_keys", KEY_COLS) + " WHERE key_hash = ?",
+                                  (key_hash,))
+        return rows.key_from_row(found[0]) if found else None
+
+    async def count_api_keys(self) -> int:
+        found = await self._fetch("SELECT COUNT(*) FROM api_keys")
+        return int(found[0][0])
+
+
+_BY_AGE = " ORDER BY created_at, id"
+
+
+def _call_filter(query: CallQuery) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (with a leading space) and its parameters for a calls query."""
+    candidates = {
+        "status = :status": ("status", query.status and query.status.value),
+        "created_at >= :start": ("start", query.start_date and to_text(query.start_date)),
+        "created_at <= :end": ("end", query.end_date and to_text(query.end_date)),
+    }
+    used = {clause: pair for clause, pair in candidates.items() if pair[1]}
+    where = " WHERE " + " AND ".join(used) if used else ""
+    return where, dict(used.values())

@@ -1,0 +1,264 @@
+"""One contract suite for ``ports.Store``, run against ``SqliteStore`` and ``MemoryStore``.
+
+The in-memory fake is only worth having if it behaves like the real store; every test
+here runs on both, so a rule enforced by one but not the other (a UNIQUE number, a
+RESTRICT on delete, newest-first calls) fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from callrouter.domain.models import (
+    ApiKey,
+    Assistant,
+    CallRecord,
+    CallStatus,
+    EndReason,
+    PhoneNumber,
+    Trunk,
+    TrunkTransport,
+)
+from callrouter.errors import Conflict, NotFound
+from callrouter.ports import CallQuery, Store
+from callrouter.store import MemoryStore, SqliteStore
+
+pytestmark = pytest.mark.anyio
+T0 = datetime(2025, 12, 13, 10, 0, 0, 123456, tzinfo=UTC)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    made: Store = SqliteStore(tmp_path / "db" / "callrouter.db") if request.param == "sqlite" \
+        else MemoryStore()
+    await made.open()
+    yield made
+    await made.close()
+
+
+def number(e164: str = "+31850835037", **changes: object) -> PhoneNumber:
+    base = PhoneNumber(id=uuid.uuid4(), phone_number=e164, name="Sales", assistant_id=None,
+                       transfer_trunk_id=None, is_active=True, created_at=T0, updated_at=T0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def assistant(name: str = "Sales") -> Assistant:
+    return Assistant(id=uuid.uuid4(), name=name, runtime_uri="sip:rt@host",
+                     created_at=T0, updated_at=T0)
+
+
+def trunk(**changes: object) -> Trunk:
+    base = Trunk(id=uuid.uuid4(), name="carrier", host="sip.example.com", port=5060,
+                 transport=TrunkTransport.UDP, provider="acme", username="user",
+                 has_password=False, is_active=True, created_at=T0, updated_at=T0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def call(created: datetime, status: CallStatus = CallStatus.ENDED, **changes: object
+         ) -> CallRecord:
+    base = CallRecord(id=uuid.uuid4(), status=status, caller_phone="+31612345678",
+                      assistant_phone="+31850835037", number_id=None, assistant_id=None,
+                      sip_call_id=f"sip-{uuid.uuid4()}", started_at=None, ended_at=None,
+                      end_reason=None, error=None, created_at=created, updated_at=created)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+# -- numbers -----------------------------------------------------------------------------
+
+async def test_number_round_trips_exactly(store: Store) -> None:
+    a = await store.create_assistant(assistant())
+    n = number(assistant_id=a.id)
+    await store.create_number(n)
+    assert await store.get_number(n.id) == n
+    assert list(await store.list_numbers()) == [n]
+
+
+async def test_duplicate_number_is_a_conflict_naming_the_field(store: Store) -> None:
+    await store.create_number(number())
+    with pytest.raises(Conflict) as caught:
+        await store.create_number(number())
+    assert caught.value.details[0].field == "phone_number"
+
+
+async def test_concurrent_duplicate_registration_has_exactly_one_winner(store: Store) -> None:
+    """Guards the UNIQUE constraint: no check-then-insert race between coroutines."""
+    results = await asyncio.gather(*(store.create_number(number()) for _ in range(8)),
+                                   return_exceptions=True)
+    assert sum(isinstance(r, PhoneNumber) for r in results) == 1
+    assert sum(isinstance(r, Conflict) for r in results) == 7
+    assert len(await store.list_numbers()) == 1
+
+
+async def test_update_to_a_taken_number_is_a_conflict(store: Store) -> None:
+    await store.create_number(number("+31850835037"))
+    other = await store.create_number(number("+31850835038"))
+    with pytest.raises(Conflict):
+        await store.update_number(replace(other, phone_number="+31850835037"))
+
+
+async def test_update_keeps_created_at_and_applies_fields(store: Store) -> None:
+    n = await store.create_number(number())
+    later = T0 + timedelta(minutes=5)
+    await store.update_number(replace(n, name="Support", is_active=False, updated_at=later,
+                                      created_at=later))
+    stored = await store.get_number(n.id)
+    assert stored == replace(n, name="Support", is_active=False, updated_at=later)
+
+
+async def test_update_of_unknown_number_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.update_number(number())
+
+
+async def test_delete_number_reports_whether_it_existed(store: Store) -> None:
+    n = await store.create_number(number())
+    assert await store.delete_number(n.id) is True
+    assert await store.delete_number(n.id) is False
+    assert await store.get_number(n.id) is None
+
+
+async def test_number_may_not_point_at_a_missing_assistant(store: Store) -> None:
+    with pytest.raises(Conflict):
+        await store.create_number(number(assistant_id=uuid.uuid4()))
+
+
+# -- references --------------------------------------------------------------------------
+
+async def test_assistant_in_use_cannot_be_deleted(store: Store) -> None:
+    a = await store.create_assistant(assistant())
+    n = await store.create_number(number(assistant_id=a.id))
+    with pytest.raises(Conflict):
+        await store.delete_assistant(a.id)
+    await store.update_number(replace(n, assistant_id=None))
+    assert await store.delete_assistant(a.id) is True
+
+
+async def test_trunk_in_use_cannot_be_deleted(store: Store) -> None:
+    t = await store.create_trunk(trunk(), None)
+    await store.create_number(number(transfer_trunk_id=t.id))
+    with pytest.raises(Conflict):
+        await store.delete_trunk(t.id)
+    assert await store.get_trunk(t.id) is not None
+
+
+# -- trunks ------------------------------------------------------------------------------
+
+async def test_trunk_password_is_kept_replaced_or_cleared(store: Store) -> None:
+    t = await store.create_trunk(trunk(), b"secret-1")
+    assert t.has_password and await store.get_trunk_password(t.id) == b"secret-1"
+    kept = await store.update_trunk(replace(t, name="renamed"), None, keep_password=True)
+    assert kept.name == "renamed" and await store.get_trunk_password(t.id) == b"secret-1"
+    await store.update_trunk(t, b"secret-2", keep_password=False)
+    assert await store.get_trunk_password(t.id) == b"secret-2"
+    cleared = await store.update_trunk(t, None, keep_password=False)
+    assert not cleared.has_password and await store.get_trunk_password(t.id) is None
+
+
+async def test_trunk_round_trips(store: Store) -> None:
+    t = trunk(transport=TrunkTransport.TLS, port=5061, username=None)
+    assert await store.create_trunk(t, None) == t
+    assert list(await store.list_trunks()) == [t]
+    assert await store.delete_trunk(t.id) is True
+    assert await store.get_trunk(t.id) is None
+
+
+# -- assistants --------------------------------------------------------------------------
+
+async def test_assistant_crud(store: Store) -> None:
+    a = await store.create_assistant(assistant())
+    with pytest.raises(Conflict):
+        await store.create_assistant(a)
+    await store.update_assistant(replace(a, runtime_uri=None))
+    assert (await store.get_assistant(a.id)) == replace(a, runtime_uri=None)
+    with pytest.raises(NotFound):
+        await store.update_assistant(assistant())
+    assert [x.id for x in await store.list_assistants()] == [a.id]
+
+
+# -- calls -------------------------------------------------------------------------------
+
+async def test_calls_list_newest_first_with_total_and_paging(store: Store) -> None:
+    calls = [call(T0 + timedelta(seconds=i)) for i in range(5)]
+    await store.upsert_calls(calls)
+    page, total = await store.list_calls(CallQuery(limit=2, offset=1))
+    assert total == 5
+    assert [c.id for c in page] == [calls[3].id, calls[2].id]
+
+
+async def test_calls_filter_by_status_and_dates(store: Store) -> None:
+    old = call(T0 - timedelta(days=2))
+    live = call(T0, CallStatus.IN_PROGRESS)
+    new = call(T0 + timedelta(days=2))
+    await store.upsert_calls([old, live, new])
+    found, total = await store.list_calls(CallQuery(status=CallStatus.IN_PROGRESS))
+    assert [c.id for c in found] == [live.id] and total == 1
+    window = CallQuery(start_date=T0 - timedelta(days=1), end_date=T0 + timedelta(days=1))
+    assert [c.id for c in (await store.list_calls(window))[0]] == [live.id]
+
+
+async def test_upsert_updates_but_keeps_created_at(store: Store) -> None:
+    c = call(T0, CallStatus.CONNECTING)
+    await store.upsert_calls([c])
+    ended = replace(c, status=CallStatus.ENDED, started_at=T0, ended_at=T0 + timedelta(seconds=42),
+                    end_reason=EndReason.CALLER_HANGUP, created_at=T0 + timedelta(hours=1))
+    await store.upsert_calls([ended])
+    stored = await store.get_call(c.id)
+    assert stored == replace(ended, created_at=T0)
+    assert stored is not None and stored.duration_seconds == 42
+
+
+async def test_close_open_calls_marks_them_failed_router_restart(store: Store) -> None:
+    open_calls = [call(T0, CallStatus.CONNECTING), call(T0, CallStatus.IN_PROGRESS)]
+    done = call(T0, CallStatus.ENDED, end_reason=EndReason.CALLER_HANGUP)
+    await store.upsert_calls([*open_calls, done])
+    later = T0 + timedelta(minutes=1)
+    assert await store.close_open_calls(later) == 2
+    for c in open_calls:
+        closed = await store.get_call(c.id)
+        assert closed is not None
+        assert (closed.status, closed.end_reason, closed.ended_at) == (
+            CallStatus.FAILED, EndReason.ROUTER_RESTART, later)
+    assert await store.get_call(done.id) == done
+
+
+# -- API keys ----------------------------------------------------------------------------
+
+async def test_api_keys_are_found_by_hash_only(store: Store) -> None:
+    key = ApiKey(id=uuid.uuid4(), name="ops", prefix="cr_abcde", read_only=True, created_at=T0)
+    assert await store.count_api_keys() == 0
+    await store.create_api_key(key, b"h" * 32)
+    assert await store.find_api_key(b"h" * 32) == key
+    assert await store.find_api_key(b"x" * 32) is None
+    assert await store.count_api_keys() == 1
+
+
+async def test_ping_answers(store: Store) -> None:
+    assert await store.ping() >= 0
+
+
+# -- SQLite only: persistence and migrations ---------------------------------------------
+
+async def test_sqlite_data_survives_reopen_and_migrations_run_once(tmp_path: Path) -> None:
+    path = tmp_path / "callrouter.db"
+    first = SqliteStore(path)
+    await first.open()
+    n = await first.create_number(number())
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()  # a second open must not re-run migration 1 (tables exist)
+    try:
+        assert await second.get_number(n.id) == n
+    finally:
+        await second.close()
