@@ -66,11 +66,11 @@ class BenchCall(pj.Call):  # type: ignore[misc]
         super().__init__(account, call_id)
         self.engine = engine
 
-    def onCallState(self, prm: pj.OnCallStateParam) -> None:  # noqa: N802 (pjsua2 API)
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
         if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.engine.finished.append(self)
 
-    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         # Loop the caller's audio back through the conference bridge: RTP flows both ways,
         # as through the router's bridge, with no Python per frame. Keep the CallInfo in a
         # name: iterating `getInfo().media` reads a vector owned by a freed temporary.
@@ -86,7 +86,7 @@ class BenchAccount(pj.Account):  # type: ignore[misc]
         super().__init__()
         self.engine = engine
 
-    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:  # noqa: N802
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         call = BenchCall(self.engine, self, prm.callId)
         self.engine.calls[prm.callId] = call
         answer = pj.CallOpParam()

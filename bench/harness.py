@@ -40,14 +40,16 @@ class BenchError(RuntimeError):
 def engine_env(python: str = sys.executable) -> dict[str, str]:
     """Environment in which ``python`` imports the router's built pjsua2 module.
 
-    Order: the interpreter's own site-packages (``import pjsua2`` works there), then
-    ``CALLROUTER_ENGINE_DIR``, then ``scripts/build-engine.sh --print-dir`` (which builds
-    the engine if it is not cached yet).
+    Order: ``CALLROUTER_ENGINE_DIR`` if set (an explicit override, e.g. to run against
+    another build), then the interpreter's own site-packages (``import pjsua2`` works
+    there), then ``scripts/build-engine.sh --print-dir`` (which builds the engine if it is
+    not cached yet).
     """
     env = dict(os.environ)
-    if _imports_pjsua2(python, env):
+    engine_dir = os.environ.get("CALLROUTER_ENGINE_DIR")
+    if not engine_dir and _imports_pjsua2(python, env):
         return env
-    engine_dir = os.environ.get("CALLROUTER_ENGINE_DIR") or _built_engine_dir()
+    engine_dir = engine_dir or _built_engine_dir()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_dir, env.get("PYTHONPATH")) if p)
     if not _imports_pjsua2(python, env):
         raise BenchError(f"pjsua2 does not import from {engine_dir}")
@@ -167,7 +169,7 @@ class SippResult:
     successful: int
     failed: int
     retransmissions: int
-    elapsed: float
+    call_rate: float  # SIPp's cumulative calls/s over the whole run
     response_ms: list[float] = field(repr=False)
 
     @property
@@ -210,26 +212,34 @@ def sipp_command(
 def run_sipp(
     command: Sequence[str], workdir: Path, timeout_s: float, env: dict[str, str] | None = None
 ) -> SippResult:
-    """Run SIPp in ``workdir`` (fresh files) until it stops by itself, or kill it."""
+    """Run SIPp in ``workdir`` until it stops by itself (bounded: killed after the timeout)."""
+    return finish_sipp(start_sipp(command, workdir, env), workdir, timeout_s)
+
+
+def start_sipp(
+    command: Sequence[str], workdir: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("*.csv"):
         old.unlink()
-    started = time.monotonic()
     with (workdir / "sipp.log").open("wb") as log:
-        sipp = subprocess.Popen(
+        return subprocess.Popen(
             list(command), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
-        try:
-            sipp.wait(timeout_s + 15)
-        except subprocess.TimeoutExpired:
-            sipp.kill()
-            sipp.wait(5)
-            raise BenchError(f"SIPp did not stop within {timeout_s + 15}s: {command}") from None
-    return _parse_sipp(workdir, time.monotonic() - started)
 
 
-def _parse_sipp(workdir: Path, elapsed: float) -> SippResult:
+def finish_sipp(sipp: subprocess.Popen[bytes], workdir: Path, timeout_s: float) -> SippResult:
+    try:
+        sipp.wait(timeout_s + 15)
+    except subprocess.TimeoutExpired:
+        sipp.kill()
+        sipp.wait(5)
+        raise BenchError(f"SIPp did not stop within {timeout_s + 15}s: {sipp.args!r}") from None
+    return _parse_sipp(workdir)
+
+
+def _parse_sipp(workdir: Path) -> SippResult:
     stats = sorted(p for p in workdir.glob("*.csv") if not p.name.endswith("_rtt.csv"))
     if not stats:
         raise BenchError(f"SIPp wrote no statistics:\n{(workdir / 'sipp.log').read_text()[-2000:]}")
@@ -244,6 +254,6 @@ def _parse_sipp(workdir: Path, elapsed: float) -> SippResult:
         successful=int(last["SuccessfulCall(C)"]),
         failed=int(last["FailedCall(C)"]),
         retransmissions=int(last["Retransmissions(C)"]),
-        elapsed=elapsed,
+        call_rate=float(last["CallRate(C)"]),
         response_ms=sorted(rtt),
     )

@@ -26,6 +26,7 @@ import structlog
 import uvicorn
 
 from callrouter import __version__
+from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import SecretBox
 from callrouter.domain import session as s
@@ -136,10 +137,22 @@ class Router:
         self.service.control = self.engine
         self._wire_metrics()
         await self._start_http()
+        await self._first_key()
         log.info("router.started", version=__version__, sip=str(cfg.sip.listen),
                  advertise=self.engine.settings.advertise, http=str(cfg.http.listen),
                  engine=self.engine_info.version, engine_max_calls=self.engine_info.max_calls,
                  max_calls=cfg.sip.max_calls, routes=len(self.service.routes.by_e164))
+
+    async def _first_key(self) -> None:
+        """On a first start with no API key, make one and show it once, with the URL."""
+        key = await ensure_first_key(self.store)
+        if key is None:
+            return
+        url = f"http://{self.cfg.http.listen}/api/v1"
+        print(f"\ncallrouter: created the first API key (shown once, keep it):\n\n"
+              f"    export CALLROUTER_API_URL=http://{self.cfg.http.listen}\n"
+              f"    export CALLROUTER_API_KEY={key}\n\n"
+              f"    curl -H 'Authorization: Bearer {key}' {url}/numbers\n", flush=True)
 
     def _wire_metrics(self) -> None:
         def slots() -> tuple[int, int]:

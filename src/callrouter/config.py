@@ -194,7 +194,7 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 def _sip_uris(value: Any) -> tuple[str, ...]:
     uris = _str_list(value)
     for uri in uris:
-        if not uri.lower().startswith(("sip:", "sips:")) or "@" not in uri and ":" not in uri[4:]:
+        if not uri.lower().startswith(("sip:", "sips:")) or ("@" not in uri and ":" not in uri[4:]):
             raise ValueError(f"not a SIP URI: {uri!r}")
     return uris
 
@@ -275,7 +275,9 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _raw_values(environ: Mapping[str, str], path: Path | None, problems: list[str]) -> dict[str, Any]:
+def _raw_values(
+    environ: Mapping[str, str], path: Path | None, problems: list[str]
+) -> dict[str, Any]:
     raw = {s.path: s.default for s in SETTINGS}
     if path is not None:
         try:
@@ -313,10 +315,11 @@ def _cross_checks(v: Mapping[str, Any], engine_max_calls: int | None) -> list[st
             f"sip.rtp_ports: {v['sip.rtp_ports'].size} ports cannot carry sip.max_calls="
             f"{v['sip.max_calls']} bridged calls (needs {needed_ports})"
         )
-    if engine_max_calls is not None and v["sip.max_calls"] * 2 + ENGINE_SLOT_RESERVE > engine_max_calls:
+    slots = v["sip.max_calls"] * 2 + ENGINE_SLOT_RESERVE
+    if engine_max_calls is not None and slots > engine_max_calls:
         problems.append(
             f"sip.max_calls: {v['sip.max_calls']} bridged calls need "
-            f"{v['sip.max_calls'] * 2 + ENGINE_SLOT_RESERVE} engine call slots; "
+            f"{slots} engine call slots; "
             f"the engine was built with {engine_max_calls}"
         )
     return problems
@@ -362,9 +365,11 @@ def _build(v: Mapping[str, Any]) -> Config:
     return Config(
         sip=sip,
         runtime=RuntimeConfig(pool=v["runtime.pool"], strategy=v["runtime.strategy"]),
-        http=HttpConfig(listen=v["http.listen"], rate_limit_per_minute=v["http.rate_limit_per_minute"]),
+        http=HttpConfig(listen=v["http.listen"],
+                        rate_limit_per_minute=v["http.rate_limit_per_minute"]),
         storage=StorageConfig(data_dir=v["storage.data_dir"]),
-        log=LogConfig(format=v["log.format"], level=v["log.level"], engine_level=v["log.engine_level"]),
+        log=LogConfig(format=v["log.format"], level=v["log.level"],
+                      engine_level=v["log.engine_level"]),
         default_region=v["numbers.default_region"],
         drain_timeout_seconds=v["drain.timeout_seconds"],
     )

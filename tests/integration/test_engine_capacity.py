@@ -6,8 +6,10 @@ pjsua2-python build has ``PJSUA_MAX_CALLS`` 4 and answers the fifth concurrent I
 engine: it holds 250 calls at once on bench/bare_engine.py (the bare pjsua2 UAS on the
 same module the router uses) and requires every one of them to succeed.
 
-The module comes from the test interpreter's site-packages if ``import pjsua2`` works
-there, else ``CALLROUTER_ENGINE_DIR``, else ``scripts/build-engine.sh --print-dir``.
+The module comes from ``CALLROUTER_ENGINE_DIR`` if set, else the test interpreter's
+site-packages if ``import pjsua2`` works there, else ``scripts/build-engine.sh --print-dir``.
+To see it fail: ``pip install --target DIR pjsua2-python==2.15.1`` and run it with
+``CALLROUTER_ENGINE_DIR=DIR``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import harness  # noqa: E402
+import harness
 
 pytestmark = [
     pytest.mark.sip,

@@ -281,6 +281,20 @@ async def test_trunk_password_is_encrypted_at_rest_and_never_returned(env: Env) 
     assert stored is not None and b"s3cr3t-pw" not in stored
 
 
+async def test_trunk_patch_changes_fields_and_password_null_clears_it(env: Env) -> None:
+    trunk = await make_trunk(env)
+    url = f"/api/v1/sip-trunks/{trunk}"
+    r = await env.client.patch(url, json={"address": "10.0.0.9:5070", "transport": "tcp"})
+    assert r.status_code == 200, r.text
+    assert r.json()["trunk"]["address"] == "10.0.0.9:5070"
+    assert r.json()["trunk"]["transport"] == "tcp" and r.json()["trunk"]["username"] == "u"
+    assert await env.store.get_trunk_password(uuid.UUID(trunk)) is not None  # kept
+    await env.client.patch(url, json={"auth_password": None})
+    assert await env.store.get_trunk_password(uuid.UUID(trunk)) is None
+    assert_error(await env.client.patch(url, json={"name": None}), 422, "name")
+    assert_error(await env.client.patch(f"/api/v1/sip-trunks/{uuid.uuid4()}", json={}), 404)
+
+
 async def test_trunk_in_use_cannot_be_deleted(env: Env) -> None:
     trunk = await make_trunk(env)
     number = (await env.post("/api/v1/numbers", {"phone_number": NUMBER,

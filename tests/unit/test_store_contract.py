@@ -8,6 +8,7 @@ RESTRICT on delete, newest-first calls) fails here.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -26,7 +27,7 @@ from callrouter.domain.models import (
     Trunk,
     TrunkTransport,
 )
-from callrouter.errors import Conflict, NotFound
+from callrouter.errors import Conflict, NotFound, StoreError
 from callrouter.ports import CallQuery, Store
 from callrouter.store import MemoryStore, SqliteStore
 
@@ -262,3 +263,26 @@ async def test_sqlite_data_survives_reopen_and_migrations_run_once(tmp_path: Pat
         assert await second.get_number(n.id) == n
     finally:
         await second.close()
+
+
+async def test_sqlite_refuses_a_database_from_a_newer_router(tmp_path: Path) -> None:
+    """Guards against an older router silently running on a schema it does not know."""
+    path = tmp_path / "callrouter.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO schema_version VALUES (99)")
+    db.close()
+    newer = SqliteStore(path)
+    with pytest.raises(StoreError, match="newer"):
+        await newer.open()
+
+
+async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "callrouter.db")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(tmp_path / "callrouter.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()

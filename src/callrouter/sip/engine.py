@@ -89,7 +89,7 @@ class _Account(pj.Account):  # type: ignore[misc]
         super().__init__()
         self.engine = engine
 
-    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:  # noqa: N802
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         self.engine._on_incoming(prm)
 
 
@@ -406,7 +406,7 @@ class SipEngine:
         prm.statusCode = code
         leg.answer(prm)
 
-    def _hangup(self, leg: pj.Call | None) -> None:
+    def _hangup(self, leg: CallerLeg | RuntimeLeg | None) -> None:
         if leg is None or leg.ended or leg not in self._legs:
             return
         leg.hangup(pj.CallOpParam(True))
@@ -428,7 +428,7 @@ class SipEngine:
                 self._queue_event(call_id, s.TimerFired())
 
     def _maybe_forget(self, call: BridgedCall) -> None:
-        legs = [call.caller, *call.runtimes.values()]
+        legs: list[CallerLeg | RuntimeLeg] = [call.caller, *call.runtimes.values()]
         if call.ended and all(leg.ended or leg not in self._legs for leg in legs):
             self._calls.pop(call.call_id, None)
 

@@ -33,7 +33,7 @@ class CallerLeg(pj.Call):  # type: ignore[misc]
         self.confirmed = False
         self.ended = False
 
-    def onCallState(self, prm: pj.OnCallStateParam) -> None:  # noqa: N802 (pjsua2 name)
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
         state = self.getInfo().state
         if state == pj.PJSIP_INV_STATE_CONFIRMED and not self.confirmed:
             self.confirmed = True
@@ -43,19 +43,19 @@ class CallerLeg(pj.Call):  # type: ignore[misc]
             self._event(s.CallerHungUp() if self.confirmed else s.CallerCancelled())
             self.owner.leg_disconnected(self)
 
-    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         if self.call_id is not None:
             self.owner.leg_media(self.call_id)
 
-    def onDtmfEvent(self, prm: pj.OnDtmfEventParam) -> None:  # noqa: N802
+    def onDtmfEvent(self, prm: pj.OnDtmfEventParam) -> None:
         # RFC 4733 events and SIP INFO application/dtmf-relay both arrive here.
         if self.call_id is not None:
             self.owner.leg_dtmf(self.call_id, prm.digit)
 
-    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:  # noqa: N802
+    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:
         prm.statusCode = 603  # never dial a Refer-To target (the guard refuses REFER first)
 
-    def onCallReplaceRequest(self, prm: pj.OnCallReplaceRequestParam) -> None:  # noqa: N802
+    def onCallReplaceRequest(self, prm: pj.OnCallReplaceRequestParam) -> None:
         prm.statusCode = 403
 
     def _event(self, event: s.Event) -> None:
@@ -76,7 +76,7 @@ class RuntimeLeg(pj.Call):  # type: ignore[misc]
         self.ended = False
         self.rang = False
 
-    def onCallState(self, prm: pj.OnCallStateParam) -> None:  # noqa: N802
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
         info = self.getInfo()
         if info.state == pj.PJSIP_INV_STATE_EARLY and info.lastStatusCode in (180, 183):
             if not self.rang:
@@ -95,11 +95,11 @@ class RuntimeLeg(pj.Call):  # type: ignore[misc]
             return s.RuntimeHungUp(self.attempt)
         return s.RuntimeFailed(self.attempt, int(info.lastStatusCode), str(info.lastReason))
 
-    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.owner.leg_media(self.call_id)
 
-    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:  # noqa: N802
+    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:
         prm.statusCode = 603
 
-    def onCallReplaceRequest(self, prm: pj.OnCallReplaceRequestParam) -> None:  # noqa: N802
+    def onCallReplaceRequest(self, prm: pj.OnCallReplaceRequestParam) -> None:
         prm.statusCode = 403

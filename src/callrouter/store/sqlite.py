@@ -125,10 +125,13 @@ class SqliteStore:
             for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
                            f"busy_timeout={self._busy_timeout_ms}"):
                 await self._db.execute(f"PRAGMA {pragma}")
+            await self._migrate()
         except sqlite3.Error as exc:
             await self.close()
             raise _translate(exc) from exc
-        await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._db is not None:

@@ -1,0 +1,534 @@
+"""`make bench`: the router against the bare engine, driven by SIPp on loopback.
+
+How it works: each measurement starts a fresh system under test (bench/bare_engine.py, or
+the router via ``start_router``), drives it with SIPp and stops it, by pid:
+
+1. reject path: INVITEs to an unknown number (bare engine: ``--mode reject``) at stepped
+   rates; the highest rate with zero failed calls, and p50/p99 INVITE -> 404 at that rate;
+2. bridged path: short answered calls at stepped rates; the highest rate with zero failures
+   (router: each call bridged to a SIPp runtime answering with ``-rtp_echo``);
+3. concurrency: N calls held with G.711 flowing (bench/scenarios/uac_rtp.xml); CPU and RSS
+   per call of the system under test (/proc/<pid>/stat, VmRSS), and whether the audio kept
+   flowing at each N: UDP datagrams delivered per second against the expected
+   50 packets/s per direction per leg (/proc/net/snmp, meaningful in the private network
+   namespace the bench re-executes itself in with ``unshare -rn``, where only its own
+   traffic exists; RcvbufErrors must stay 0);
+4. ratios router / bare.
+
+Prints a table and writes docs/benchmarks.md (``--quick``: bench/out/benchmarks-quick.md).
+Every SIPp run is bounded in calls and time; all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import harness as h
+
+NETNS_FLAG = "CALLROUTER_BENCH_NETNS"
+UNKNOWN_NUMBER = "+14155550199"  # never registered: the router rejects it with 404
+BRIDGED_NUMBER = "+14155550123"  # registered by provision_router() for the bench assistant
+RTP_PACKETS_PER_SECOND = 50  # G.711, 20 ms frames
+BARE_RTP = "20000-29999"
+ROUTER_RTP = "30000-39999"
+GOALS = {
+    "reject_rate": 1000.0,
+    "reject_p99_ms": 20.0,
+    "bridged_rate": 200.0,
+    "concurrent": 1000.0,
+    "reject_ratio": 0.8,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    reject_rates: tuple[int, ...]
+    bridged_rates: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    step_seconds: int  # traffic per rate step
+    bridged_hold_ms: int
+    ramp_rate: int  # calls/s while building up the concurrent calls
+    window_seconds: int  # CPU / packet measurement window once all calls are up
+
+
+FULL = Plan((500, 1000, 1500, 2000, 3000), (100, 200, 400, 800), (100, 250, 500, 1000), 5, 1000,
+            200, 5)  # fmt: skip
+QUICK = Plan((500, 1000), (100, 200), (100, 250), 3, 1000, 200, 3)
+
+
+# --- systems under test --------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A running system under test: where to send calls, which number, what to measure."""
+
+    proc: h.Proc
+    address: str
+    service: str
+    legs: int  # RTP legs per call: 1 for the bare engine's echo, 2 for a router bridge
+
+
+Starter = Callable[[str, Path], contextlib.AbstractContextManager[Target]]
+
+
+@contextlib.contextmanager
+def bare_system(path: str, workdir: Path) -> Iterator[Target]:
+    mode = "reject" if path == "reject" else "answer"
+    proc, address = h.start_bare_engine(workdir, mode, BARE_RTP, 2000, h.engine_env())
+    with h.running(proc):
+        yield Target(proc, address, UNKNOWN_NUMBER, legs=1)
+
+
+@contextlib.contextmanager
+def router_system(path: str, workdir: Path) -> Iterator[Target]:
+    data_dir = workdir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sip_port, http_port = h.free_port(), h.free_port(socket.SOCK_STREAM)
+    runtime_port = h.free_port()
+    with contextlib.ExitStack() as stack:
+        runtime = stack.enter_context(h.running(start_runtime(workdir, runtime_port)))
+        key = create_api_key(data_dir)
+        router = stack.enter_context(
+            h.running(start_router(workdir, sip_port, http_port, ROUTER_RTP, data_dir))
+        )
+        provision_router(f"http://{h.LOOPBACK}:{http_port}", key, runtime_port)
+        assert runtime.alive(), runtime.tail()
+        service = UNKNOWN_NUMBER if path == "reject" else BRIDGED_NUMBER
+        yield Target(router, f"{h.LOOPBACK}:{sip_port}", service, legs=2)
+
+
+def start_router(
+    workdir: Path, sip_port: int, http_port: int, rtp_ports: str, data_dir: Path
+) -> h.Proc:
+    """``python -m callrouter serve`` on loopback; returns once its health check answers."""
+    env = h.engine_env() | {
+        "CALLROUTER_SIP_LISTEN": f"{h.LOOPBACK}:{sip_port}",
+        "CALLROUTER_SIP_ADVERTISE": h.LOOPBACK,
+        "CALLROUTER_RTP_PORTS": rtp_ports,
+        "CALLROUTER_HTTP_LISTEN": f"{h.LOOPBACK}:{http_port}",
+        "CALLROUTER_DATA_DIR": str(data_dir),
+        "CALLROUTER_LOG_FORMAT": "json",
+        "CALLROUTER_LOG_LEVEL": "warning",
+    }
+    proc = h.spawn("router", [sys.executable, "-m", "callrouter", "serve"], workdir, env)
+    health = f"http://{h.LOOPBACK}:{http_port}/api/v1/health"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.alive():
+        with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=1) as response:
+            if response.status == 200:
+                return proc
+        time.sleep(0.2)
+    proc.stop()
+    raise h.BenchError(f"router did not become healthy at {health}:\n{proc.tail()}")
+
+
+def start_runtime(workdir: Path, port: int) -> h.Proc:
+    """The assistant runtime: a SIPp UAS that answers and echoes RTP, bounded to 15 min."""
+    scenario = h.REPO / "sipp-scenarios" / "uas-runtime-answer.xml"
+    spec = ["-sf", str(scenario)] if scenario.exists() else ["-sn", "uas"]
+    argv = ["sipp", *spec, "-i", h.LOOPBACK, "-p", str(port), "-mp", str(h.free_port()),
+            "-rtp_echo", "-timeout", "900s", "-nostdin", "-trace_err"]  # fmt: skip
+    return h.spawn("runtime", argv, workdir, dict(os.environ))
+
+
+def create_api_key(data_dir: Path) -> str:
+    """``python -m callrouter keys create --data-dir DIR`` prints the new key (last token)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "callrouter", "keys", "create", "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or not lines:
+        raise h.BenchError(f"keys create failed ({done.returncode}): {done.stderr[-1000:]}")
+    return lines[-1].split()[-1]
+
+
+def provision_router(base: str, key: str, runtime_port: int) -> None:
+    runtime_uri = f"sip:runtime@{h.LOOPBACK}:{runtime_port}"
+    made = _post(base + "/api/v1/assistants", key, {"name": "bench", "runtime_uri": runtime_uri})
+    assistant = made.get("assistant", made)
+    number = {"phone_number": BRIDGED_NUMBER, "name": "bench", "assistant_id": assistant["id"]}
+    _post(base + "/api/v1/numbers", key, number)
+
+
+def _post(url: str, key: str, body: dict[str, str]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result: dict[str, Any] = json.load(response)
+        return result
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class RateStep:
+    rate: int
+    successful: int
+    failed: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class RateSweep:
+    steps: list[RateStep] = field(default_factory=list)
+
+    @property
+    def best(self) -> RateStep | None:
+        passing = [s for s in self.steps if s.failed == 0 and s.successful > 0]
+        return max(passing, key=lambda s: s.rate) if passing else None
+
+
+def rate_sweep(
+    start: Starter, path: str, rates: Sequence[int], plan: Plan, workdir: Path
+) -> RateSweep:
+    """Step the call rate up until a step has failures (each step on a fresh system)."""
+    scenario = ["-sf", str(h.SCENARIOS / "reject_uac.xml")] if path == "reject" else ["-sn", "uac"]
+    hold_ms = 0 if path == "reject" else plan.bridged_hold_ms
+    sweep = RateSweep()
+    for rate in rates:
+        step_dir = workdir / f"{path}-{rate}"
+        with start(path, step_dir) as target:
+            command = h.sipp_command(
+                target.address, [*scenario, "-s", target.service], rate=rate,
+                calls=rate * plan.step_seconds, limit=rate * 4 + 100, hold_ms=hold_ms,
+                timeout_s=plan.step_seconds + hold_ms / 1000 + 20, media_port=h.free_port(),
+            )  # fmt: skip
+            result = h.run_sipp(command, step_dir / "sipp", plan.step_seconds + 30)
+        step = RateStep(rate, result.successful, result.failed,
+                        result.percentile(0.5), result.percentile(0.99))  # fmt: skip
+        sweep.steps.append(step)
+        print(f"  {path:8} {rate:5}/s  ok={step.successful} failed={step.failed} "
+              f"p50={_ms(step.p50_ms)} p99={_ms(step.p99_ms)}", flush=True)  # fmt: skip
+        if step.failed:
+            break
+    return sweep
+
+
+@dataclass
+class Concurrency:
+    calls: int
+    successful: int
+    failed: int
+    cpu_per_call_pct: float  # percent of one core per held call
+    rss_per_call_kib: float
+    packets_ratio: float | None  # UDP datagrams seen / expected; None outside a private netns
+    rcvbuf_errors: int | None
+
+    @property
+    def audio_flows(self) -> bool | None:
+        if self.packets_ratio is None or self.rcvbuf_errors is None:
+            return None
+        return self.failed == 0 and self.packets_ratio >= 0.95 and self.rcvbuf_errors == 0
+
+
+def concurrency(start: Starter, plan: Plan, workdir: Path) -> list[Concurrency]:
+    results = []
+    for n in plan.concurrency:
+        result = hold_calls(start, n, plan, workdir / f"concurrent-{n}")
+        results.append(result)
+        print(f"  held {n:5}  ok={result.successful} failed={result.failed} "
+              f"cpu/call={result.cpu_per_call_pct:.3f}% rss/call={result.rss_per_call_kib:.0f}KiB "
+              f"packets={_ratio(result.packets_ratio)} audio={result.audio_flows}",
+              flush=True)  # fmt: skip
+    return results
+
+
+def hold_calls(start: Starter, n: int, plan: Plan, workdir: Path) -> Concurrency:
+    ramp = n / plan.ramp_rate
+    settle = 2.0
+    hold_ms = int((ramp + settle + plan.window_seconds + 2) * 1000)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tone = workdir / "sipp" / "bench-tone.ulaw"
+    with start("bridged", workdir) as target:
+        idle_rss = target.proc.rss_bytes()
+        command = h.sipp_command(
+            target.address, ["-sf", str(h.SCENARIOS / "uac_rtp.xml"), "-s", target.service],
+            rate=plan.ramp_rate, calls=n, limit=n, hold_ms=hold_ms,
+            timeout_s=hold_ms / 1000 + ramp + 30, media_port=h.free_port(),
+            extra=["-rtp_threadtasks", "50"],
+        )  # fmt: skip
+        tone.parent.mkdir(parents=True, exist_ok=True)
+        tone.write_bytes(ulaw_tone())
+        sipp = h.start_sipp(command, tone.parent)
+        time.sleep(ramp + settle)
+        cpu0, udp0, t0 = target.proc.cpu_seconds(), udp_counters(), time.monotonic()
+        time.sleep(plan.window_seconds)
+        cpu1, udp1, t1 = target.proc.cpu_seconds(), udp_counters(), time.monotonic()
+        rss = target.proc.rss_bytes()
+        result = h.finish_sipp(sipp, tone.parent, hold_ms / 1000 + ramp + 30)
+    expected = 2 * target.legs * RTP_PACKETS_PER_SECOND * n * (t1 - t0)
+    private = os.environ.get(NETNS_FLAG) == "1"
+    return Concurrency(
+        calls=n, successful=result.successful, failed=result.failed,
+        cpu_per_call_pct=100 * (cpu1 - cpu0) / (t1 - t0) / n,
+        rss_per_call_kib=(rss - idle_rss) / 1024 / n,
+        packets_ratio=(udp1[0] - udp0[0]) / expected if private else None,
+        rcvbuf_errors=udp1[1] - udp0[1] if private else None,
+    )  # fmt: skip
+
+
+def udp_counters() -> tuple[int, int]:
+    """(InDatagrams, RcvbufErrors) of this network namespace."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    header, values = [row for row in lines if row[0] == "Udp:"][:2]
+    row = dict(zip(header[1:], map(int, values[1:]), strict=True))
+    return row["InDatagrams"], row["RcvbufErrors"]
+
+
+def ulaw_tone(hz: float = 440.0, seconds: float = 1.0, rate: int = 8000) -> bytes:
+    """A sine tone, G.711 u-law encoded (ITU-T G.711), for SIPp's rtp_stream."""
+    import math
+
+    def encode(sample: int) -> int:
+        sign = 0x80 if sample < 0 else 0
+        magnitude = min(abs(sample), 32635) + 0x84
+        exponent = max(0, magnitude.bit_length() - 8)
+        mantissa = (magnitude >> (exponent + 3)) & 0x0F
+        return ~(sign | exponent << 4 | mantissa) & 0xFF
+
+    count = int(seconds * rate)
+    return bytes(encode(int(8000 * math.sin(2 * math.pi * hz * i / rate))) for i in range(count))
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetResults:
+    name: str
+    reject: RateSweep | None = None
+    bridged: RateSweep | None = None
+    concurrent: list[Concurrency] = field(default_factory=list)
+    error: str | None = None
+
+
+def measure(name: str, start: Starter, plan: Plan, workdir: Path) -> TargetResults:
+    results = TargetResults(name)
+    print(f"== {name}", flush=True)
+    try:
+        results.reject = rate_sweep(start, "reject", plan.reject_rates, plan, workdir / name)
+        results.bridged = rate_sweep(start, "bridged", plan.bridged_rates, plan, workdir / name)
+        results.concurrent = concurrency(start, plan, workdir / name)
+    except (h.BenchError, OSError, KeyError, subprocess.SubprocessError) as exc:
+        results.error = f"{type(exc).__name__}: {exc}"[:1500]
+        print(f"  {name}: not measured further: {results.error}", flush=True)
+    return results
+
+
+def enter_private_netns(argv: Sequence[str]) -> None:
+    """Re-exec in a new user + network namespace: only our traffic, nothing reachable."""
+    if os.environ.get(NETNS_FLAG) is not None or shutil.which("unshare") is None:
+        return
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10)
+    if probe.returncode != 0:
+        os.environ[NETNS_FLAG] = "0"
+        return
+    os.environ[NETNS_FLAG] = "1"
+    os.execvp("unshare", ["unshare", "-rn", sys.executable, *argv])
+
+
+def loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(s, siocgifflags, request))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH", b"lo", flags | iff_up))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    enter_private_netns([os.path.abspath(__file__), *(argv or sys.argv[1:])])
+    if os.environ.get(NETNS_FLAG) == "1":
+        loopback_up()
+    plan = QUICK if args.quick else FULL
+    started = time.monotonic()
+    h.engine_env()  # resolve (or build) the engine once, before any timing starts
+    with tempfile.TemporaryDirectory(prefix="callrouter-bench-") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        starters: dict[str, Starter] = {"bare": bare_system, "router": router_system}
+        results = [measure(name, starters[name], plan, workdir) for name in args.targets]
+    report = render_report(results, plan, args, time.monotonic() - started)
+    print(report)
+    output = Path(args.output or h.REPO / ("bench/out/benchmarks-quick.md" if args.quick
+                                           else "docs/benchmarks.md"))  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    (output.with_suffix(".json")).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(f"written: {output}")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=["bare", "router"],
+                        help="comma-separated: bare,router")  # fmt: skip
+    parser.add_argument("--output", help="report path (default docs/benchmarks.md)")
+    parser.add_argument("--keep", help="keep logs and SIPp files in this directory")
+    args = parser.parse_args(argv)
+    unknown = set(args.targets) - {"bare", "router"}
+    if unknown:
+        parser.error(f"unknown targets: {sorted(unknown)}")
+    return args
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def render_report(
+    results: list[TargetResults], plan: Plan, args: argparse.Namespace, seconds: float
+) -> str:
+    by_name = {r.name: r for r in results}
+    lines = ["# Benchmarks: the router against the bare engine", "",
+             f"Generated by `make bench` (`bench/run.py`) in {seconds:.0f} s. SIPp drives "
+             "each system on loopback; each step runs on a freshly started system.", "",
+             "## Machine", "", "| | |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v} |" for k, v in machine().items()]
+    lines += ["", "## Commands", "", "```", *command_lines(args), "```", ""]
+    for result in results:
+        lines += target_section(result)
+    lines += goals_section(by_name.get("bare"), by_name.get("router"))
+    return "\n".join(lines) + "\n"
+
+
+def target_section(result: TargetResults) -> list[str]:
+    lines = [f"## {result.name}", ""]
+    if result.error:
+        lines += [f"Not (fully) measured: `{result.error.splitlines()[0]}`", ""]
+    for label, sweep in (("Reject path (404)", result.reject), ("Bridged path", result.bridged)):
+        if sweep is None:
+            continue
+        lines += [f"{label}:", "", "| calls/s | ok | failed | p50 | p99 |", "|---|---|---|---|---|"]
+        lines += [f"| {s.rate} | {s.successful} | {s.failed} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} |"
+                  for s in sweep.steps]  # fmt: skip
+        lines.append("")
+    if result.concurrent:
+        lines += [
+            "Calls held with G.711 flowing:",
+            "",
+            "| calls | ok | failed | CPU per call (% of a core) | RSS per call | "
+            "packets seen / expected | audio flows |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {c.calls} | {c.successful} | {c.failed} | {c.cpu_per_call_pct:.3f} | "
+                  f"{c.rss_per_call_kib:.0f} KiB | {_ratio(c.packets_ratio)} | "
+                  f"{_yes(c.audio_flows)} |" for c in result.concurrent]  # fmt: skip
+        lines.append("")
+    return lines
+
+
+def goals_section(bare: TargetResults | None, router: TargetResults | None) -> list[str]:
+    best = _best_rates(router)
+    bare_best = _best_rates(bare)
+    held = [c.calls for c in (router.concurrent if router else []) if c.audio_flows]
+    ratio = best["reject"] / bare_best["reject"] if best["reject"] and bare_best["reject"] else None
+    p99 = best["reject_p99"]
+    rows = [
+        ("router reject >= 1000 calls/s", best["reject"], best["reject"] and
+         best["reject"] >= GOALS["reject_rate"]),
+        ("router reject p99 < 20 ms at that rate", p99, p99 is not None and
+         p99 < GOALS["reject_p99_ms"]),
+        ("router bridged >= 200 calls/s", best["bridged"], best["bridged"] and
+         best["bridged"] >= GOALS["bridged_rate"]),
+        ("router >= 1000 concurrent bridged calls with audio", max(held, default=None),
+         bool(held) and max(held) >= GOALS["concurrent"]),
+        ("router / bare >= 0.8 on the reject path", ratio, ratio is not None and
+         ratio >= GOALS["reject_ratio"]),
+    ]  # fmt: skip
+    lines = ["## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    for goal, measured, met in rows:
+        verdict = "not measured" if measured is None else ("yes" if met else "NO")
+        shown = "-" if measured is None else f"{measured:.4g}"
+        lines.append(f"| {goal} | {shown} | {verdict} |")
+    lines += [
+        "",
+        "Bare engine, for reference: "
+        + ", ".join(f"{k} {'-' if v is None else f'{v:.4g}'}" for k, v in bare_best.items()),
+        "",
+    ]
+    lines += ["SIPp reports response times in whole milliseconds (its clock tick), so a p50 "
+              "of 0 ms means under a millisecond.", ""]  # fmt: skip
+    return lines
+
+
+def _best_rates(result: TargetResults | None) -> dict[str, float | None]:
+    reject = result.reject.best if result and result.reject else None
+    bridged = result.bridged.best if result and result.bridged else None
+    return {
+        "reject": float(reject.rate) if reject else None,
+        "reject_p99": reject.p99_ms if reject else None,
+        "bridged": float(bridged.rate) if bridged else None,
+    }
+
+
+def _yes(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "NO")
+
+
+def command_lines(args: argparse.Namespace) -> list[str]:
+    quick = " --quick" if args.quick else ""
+    return [
+        f"python bench/run.py{quick} --targets {','.join(args.targets)}",
+        "reject:  sipp -sf bench/scenarios/reject_uac.xml -s <unknown number> -r RATE -m RATE*"
+        f"{plan_of(args).step_seconds} -d 0 HOST:PORT",
+        f"bridged: sipp -sn uac -s <number> -r RATE -d {plan_of(args).bridged_hold_ms} HOST:PORT",
+        "held:    sipp -sf bench/scenarios/uac_rtp.xml -r RAMP -l N -m N -d HOLD HOST:PORT",
+        "bare engine: python bench/bare_engine.py --listen 127.0.0.1:0 --mode answer|reject",
+    ]
+
+
+def plan_of(args: argparse.Namespace) -> Plan:
+    return QUICK if args.quick else FULL
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    sipp = subprocess.run(["sipp", "-v"], capture_output=True, text=True, timeout=10).stdout
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sipp": next((ln.strip() for ln in sipp.splitlines() if "SIPp" in ln), "unknown"),
+        "network": "private namespace (unshare -rn), loopback only"
+        if os.environ.get(NETNS_FLAG) == "1" else "host namespace, loopback only",
+    }  # fmt: skip
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

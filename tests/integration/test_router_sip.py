@@ -1,0 +1,219 @@
+"""The real router between SIPp instances: whole response sequences, records, RTP.
+
+Each test starts the router on free loopback ports (``router`` fixture) and drives it
+with the scenarios in ``sipp-scenarios/`` — the same files operators run against
+their own deployment.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.support.router import RouterProcess
+from tests.support.sipp import RtpCounter, Sipp, scenario
+
+pytestmark = pytest.mark.sip
+
+NUMBER = "+31850835037"
+CALLER = "+31201234567"
+
+
+def uac(router: RouterProcess, name: str, dialled: str = NUMBER, **kw: object) -> Sipp:
+    keys = {"dialled": dialled, "caller": CALLER}
+    return Sipp(scenario(name), target=router.sip_address, keys=keys, **kw)  # type: ignore[arg-type]
+
+
+def runtime(name: str, **kw: object) -> Sipp:
+    return Sipp(scenario(name), role="uas", **kw).start()  # type: ignore[arg-type]
+
+
+def assign(router: RouterProcess, rt: Sipp | None, number: str = NUMBER) -> tuple[str, str]:
+    uri = f"sip:assistant@{rt.address}" if rt else None
+    assistant = router.add_assistant(uri)
+    return assistant, router.add_number(number, assistant)
+
+
+def test_options_answered_200(router: RouterProcess) -> None:
+    result = uac(router, "uac-options").run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["OPTIONS", 200]
+
+
+def test_unknown_number_gets_100_then_404(router: RouterProcess) -> None:
+    result = uac(router, "uac-invite-404", dialled="+31850000000").run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 404, "ACK"]
+    call = router.wait_for_call(lambda c: c["end_reason"] == "rejected_unknown_number")
+    assert call["status"] == "failed"
+    assert call["assistant_phone"] == "+31850000000"
+
+
+def test_not_a_number_gets_404(router: RouterProcess) -> None:
+    result = uac(router, "uac-invite-404", dialled="alice").run()
+    assert result.sequence() == ["INVITE", 100, 404, "ACK"], result.explain()
+
+
+def test_bridged_call_rings_answers_and_carries_rtp_both_ways(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer", rtp_echo=True)
+    assistant, number_id = assign(router, rt)
+    caller = uac(router, "uac-call-bridged", duration_ms=2000)
+    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
+        result = caller.run()
+    rt_result = rt.wait()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+    assert rt_result.sequence("received")[:2] == ["INVITE", "ACK"], rt_result.explain()
+    # The caller's audio reached the runtime through the router, and the runtime's echo
+    # came back to the caller through the router.
+    assert rtp.count(rt.media_port) > 20, "no RTP reached the runtime"
+    assert rtp.count(caller.media_port) > 20, "no RTP came back to the caller"
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["end_reason"] == "caller_hangup"
+    assert call["assistant_id"] == assistant and call["number_id"] == number_id
+    assert call["caller_phone"] == CALLER and call["assistant_phone"] == NUMBER
+    assert call["duration_seconds"] >= 1
+
+
+def test_runtime_invite_carries_the_routing_headers(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer")
+    assistant, number_id = assign(router, rt)
+    assert uac(router, "uac-call-bridged", duration_ms=200).run().ok
+    invite = rt.wait().messages[0]
+    headers = invite.headers
+    assert invite.first_line.startswith(f"INVITE sip:{assistant}@")
+    assert headers["X-Assistant-Id"] == assistant
+    assert headers["X-Number-Id"] == number_id
+    assert headers["X-Caller-Number"] == CALLER
+    assert headers["X-Dialled-Number"] == NUMBER
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert headers["X-Call-Id"] == call["id"]
+
+
+def test_assigning_and_unassigning_changes_the_very_next_invite(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer", calls=1)
+    assistant = router.add_assistant(f"sip:a@{rt.address}")
+    number_id = router.add_number(NUMBER)  # registered, no assistant
+    assert uac(router, "uac-invite-480").run().sequence() == ["INVITE", 100, 480, "ACK"]
+    assert router.api("PATCH", f"/numbers/{number_id}",
+                      json={"agent_id": assistant}).status_code == 200
+    assert uac(router, "uac-call-bridged", duration_ms=200).run().ok
+    assert router.api("PATCH", f"/numbers/{number_id}",
+                      json={"assistant_id": None}).status_code == 200
+    assert uac(router, "uac-invite-480").run().sequence() == ["INVITE", 100, 480, "ACK"]
+    assert router.api("PATCH", f"/numbers/{number_id}",
+                      json={"assistant_id": assistant, "is_active": False}).status_code == 200
+    assert uac(router, "uac-invite-480").run().sequence() == ["INVITE", 100, 480, "ACK"]
+    assert router.api("DELETE", f"/numbers/{number_id}").status_code == 200
+    assert uac(router, "uac-invite-404").run().sequence() == ["INVITE", 100, 404, "ACK"]
+
+
+def test_runtime_refusal_fails_over_then_503(router: RouterProcess) -> None:
+    first = runtime("uas-runtime-refuse")
+    assign(router, first)
+    result = uac(router, "uac-invite-runtime-fail").run()
+    assert result.ok, result.explain()
+    assert result.sequence()[:2] == ["INVITE", 100]
+    assert result.sequence()[-2:] == [503, "ACK"]
+    call = router.wait_for_call(lambda c: c["status"] == "failed")
+    assert call["end_reason"] == "runtime_unavailable"
+    assert "503" in (call["error"] or "")
+
+
+def test_runtime_not_answering_times_out_to_503(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-noanswer")  # rings, never answers; ring timeout is 3 s here
+    assign(router, rt)
+    started = time.monotonic()
+    result = uac(router, "uac-invite-runtime-fail", timeout_s=15).run()
+    assert result.sequence() == ["INVITE", 100, 180, 503, "ACK"], result.explain()
+    assert time.monotonic() - started >= 2.5
+    assert "CANCEL" in rt.wait().sequence("received")
+
+
+def test_unreachable_runtime_gets_503(router: RouterProcess) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assistant = router.add_assistant(f"sip:a@127.0.0.1:{port};transport=tcp")
+    router.add_number(NUMBER, assistant)
+    result = uac(router, "uac-invite-runtime-fail").run()
+    assert result.sequence() == ["INVITE", 100, 503, "ACK"], result.explain()
+
+
+def test_caller_cancel_while_ringing_cancels_the_runtime_leg(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-noanswer")
+    assign(router, rt)
+    result = uac(router, "uac-call-cancel").run()
+    assert result.ok, result.explain()
+    assert "CANCEL" in rt.wait().sequence("received")
+    call = router.wait_for_call(lambda c: c["status"] in ("ended", "failed"))
+    assert call["end_reason"] == "caller_cancelled"
+
+
+def test_runtime_hangup_sends_bye_to_the_caller(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-hangup")
+    assign(router, rt)
+    result = uac(router, "uac-call-remote-bye").run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["end_reason"] == "assistant_hangup"
+
+
+def test_reinvite_hold_keeps_the_call(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    result = uac(router, "uac-call-reinvite-hold").run()
+    assert result.ok, result.explain()
+    assert result.sequence().count(200) >= 3  # INVITE, re-INVITE and BYE all answered 200
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["end_reason"] == "caller_hangup"
+
+
+def test_rfc4733_dtmf_reaches_the_runtime(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-dtmf")
+    with RtpCounter([rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    assert rtp.events(rt.media_port), "no RFC 4733 telephone-event reached the runtime"
+
+
+def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(router: RouterProcess) -> None:
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-dtmf-info")
+    with RtpCounter([rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    assert rtp.events(rt.media_port), "SIP INFO DTMF was not relayed as RFC 4733"
+
+
+def test_max_duration_ends_both_legs(router_factory: type[RouterProcess]) -> None:
+    router = router_factory(CALLROUTER_SIP_MAX_DURATION_SECONDS="1")  # type: ignore[call-arg]
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    result = uac(router, "uac-call-remote-bye").run()
+    assert result.sequence()[-2:] == ["BYE", 200], result.explain()
+    assert "BYE" in rt.wait().sequence("received")
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["end_reason"] == "max_duration"
+
+
+def test_refused_methods_get_405_and_replaces_403(router: RouterProcess) -> None:
+    result = uac(router, "uac-invite-405-methods").run()
+    assert result.ok, result.explain()
+    assert result.sequence().count(405) >= 3
+    replaces = uac(router, "uac-invite-403").run()
+    assert replaces.sequence()[-2:] == [403, "ACK"], replaces.explain()
+
+
+def test_no_header_names_the_stack(router: RouterProcess) -> None:
+    result = uac(router, "uac-options").run()
+    for msg in result.messages:
+        if msg.direction == "received":
+            assert "Server" not in msg.headers and "User-Agent" not in msg.headers
+            assert "REFER" not in msg.headers.get("Allow", "")

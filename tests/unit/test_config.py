@@ -1,0 +1,91 @@
+"""Config: defaults, the documented file, environment overrides, every problem at once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from callrouter import config
+from callrouter.errors import ConfigError
+
+DOC = Path(__file__).resolve().parents[2] / "config" / "callrouter.toml"
+
+
+def test_documented_file_lists_every_setting_with_its_default() -> None:
+    documented = config._flatten(tomllib.loads(DOC.read_text()))
+    assert set(documented) == {s.path for s in config.SETTINGS}
+    for setting in config.SETTINGS:
+        assert documented[setting.path] == setting.default, setting.path
+
+
+def test_defaults_load() -> None:
+    cfg = config.load({})
+    assert str(cfg.sip.listen) == "0.0.0.0:5060"
+    assert str(cfg.http.listen) == "127.0.0.1:8080"
+    assert cfg.sip.rtp_ports.start == 20000 and cfg.sip.rtp_ports.end == 29999
+    assert cfg.storage.data_dir == Path("./var")
+    assert cfg.sip.inbound.forbidden_action == "drop"
+    assert [str(n) for n in cfg.sip.inbound.allowed_sources] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_environment_overrides_file_which_overrides_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sip]\nlisten = "127.0.0.1:5070"\nmax_calls = 10\n'
+                    '[http]\nlisten = "127.0.0.1:9000"\n')
+    env = {
+        "CALLROUTER_SIP_LISTEN": "127.0.0.1:5080",
+        "CALLROUTER_SIP_ADVERTISE": "203.0.113.7",
+        "CALLROUTER_RTP_PORTS": "40000-40999",
+        "CALLROUTER_DATA_DIR": "/srv/cr",
+        "CALLROUTER_LOG_FORMAT": "console",
+        "CALLROUTER_SIP_INBOUND_ALLOWED_SOURCES": "10.1.0.0/16, 192.0.2.1",
+        "CALLROUTER_RUNTIME_POOL": "sip:rt1.example:5060,sip:rt2.example",
+    }
+    cfg = config.load(env, path)
+    assert str(cfg.sip.listen) == "127.0.0.1:5080"  # env wins over the file
+    assert str(cfg.http.listen) == "127.0.0.1:9000"  # the file wins over the default
+    assert cfg.sip.max_calls == 10
+    assert cfg.sip.advertise == "203.0.113.7"
+    assert cfg.sip.rtp_ports.size == 1000
+    assert cfg.storage.database == Path("/srv/cr/callrouter.db")
+    assert cfg.log.format == "console"
+    assert [str(n) for n in cfg.sip.inbound.allowed_sources] == ["10.1.0.0/16", "192.0.2.1/32"]
+    assert cfg.runtime.pool == ("sip:rt1.example:5060", "sip:rt2.example")
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sip]\nlistn = "x"\n')
+    env = {
+        "CALLROUTER_SIP_LISTEN": "nonsense",
+        "CALLROUTER_RTP_PORTS": "30000-20000",
+        "CALLROUTER_LOG_FORMAT": "xml",
+        "CALLROUTER_SIP_INBOUND_ALLOWED_SOURCES": "10.0.0.0/33",
+        "CALLROUTER_RUNTIME_POOL": "http://x",
+        "CALLROUTER_NUMBERS_DEFAULT_REGION": "Netherlands",
+        "CALLROUTER_SIP_INBOUND_UNKNOWN_NUMBER_CODE": "200",
+    }
+    with pytest.raises(ConfigError) as err:
+        config.load(env, path)
+    text = "\n".join(err.value.problems)
+    for fragment in ("unknown setting 'sip.listn'", "CALLROUTER_SIP_LISTEN", "sip.rtp_ports",
+                     "log.format", "allowed_sources", "runtime.pool", "default_region",
+                     "unknown_number_code"):
+        assert fragment in text, fragment
+    assert len(err.value.problems) == 8
+
+
+def test_settings_are_checked_against_each_other() -> None:
+    env = {"CALLROUTER_SIP_MAX_CALLS": "1020", "CALLROUTER_RTP_PORTS": "20000-20999"}
+    with pytest.raises(ConfigError) as err:
+        config.load(env, engine_max_calls=2048)
+    text = "\n".join(err.value.problems)
+    assert "cannot carry sip.max_calls=1020" in text
+    assert "need 2056 engine call slots; the engine was built with 2048" in text
+
+
+def test_a_capped_engine_is_refused() -> None:
+    with pytest.raises(ConfigError, match="the engine was built with 4"):
+        config.load({}, engine_max_calls=4)
