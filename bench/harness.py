@@ -96,6 +96,22 @@ class Proc:
                 return int(line.split()[1]) * 1024
         raise BenchError(f"{self.name}: no VmRSS")
 
+    def udp_drops(self) -> int:
+        """Datagrams dropped at this process's own UDP sockets (receive buffer full)."""
+        inodes = set()
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        drops = 0
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            for row in Path(table).read_text().splitlines()[1:]:
+                cols = row.split()
+                if cols[9] in inodes:
+                    drops += int(cols[-1])
+        return drops
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -113,6 +129,7 @@ class Proc:
 
 
 def spawn(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str]) -> Proc:
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(

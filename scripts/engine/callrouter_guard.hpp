@@ -17,6 +17,10 @@
  *  - a new INVITE that would take one of the last reserved engine call slots
  *    gets 503 + Retry-After instead of pjsua's own 486 Busy Here.
  *
+ * A second module, registered last, answers what nobody else took (pjsua leaves
+ * those unanswered): 481 for in-dialog methods without a dialog, 501 + Allow for
+ * methods we do not implement.
+ *
  * It also removes the refused methods and extensions from the endpoint's
  * Allow and Supported capabilities, so pjsua never advertises them.
  *

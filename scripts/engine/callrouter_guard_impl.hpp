@@ -19,7 +19,7 @@ std::vector<CrNet> cr_nets;
 int cr_reject_code = 0;          /* 0 = drop silently */
 unsigned cr_slot_reserve = 0;
 std::atomic<unsigned long> cr_dropped(0), cr_refused(0), cr_replaces(0), cr_full(0);
-pjsip_module cr_mod;
+pjsip_module cr_mod, cr_fallback_mod;
 bool cr_installed = false;
 
 const char *const CR_REFUSED[] = {"REFER", "MESSAGE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER"};
@@ -114,6 +114,24 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
     return PJ_FALSE;
 }
 
+/* Requests no other module took: pjsua leaves these unanswered. RFC 3261 s12.2.2: a
+ * request for a dialog that does not exist gets 481; s8.2.1: a method we do not
+ * implement gets 501 with Allow. A stray ACK is absorbed (never answered, s17.2.3). */
+pj_bool_t cr_on_rx_unhandled(pjsip_rx_data *rdata) {
+    const pjsip_method *m = &rdata->msg_info.msg->line.req.method;
+    static const char *const dialog_methods[] = {"BYE", "INFO", "UPDATE", "PRACK", "CANCEL"};
+    if (m->id == PJSIP_ACK_METHOD) return PJ_TRUE;
+    for (const char *name : dialog_methods) {
+        pj_str_t s = pj_str((char *)name);
+        if (pj_stricmp(&m->name, &s) == 0) {
+            cr_respond(rdata, PJSIP_SC_CALL_TSX_DOES_NOT_EXIST, NULL, NULL);
+            return PJ_TRUE;
+        }
+    }
+    cr_respond(rdata, PJSIP_SC_NOT_IMPLEMENTED, "Allow", CR_ALLOW);
+    return PJ_TRUE;
+}
+
 /* Drop `names` from a capability header's value list (Allow or Supported). */
 void cr_strip_capability(int htype, const char *const *names, unsigned n) {
     pjsip_generic_array_hdr *h = (pjsip_generic_array_hdr *)
@@ -141,6 +159,13 @@ int crGuardInstall() {
     cr_mod.priority = PJSIP_MOD_PRIORITY_TSX_LAYER - 1;
     cr_mod.on_rx_request = &cr_on_rx_request;
     pj_status_t st = pjsip_endpt_register_module(pjsua_get_pjsip_endpt(), &cr_mod);
+    if (st != PJ_SUCCESS) return (int)st;
+    std::memset(&cr_fallback_mod, 0, sizeof(cr_fallback_mod));
+    cr_fallback_mod.name = pj_str((char *)"mod-callrouter-fallback");
+    cr_fallback_mod.id = -1;
+    cr_fallback_mod.priority = PJSIP_MOD_PRIORITY_APPLICATION + 32;  /* after everyone */
+    cr_fallback_mod.on_rx_request = &cr_on_rx_unhandled;
+    st = pjsip_endpt_register_module(pjsua_get_pjsip_endpt(), &cr_fallback_mod);
     if (st != PJ_SUCCESS) return (int)st;
     cr_strip_capability(PJSIP_H_ALLOW, CR_REFUSED, sizeof(CR_REFUSED) / sizeof(CR_REFUSED[0]));
     static const char *const unsupported[] = {"replaces", "norefersub"};

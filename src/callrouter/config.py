@@ -194,7 +194,9 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 def _sip_uris(value: Any) -> tuple[str, ...]:
     uris = _str_list(value)
     for uri in uris:
-        if not uri.lower().startswith(("sip:", "sips:")) or ("@" not in uri and ":" not in uri[4:]):
+        scheme, _, rest = uri.partition(":")
+        host = rest.split("@")[-1].split(";")[0].strip()
+        if scheme.lower() not in ("sip", "sips") or not host:
             raise ValueError(f"not a SIP URI: {uri!r}")
     return uris
 

@@ -276,10 +276,10 @@ class Sipp:
             raise RuntimeError("already started")
         self._workdir = Path(tempfile.mkdtemp(prefix=f"sipp-{self.scenario.stem}-"))
         self._deadline = time.monotonic() + self.timeout_s + _GRACE_S
-        self._proc = subprocess.Popen(
-            self.command(self._workdir), cwd=self._workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=(self._workdir / "stderr.log").open("wb"),
-            start_new_session=True)
+        with (self._workdir / "stderr.log").open("wb") as stderr:
+            self._proc = subprocess.Popen(
+                self.command(self._workdir), cwd=self._workdir, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         if self.role == "uas":
             self._await_listening()
         return self

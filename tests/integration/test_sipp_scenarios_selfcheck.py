@@ -1,0 +1,180 @@
+"""The test tooling checks itself, without the router.
+
+Provider-side (uac) scenarios run against the matching runtime-side (uas) scenarios directly
+on loopback, so a failure in a router test means the router, not the scenario. Reject-path
+scenarios and the torture replay run against the tiny stateless StubServer. Each call is a
+second or two; RTP is counted on the loopback interface when the process may (root, as in CI).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.support import torture
+from tests.support.sipp import RtpCounter, Sipp, SippResult, scenario
+
+pytestmark = [
+    pytest.mark.sip,
+    pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed"),
+]
+
+KEYS = {"dialled": "+31850835037", "caller": "+31201234567"}
+CALL = ["INVITE", 100, 180, 200, "ACK"]
+HANGUP = ["BYE", 200]
+PCMA, TELEPHONE_EVENT = 8, 101
+needs_rtp_counter = pytest.mark.skipif(not RtpCounter.available(),
+                                       reason="counting RTP needs CAP_NET_RAW")
+
+
+def call_pair(uac: str, uas: str, duration_ms: int = 1000,
+              transport: str = "u1") -> tuple[SippResult, SippResult, RtpCounter | None, Sipp, Sipp]:
+    runtime = Sipp(scenario(uas), role="uas", rtp_echo=True, duration_ms=duration_ms,
+                   transport=transport, timeout_s=10).start()
+    caller = Sipp(scenario(uac), target=runtime.address, keys=KEYS, duration_ms=duration_ms,
+                  transport=transport, timeout_s=10)
+    try:
+        if RtpCounter.available():
+            with RtpCounter([caller.media_port, runtime.media_port]) as rtp:
+                caller_result = caller.run()
+                runtime_result = runtime.wait()
+            return caller_result, runtime_result, rtp, caller, runtime
+        return caller.run(), runtime.wait(), None, caller, runtime
+    finally:
+        runtime.stop()
+        caller.stop()
+
+
+def assert_both(caller: SippResult, runtime: SippResult, sequence: list[str | int]) -> None:
+    for result in (caller, runtime):
+        assert result.ok and result.successful == 1, result.explain()
+        assert result.sequence() == sequence, result.explain()
+
+
+@needs_rtp_counter
+def test_bridged_call_carries_rtp_both_ways() -> None:
+    caller, runtime, rtp, uac, uas = call_pair("uac-call-bridged", "uas-runtime-answer")
+    assert_both(caller, runtime, CALL + HANGUP)
+    assert rtp is not None
+    assert rtp.count(uas.media_port, PCMA) > 20, rtp.payload_types(uas.media_port)
+    assert rtp.count(uac.media_port, PCMA) > 20, rtp.payload_types(uac.media_port)
+
+
+@pytest.mark.parametrize("transport", ["u1", "t1"])
+def test_bridged_call_accepts_a_reinvite_from_its_peer(transport: str) -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-bridged", "uas-runtime-reinvite",
+                                         transport=transport)
+    assert_both(caller, runtime, [*CALL, "INVITE", 200, "ACK", *HANGUP])
+
+
+def test_answer_without_ringing_echo_runtime() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-bridged", "uas-runtime-echo")
+    assert_both(caller, runtime, ["INVITE", 100, 200, "ACK", *HANGUP])
+
+
+def test_cancel_while_ringing() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-cancel", "uas-runtime-noanswer")
+    assert_both(caller, runtime, ["INVITE", 100, 180, "CANCEL", 200, 487, "ACK"])
+
+
+def test_remote_bye_from_the_runtime() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-remote-bye", "uas-runtime-hangup")
+    assert_both(caller, runtime, CALL + HANGUP)
+
+
+def test_runtime_fail_scenario_expects_100_then_503() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-invite-runtime-fail", "uas-runtime-refuse")
+    assert_both(caller, runtime, ["INVITE", 100, 503, "ACK"])
+
+
+def test_busy_runtime_is_not_taken_for_a_503() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-invite-runtime-fail", "uas-runtime-busy")
+    assert runtime.sequence()[:3] == ["INVITE", 100, 486], runtime.explain()
+    assert not caller.ok and caller.failed == 1, caller.explain()
+
+
+@needs_rtp_counter
+def test_rfc4733_dtmf_reaches_the_runtime() -> None:
+    caller, runtime, rtp, _, uas = call_pair("uac-call-dtmf", "uas-runtime-answer", 500)
+    assert_both(caller, runtime, CALL + HANGUP)
+    assert rtp is not None
+    assert rtp.events(uas.media_port, TELEPHONE_EVENT) == [1, 5, 11]
+
+
+def test_sip_info_dtmf() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-dtmf-info", "uas-runtime-answer", 500)
+    assert_both(caller, runtime, [*CALL, "INFO", 200, *HANGUP])
+
+
+def test_hold_reinvite_keeps_the_call() -> None:
+    caller, runtime, _, _, _ = call_pair("uac-call-reinvite-hold", "uas-runtime-answer", 500)
+    assert_both(caller, runtime, [*CALL, "INVITE", 200, "ACK", *HANGUP])
+
+
+@pytest.mark.parametrize(("name", "status", "sequence"), [
+    ("uac-options", 404, ["OPTIONS", 200]),
+    ("uac-invite-404", 404, ["INVITE", 100, 404, "ACK"]),
+    ("uac-invite-480", 480, ["INVITE", 100, 480, "ACK"]),
+    ("uac-invite-403", 403, ["INVITE", 100, 403, "ACK"]),
+    ("uac-invite-503", 503, ["INVITE", 100, 503, "ACK"]),
+    ("uac-invite-405-methods", 404,
+     ["MESSAGE", 405, "REFER", 405, "SUBSCRIBE", 405, "NOTIFY", 405, "PUBLISH", 405,
+      "REGISTER", 405]),
+])
+def test_reject_scenarios_against_a_stub(name: str, status: int, sequence: list[str | int]) -> None:
+    with torture.StubServer(invite_status=status) as stub:
+        result = Sipp(scenario(name), target=f"127.0.0.1:{stub.port}", keys=KEYS,
+                      timeout_s=5).run()
+    assert result.ok, result.explain()
+    assert result.sequence() == sequence, result.explain()
+
+
+def test_reject_scenario_fails_on_the_wrong_code() -> None:
+    with torture.StubServer(invite_status=480) as stub:
+        result = Sipp(scenario("uac-invite-404"), target=f"127.0.0.1:{stub.port}", keys=KEYS,
+                      timeout_s=3).run()
+    assert not result.ok and result.failed == 1, result.explain()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_torture_replay_keeps_a_stub_serving(transport: str) -> None:
+    cases = torture.load_cases()
+    with torture.StubServer() as stub:
+        outcomes = torture.replay("127.0.0.1", stub.port, transport, cases, wait_s=0.3)
+    assert [o.case.file for o in outcomes] == [c.file for c in cases]
+    sent = [o for o in outcomes if not o.skipped]
+    assert all(o.options_status == 200 for o in sent)
+    by_name = {o.case.name: o for o in outcomes}
+    assert by_name["badvers.dat"].status == 505
+    assert by_name["unreason.dat"].status is None  # a stray response gets no answer
+    if transport == "tcp":
+        assert {o.case.name for o in outcomes if o.skipped} == torture.UDP_FRAMING
+    else:  # the Via's own port (or rport) brought the answer back to the sender
+        assert by_name["transports.dat"].status == 200
+
+
+def _case(klass: str, expected: str) -> torture.Case:
+    return torture.Case("x.dat", "0", "t", klass, expected, torture.corpus_dir() / "x.dat")
+
+
+@pytest.mark.parametrize(("klass", "expected", "status", "options", "passed"), [
+    ("valid", "parse OK", 404, 200, True),
+    ("valid", "parse OK", 400, 200, False),
+    ("valid", "parse OK", None, 200, False),
+    ("valid", "405/501 (or silent drop by pjsua2)", None, 200, True),
+    ("valid", "parse OK", 404, None, False),
+    ("invalid", "400", None, 200, True),
+    ("invalid", "400", 400, 200, True),
+    ("invalid", "505 Version Not Supported", 200, 200, False),
+    ("invalid", "400 acceptable; liberal accept allowed", 200, 200, True),
+    ("valid response", "stray -> dropped", None, 200, True),
+    ("valid response", "stray -> dropped", 481, 200, False),
+    ("application", "400", 404, 200, True),
+    ("application", "415 Unsupported Media Type", 400, 200, False),
+    ("application", "406 (Warning 399) or 400", 400, 200, True),
+    ("transaction", "must not break", 400, 200, True),
+])
+def test_torture_verdict(klass: str, expected: str, status: int | None, options: int | None,
+                         passed: bool) -> None:
+    assert torture.verdict(_case(klass, expected), status, options).passed is passed
