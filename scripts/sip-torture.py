@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import torture  # noqa: E402
+from tests.support import torture
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=parse_target, required=True, help="host:port")
     parser.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     parser.add_argument("--corpus", type=Path, default=None,
-                        help="torture directory (default $CALLROUTER_TORTURE_DIR or ../shared/torture)")
+                        help="corpus directory (default: $CALLROUTER_TORTURE_DIR)")
     parser.add_argument("--wait", type=float, default=1.0, help="seconds to wait for each answer")
     args = parser.parse_args(argv)
     host, port = args.target

@@ -216,12 +216,14 @@ def request_for(
 
 def body_from(args: argparse.Namespace, resource: Resource) -> dict[str, Any]:
     """The JSON body for add/update: only the fields given on the command line."""
-    names = [f.field for f in resource.flags] + ["is_active", "id", resource.positional or ""]
+    names = [f.field for f in resource.flags] + ["is_active"]
+    if args.action == "add":
+        names += ["id", resource.positional] if resource.positional else ["id"]
     nullable = {f.field for f in resource.flags if f.nullable}
     body: dict[str, Any] = {}
     for name in names:
-        value = getattr(args, name, None) if name else None
-        if value is not None and not (name == "id" and args.action == "update"):
+        value = getattr(args, name, None)
+        if value is not None:
             body[name] = None if name in nullable and value == NULL_WORD else value
     if getattr(args, "password_stdin", False):
         body["password"] = sys.stdin.readline().rstrip("\r\n")

@@ -20,13 +20,16 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from callrouter.crypto import SecretBox, generate_api_key, hash_api_key
 from callrouter.domain.models import ApiKey, Assistant, PhoneNumber, Trunk, TrunkTransport
 from callrouter.domain.numbers import normalise
 from callrouter.errors import FieldProblem, InvalidNumber, NotFound, ValidationError
 from callrouter.ports import Store
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 _SIP_URI = re.compile(
     r"sips?:(?:[^@\s<>\"]+@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
@@ -103,9 +106,9 @@ class AssistantChanges:
 _Obj = TypeVar("_Obj", PhoneNumber, Trunk, Assistant)
 
 
-def given(changes: object) -> dict[str, Any]:
+def given(changes: DataclassInstance) -> dict[str, Any]:
     """The fields of a ``...Changes`` value that the request set."""
-    return {f.name: getattr(changes, f.name) for f in fields(changes)  # type: ignore[arg-type]
+    return {f.name: getattr(changes, f.name) for f in fields(changes)
             if getattr(changes, f.name) is not UNSET}
 
 

@@ -28,8 +28,10 @@ needs_rtp_counter = pytest.mark.skipif(not RtpCounter.available(),
                                        reason="counting RTP needs CAP_NET_RAW")
 
 
-def call_pair(uac: str, uas: str, duration_ms: int = 1000,
-              transport: str = "u1") -> tuple[SippResult, SippResult, RtpCounter | None, Sipp, Sipp]:
+Pair = tuple[SippResult, SippResult, RtpCounter | None, Sipp, Sipp]
+
+
+def call_pair(uac: str, uas: str, duration_ms: int = 1000, transport: str = "u1") -> Pair:
     runtime = Sipp(scenario(uas), role="uas", rtp_echo=True, duration_ms=duration_ms,
                    transport=transport, timeout_s=10).start()
     caller = Sipp(scenario(uac), target=runtime.address, keys=KEYS, duration_ms=duration_ms,

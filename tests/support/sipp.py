@@ -45,10 +45,9 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 SIPP = os.environ.get("SIPP", "sipp")
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "sipp-scenarios"
@@ -388,8 +387,7 @@ class RtpCounter:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None,
-                                    TracebackType | None]) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
@@ -458,13 +456,3 @@ def _udp_payload(frame: bytes) -> tuple[int, bytes] | None:
     if len(udp) < 8:
         return None
     return struct.unpack("!H", udp[2:4])[0], udp[8:]
-
-
-@contextlib.contextmanager
-def running(*peers: Sipp) -> Iterator[tuple[Sipp, ...]]:
-    """Start peers (uas first, in the given order) and make sure they are gone afterwards."""
-    try:
-        yield tuple(peer.start() for peer in peers)
-    finally:
-        for peer in peers:
-            peer.stop()

@@ -157,7 +157,8 @@ def options(host: str, port: int, transport: str = "udp", wait_s: float = 2.0) -
             f"From: <sip:torture@{local}>;tag={uuid.uuid4().hex[:8]}\r\n"
             f"To: <sip:{_host_for_uri(host)}:{port}>\r\n"
             f"Call-ID: {uuid.uuid4().hex}@torture\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
-            f"Contact: <sip:torture@{local}>\r\nAccept: application/sdp\r\nContent-Length: 0\r\n\r\n"
+            f"Contact: <sip:torture@{local}>\r\nAccept: application/sdp\r\n"
+            "Content-Length: 0\r\n\r\n"
         ).encode()
         chan.send(message)
         reply = chan.await_final(branch.encode(), wait_s)
@@ -336,7 +337,7 @@ def format_table(outcomes: list[Outcome]) -> str:
     rows = [("file", "section", "expected", "got", "OPTIONS", "verdict")]
     for outcome in outcomes:
         judged = judge(outcome)
-        got = outcome.skipped and "skipped" or str(outcome.status or "dropped")
+        got = "skipped" if outcome.skipped else str(outcome.status or "dropped")
         rows.append((outcome.case.file, outcome.case.section,
                      f"{expectation(outcome.case)}: {outcome.case.expected[:48]}", got,
                      str(outcome.options_status or "-"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -246,3 +249,25 @@ def test_the_asgi_app_serves_the_same_exposition(metrics: Metrics) -> None:
     assert sent[0]["status"] == 200
     body = b"".join(m["body"] for m in sent[1:] if isinstance(m.get("body"), bytes))
     assert b"callrouter_sip_invites_received_total 1.0" in body
+
+
+def test_the_grafana_dashboard_only_queries_metrics_that_exist(metrics: Metrics) -> None:
+    # Guards docs/grafana-dashboard.json against renamed or misspelt metrics.
+    metrics.set_engine_slots_source(lambda: (1, 0))
+    metrics.set_engine_guard_source(dict)
+    metrics.http_request("/api/v1/numbers", "GET", 200, 0.01)  # labelled: no series before
+    body, _ = metrics.render()
+    exposed = {
+        sample.name
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"callrouter_[a-z_]+", target["expr"])
+    }
+    assert queried, "the dashboard queries nothing"
+    assert queried <= exposed, sorted(queried - exposed)

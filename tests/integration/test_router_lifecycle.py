@@ -1,0 +1,75 @@
+"""Drain on SIGTERM, forced stop on a second signal, and recovery after a crash."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.integration.test_router_sip import NUMBER, assign, runtime, uac
+from tests.support.router import RouterProcess
+
+pytestmark = pytest.mark.sip
+
+
+def _wait_active(router: RouterProcess, count: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sip = httpx.get(f"{router.http_url}/api/v1/health", timeout=2).json()["checks"]["sip"]
+        if sip["active_calls"] == count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"active calls never reached {count}")
+
+
+def test_sigterm_drains_new_calls_get_503_active_call_finishes(
+        router_factory: type[RouterProcess]) -> None:
+    router = router_factory(CALLROUTER_DRAIN_TIMEOUT_SECONDS="20")  # type: ignore[call-arg]
+    rt = runtime("uas-runtime-answer", calls=2)
+    assign(router, rt)
+    long_call = uac(router, "uac-call-bridged", duration_ms=3000).start()
+    _wait_active(router, 1)
+    router.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert httpx.get(f"{router.http_url}/api/v1/ready", timeout=2).status_code == 503
+    refused = uac(router, "uac-invite-503").run()
+    assert refused.sequence() == ["INVITE", 100, 503, "ACK"], refused.explain()
+    assert long_call.wait().ok  # the active call ran to its own BYE
+    assert router.wait(15) == 0
+    assert router.events("router.stopped")
+
+
+def test_drain_timeout_ends_calls_as_router_shutdown(
+        router_factory: type[RouterProcess]) -> None:
+    router = router_factory(CALLROUTER_DRAIN_TIMEOUT_SECONDS="1")  # type: ignore[call-arg]
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-remote-bye", timeout_s=20).start()
+    _wait_active(router, 1)
+    router.signal(signal.SIGTERM)
+    result = caller.wait()
+    assert result.sequence()[-2:] == ["BYE", 200], result.explain()
+    assert "BYE" in rt.wait().sequence("received")
+    assert router.wait(15) == 0
+    ended = router.events("call.ended")
+    assert [e["end_reason"] for e in ended] == ["router_shutdown"]
+
+
+def test_crash_leaves_no_open_record_after_restart(router_factory: type[RouterProcess]) -> None:
+    router = router_factory()
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-remote-bye", timeout_s=8).start()
+    _wait_active(router, 1)
+    time.sleep(0.3)  # let the in-progress record reach the database
+    router.signal(signal.SIGKILL)
+    router.wait(5)
+    caller.stop()
+    key = router.key
+    router.start()
+    router.key = key
+    calls = router.calls()
+    assert [(c["status"], c["end_reason"]) for c in calls] == [("failed", "router_restart")]
+    assert calls[0]["assistant_phone"] == NUMBER
