@@ -17,6 +17,11 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 engine_dir="$here/engine"
 PYTHON="${PYTHON:-python3}"
+# Absolute, because the SWIG step runs make in another directory.
+case "$PYTHON" in
+  */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;;
+  *) PYTHON="$(command -v "$PYTHON")" ;;
+esac
 cache_root="${CALLROUTER_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/callrouter/engine}"
 install_dir=""
 print_dir=0

@@ -58,7 +58,7 @@ COMMANDS = {"serve": _serve, "check-config": _check_config, "engine-info": _engi
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = COMMANDS.get(args.command) or args.handler
+    handler = COMMANDS.get(args.command) or args.func
     try:
         return int(handler(args))
     except ConfigError as exc:

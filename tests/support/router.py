@@ -70,9 +70,9 @@ class RouterProcess:
 
     def start(self, timeout: float = 20.0) -> RouterProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "callrouter", "serve"],
-                                     env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "callrouter", "serve"],
+                                         env=self.env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -115,6 +115,7 @@ class Message:
     first_line: str
     call_id: str
     cseq: str
+    headers: dict[str, str] = field(default_factory=dict, compare=False)  # lower-case names
 
     @property
     def kind(self) -> str | int:
@@ -177,7 +178,7 @@ def parse_messages(log: str) -> tuple[Message, ...]:
             continue
         headers = _headers(lines[1:])
         out.append(Message(mark["dir"], lines[0].strip(), headers.get("call-id", ""),
-                           headers.get("cseq", "")))
+                           headers.get("cseq", ""), headers))
     return tuple(out)
 
 
