@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.router import RouterProcess
+from tests.support.sipp import stop_all
 
 
 def _engine_built() -> bool:
@@ -50,3 +51,9 @@ def router_factory(tmp_path: Path) -> Iterator[type[RouterProcess]]:
 @pytest.fixture
 def router(router_factory: type[RouterProcess]) -> RouterProcess:
     return router_factory(CALLROUTER_SIP_RING_TIMEOUT_SECONDS="3")  # type: ignore[call-arg]
+
+
+@pytest.fixture(autouse=True)
+def _stop_sipp_peers() -> Iterator[None]:
+    yield
+    stop_all()

@@ -185,7 +185,7 @@ def test_rfc4733_dtmf_reaches_the_runtime(router: RouterProcess) -> None:
 def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(router: RouterProcess) -> None:
     rt = runtime("uas-runtime-answer")
     assign(router, rt)
-    caller = uac(router, "uac-call-dtmf-info")
+    caller = uac(router, "uac-call-dtmf-info", duration_ms=1000)  # talk time after the INFO
     with RtpCounter([rt.media_port]) as rtp:
         result = caller.run()
     assert result.ok, result.explain()

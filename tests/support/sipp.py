@@ -59,6 +59,13 @@ EXIT_SOME_FAILED = 1
 EXIT_NO_CALL = 99
 
 _GRACE_S = 5.0
+LIVE: set[Sipp] = set()  # started and not yet stopped
+
+
+def stop_all() -> None:
+    """Stop every SIPp still running (a test fixture calls this after each test)."""
+    for peer in list(LIVE):
+        peer.stop()
 
 
 def scenario(name: str) -> Path:
@@ -205,7 +212,7 @@ def parse_stats(path: Path) -> tuple[int, int]:
     return int(last.get("SuccessfulCall(C)") or 0), int(last.get("FailedCall(C)") or 0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sipp:
     """One SIPp process: a uac towards ``target`` or a uas listening on ``port``.
 
@@ -280,6 +287,7 @@ class Sipp:
             self._proc = subprocess.Popen(
                 self.command(self._workdir), cwd=self._workdir, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        LIVE.add(self)
         if self.role == "uas":
             self._await_listening()
         return self
@@ -296,6 +304,7 @@ class Sipp:
         except subprocess.TimeoutExpired:
             self.stop()
             returncode = proc.wait()
+        LIVE.discard(self)
         return self._collect(returncode, workdir)
 
     def stop(self) -> None:
@@ -303,6 +312,9 @@ class Sipp:
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.wait()  # reap it
+        LIVE.discard(self)
 
     def _require_started(self) -> tuple[subprocess.Popen[bytes], Path]:
         if self._proc is None or self._workdir is None:
