@@ -6,7 +6,7 @@
 FROM debian:bookworm-slim AS builder
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
-        build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev ca-certificates \
+        build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev patch ca-certificates \
         python3 python3-dev python3-venv python3-distutils \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

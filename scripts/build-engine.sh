@@ -103,7 +103,10 @@ fetch_source() {  # $1 = work dir; prints the pjproject tree path
 }
 
 configure_and_build() {  # $1 = tree
-  local tree="$1"
+  local tree="$1" p
+  for p in "$engine_dir"/patches/*.patch; do
+    (cd "$tree" && patch -p1 --forward --quiet < "$p") || { echo "patch failed: $p" >&2; return 1; }
+  done
   cp "$engine_dir/config_site.h" "$tree/pjlib/include/pj/config_site.h"
   (cd "$tree" && ./configure CFLAGS="-fPIC -O2" CXXFLAGS="-fPIC -O2" \
       --enable-epoll --disable-video --disable-sound \
@@ -159,7 +162,7 @@ main() {
   pyver=$("$PYTHON" -c 'import sys,sysconfig;print(sys.version.split()[0], sysconfig.get_config_var("EXT_SUFFIX"))')
   command -v apt-get >/dev/null && [ -z "${CALLROUTER_PJPROJECT_SOURCE:-}" ] && ensure_deb_src
   src=$(source_id)
-  key=$( { echo "$src"; echo "$pyver"; cat "$engine_dir"/* "$0"; } | sha256sum | cut -c1-16)
+  key=$( { echo "$src"; echo "$pyver"; cat "$engine_dir"/*.h* "$engine_dir"/patches/* "$0"; } | sha256sum | cut -c1-16)
   dest="$cache_root/$key"
   if [ -f "$dest/ENGINE-INFO" ]; then
     step "cached engine $key ($src)"

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev   # the engine build
+  build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev patch   # the engine build
   python3 python3-dev python3-venv python3-distutils             # the virtualenv
   sip-tester                                                     # SIPp, for tests and bench
   ca-certificates curl

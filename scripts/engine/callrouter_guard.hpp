@@ -21,6 +21,12 @@
  * those unanswered): 481 for in-dialog methods without a dialog, 501 + Allow for
  * methods we do not implement.
  *
+ * pjsip's parser is liberal; the guard answers 400 to what RFC 4475 s3.1.2 calls
+ * invalid but pjsip accepts (CSeq method mismatch, several Content-Length headers,
+ * whitespace inside <addr-spec>, an unquoted display name that is not a token).
+ * A request pjsip cannot parse at all is answered statelessly too (transport
+ * drop-data callback): 416 for an unknown Request-URI scheme, else 400.
+ *
  * It also removes the refused methods and extensions from the endpoint's
  * Allow and Supported capabilities, so pjsua never advertises them.
  *
@@ -41,5 +47,7 @@ unsigned long crGuardDroppedSources();
 unsigned long crGuardRefusedMethods();
 unsigned long crGuardRefusedReplaces();
 unsigned long crGuardEngineFull();
+unsigned long crGuardMalformed();
+unsigned long crGuardUnparsable();
 
 #endif

@@ -35,25 +35,11 @@ from prometheus_client.registry import Collector
 
 from callrouter import __version__
 from callrouter.domain.models import EndReason
+from callrouter.domain.routing import Outcome
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
 
 OTHER = "other"
-
-
-class Outcome(enum.StrEnum):
-    """What the router decided for an INVITE (``callrouter_routing_decisions_total``)."""
-
-    BRIDGED = "bridged"
-    UNKNOWN_NUMBER = "unknown_number"
-    UNASSIGNED = "unassigned"
-    INACTIVE = "inactive"
-    NOT_A_NUMBER = "not_a_number"
-    FORBIDDEN_SOURCE = "forbidden_source"
-    OVER_CAPACITY = "over_capacity"
-    DRAINING = "draining"
-    RUNTIME_UNAVAILABLE = "runtime_unavailable"
-    CALLER_CANCELLED = "caller_cancelled"
 
 
 class StoreOperation(enum.StrEnum):
@@ -70,6 +56,8 @@ class GuardAction(enum.StrEnum):
     REFUSED_METHOD = "refused_method"
     REFUSED_REPLACES = "refused_replaces"
     ENGINE_FULL = "engine_full"
+    MALFORMED = "malformed"
+    UNPARSABLE = "unparsable"
 
 
 # SIP codes the router sends on purpose get their own series; anything else is "other".

@@ -9,9 +9,9 @@ sends SIGTERM to the router's pid (and SIGKILL if it does not exit in time).
 from __future__ import annotations
 
 import os
-import socket
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time

@@ -110,7 +110,7 @@ def test_capacity_and_draining_get_503_with_retry_after() -> None:
 
 
 def test_runtime_failures_fall_back_to_the_pool_then_503() -> None:
-    service, records, clock, metrics = make_service()
+    service, records, _, metrics = make_service()
     answer = service.on_invite(invite("sip:+31850835037@r"))
     assert isinstance(answer, Accepted)
     reaction = service.on_event(answer.call_id, s.RuntimeFailed(0, 486, "Busy"), 101)

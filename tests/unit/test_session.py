@@ -64,7 +64,8 @@ def test_runtime_hangup_and_max_duration() -> None:
     session.handle(s.RuntimeAnswered(0), 1)
     session.handle(s.CallerConfirmed(), 1)
     assert session.handle(s.TimerFired(), 61) == [
-        s.HangupCaller(), s.HangupRuntime(0), s.Finish(CallStatus.ENDED, EndReason.MAX_DURATION, 61)]
+        s.HangupCaller(), s.HangupRuntime(0),
+        s.Finish(CallStatus.ENDED, EndReason.MAX_DURATION, 61)]
     other, _ = new()
     other.handle(s.RuntimeAnswered(0), 1)
     other.handle(s.CallerConfirmed(), 1)

@@ -158,6 +158,8 @@ class SipEngine:
                 "refused_method": int(pj.crGuardRefusedMethods()),
                 "refused_replaces": int(pj.crGuardRefusedReplaces()),
                 "engine_full": int(pj.crGuardEngineFull()),
+                "malformed": int(pj.crGuardMalformed()),
+                "unparsable": int(pj.crGuardUnparsable()),
             },
             version=self._version,
         )
