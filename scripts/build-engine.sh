@@ -10,7 +10,7 @@
 #   override CALLROUTER_PJPROJECT_SOURCE=/path/to/pjproject-X.Y.tar.gz or a
 #            directory; a tarball must be matched by CALLROUTER_PJPROJECT_SHA256.
 # Cache:   ${CALLROUTER_ENGINE_CACHE:-$XDG_CACHE_HOME/callrouter/engine}/<key>/,
-#          key = sha256(source id + config_site.h + guard + this script + python).
+#          key = sha256(source id + python + scripts/engine/* + the build steps).
 #          A second run with the same key does no work.
 set -euo pipefail
 
@@ -162,7 +162,11 @@ main() {
   pyver=$("$PYTHON" -c 'import sys,sysconfig;print(sys.version.split()[0], sysconfig.get_config_var("EXT_SUFFIX"))')
   command -v apt-get >/dev/null && [ -z "${CALLROUTER_PJPROJECT_SOURCE:-}" ] && ensure_deb_src
   src=$(source_id)
-  key=$( { echo "$src"; echo "$pyver"; cat "$engine_dir"/*.h* "$engine_dir"/patches/* "$0"; } | sha256sum | cut -c1-16)
+  # The key covers what changes the built module: source, Python, engine files and the
+  # build steps themselves (their function bodies), not the install or logging code.
+  key=$( { echo "$src"; echo "$pyver"; cat "$engine_dir"/*.h* "$engine_dir"/patches/*
+           declare -f fetch_source configure_and_build make_libs build_swig collect; } \
+         | sha256sum | cut -c1-16)
   dest="$cache_root/$key"
   if [ -f "$dest/ENGINE-INFO" ]; then
     step "cached engine $key ($src)"
@@ -192,8 +196,13 @@ main() {
   fi
   if [ -n "$install_dir" ]; then
     mkdir -p "$install_dir"
-    cp "$dest"/_pjsua2*.so "$dest/pjsua2.py" "$install_dir/"
-    cp "$dest/ENGINE-INFO" "$install_dir/pjsua2-ENGINE-INFO"
+    # Copy then rename: a running router keeps the old module's inode mapped.
+    local f
+    for f in "$dest"/_pjsua2*.so "$dest/pjsua2.py" "$dest/ENGINE-INFO"; do
+      local name; name=$(basename "$f")
+      [ "$name" = ENGINE-INFO ] && name=pjsua2-ENGINE-INFO
+      cp "$f" "$install_dir/.$name.tmp" && mv -f "$install_dir/.$name.tmp" "$install_dir/$name"
+    done
     step "installed into $install_dir"
   fi
   [ "$print_dir" = 1 ] && echo "$dest"

@@ -191,6 +191,9 @@ std::string cr_unparsable_response(const char *data, pj_size_t len) {
     if (sp1 == std::string::npos || sp2 <= sp1 || first.compare(sp2 + 1, 4, "SIP/") != 0)
         return "";  /* not a request line we can read */
     if (first.compare(0, sp1, "ACK") == 0 || first.compare(0, 4, "SIP/") == 0) return "";
+    std::string method = first.substr(0, sp1);
+    bool refused = false;
+    for (const char *name : CR_REFUSED) refused = refused || method == name;
     std::string uri = first.substr(sp1 + 1, sp2 - sp1 - 1);
     std::string scheme = uri.substr(0, uri.find(':'));
     for (char &c : scheme) c = (char)std::tolower((unsigned char)c);
@@ -203,9 +206,12 @@ std::string cr_unparsable_response(const char *data, pj_size_t len) {
     std::string cseq = cr_header_lines(hs, "cseq", "cseq", false);
     if (via.empty() || from.empty() || to.empty() || cid.empty() || cseq.empty()) return "";
     if (to.find("tag=") == std::string::npos) to.insert(to.size() - 2, ";tag=cr-unparsable");
-    return std::string(known ? "SIP/2.0 400 Bad Request\r\n"
-                             : "SIP/2.0 416 Unsupported URI Scheme\r\n") +
-           via + from + to + cid + cseq + "Content-Length: 0\r\n\r\n";
+    /* A method we refuse anyway gets its 405 whatever else is wrong with it. */
+    std::string status = refused ? "SIP/2.0 405 Method Not Allowed\r\nAllow: " +
+                                       std::string(CR_ALLOW) + "\r\n"
+                         : known ? "SIP/2.0 400 Bad Request\r\n"
+                                 : "SIP/2.0 416 Unsupported URI Scheme\r\n";
+    return status + via + from + to + cid + cseq + "Content-Length: 0\r\n\r\n";
 }
 
 void cr_on_dropped(pjsip_tp_dropped_data *dd) {
@@ -237,6 +243,23 @@ void cr_on_dropped(pjsip_tp_dropped_data *dd) {
                          response.data(), response.size(), &dst, dst_len, NULL, NULL);
 }
 
+/* RFC 2543 peers may send an INVITE without Contact (RFC 4475 s3.4.1); pjsip's dialog
+ * layer needs one. Use the address the INVITE came from: what a NAT-aware UAS would
+ * use for in-dialog requests anyway. */
+void cr_repair_contact(pjsip_rx_data *rdata) {
+    if (pjsip_msg_find_hdr(rdata->msg_info.msg, PJSIP_H_CONTACT, NULL) != NULL) return;
+    char uri[PJ_INET6_ADDRSTRLEN + 64];
+    const char *tp = (rdata->tp_info.transport->flag & PJSIP_TRANSPORT_RELIABLE) ? "tcp" : "udp";
+    bool v6 = std::strchr(rdata->pkt_info.src_name, ':') != NULL;
+    pj_ansi_snprintf(uri, sizeof(uri), "<sip:%s%s%s:%d;transport=%s>", v6 ? "[" : "",
+                     rdata->pkt_info.src_name, v6 ? "]" : "", rdata->pkt_info.src_port, tp);
+    pj_str_t name = pj_str((char *)"Contact");
+    pj_str_t value = pj_str(uri);
+    pjsip_contact_hdr *contact = (pjsip_contact_hdr *)
+        pjsip_parse_hdr(rdata->tp_info.pool, &name, value.ptr, value.slen, NULL);
+    if (contact != NULL) pjsip_msg_add_hdr(rdata->msg_info.msg, (pjsip_hdr *)contact);
+}
+
 bool cr_is_refused_method(const pjsip_method *m) {
     for (const char *name : CR_REFUSED) {
         pj_str_t s = pj_str((char *)name);
@@ -266,6 +289,7 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
         return PJ_TRUE;
     }
     if (m->id != PJSIP_INVITE_METHOD) return PJ_FALSE;
+    cr_repair_contact(rdata);
     pj_str_t replaces = pj_str((char *)"Replaces");
     if (pjsip_msg_find_hdr_by_name(rdata->msg_info.msg, &replaces, NULL)) {
         cr_replaces++;

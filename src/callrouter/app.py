@@ -140,7 +140,10 @@ class Router:
         await self._first_key()
         log.info("router.started", version=__version__, sip=str(cfg.sip.listen),
                  advertise=self.engine.settings.advertise, http=str(cfg.http.listen),
-                 engine=self.engine_info.version, engine_max_calls=self.engine_info.max_calls,
+                 engine=self.engine_info.version,
+                 engine_source=self.engine_info.values.get("source"),
+                 engine_limits={k: v for k, v in self.engine_info.values.items()
+                                if k.startswith("PJ")},
                  max_calls=cfg.sip.max_calls, routes=len(self.service.routes.by_e164))
 
     async def _first_key(self) -> None:
@@ -161,6 +164,18 @@ class Router:
 
         self.metrics.set_engine_slots_source(slots)
         self.metrics.set_engine_guard_source(lambda: self.engine.status().guard)
+        self.guard_task = asyncio.create_task(self._count_forbidden(), name="guard-metrics")
+
+    async def _count_forbidden(self) -> None:
+        """Requests from forbidden sources never reach the service (the guard drops them
+        in C); carry the guard's count into the routing-decision metric once a second."""
+        seen = 0
+        while True:
+            dropped = self.engine.status().guard["dropped_source"]
+            if dropped > seen:
+                self.metrics.forbidden_sources(dropped - seen)
+            seen = dropped
+            await asyncio.sleep(1.0)
 
     async def _start_http(self) -> None:
         secrets = SecretBox.load(self.cfg.storage.data_dir, self.environ)
@@ -220,6 +235,7 @@ class Router:
 
     async def _stop(self) -> None:
         self.service.draining = True
+        self.guard_task.cancel()
         await asyncio.to_thread(self.engine.stop)
         self.service.abandon_all(EndReason.ROUTER_SHUTDOWN)
         await self.recorder.flush()

@@ -172,6 +172,11 @@ class Metrics:
         self._decisions[Outcome(outcome)].inc()
         self._decision_time.observe(seconds)
 
+    def forbidden_sources(self, count: int) -> None:
+        """Requests the engine's guard dropped or refused for their source (no timing:
+        they never reach the routing decision)."""
+        self._decisions[Outcome.FORBIDDEN_SOURCE].inc(count)
+
     def first_response(self, seconds: float) -> None:
         self._first_response.observe(seconds)
 

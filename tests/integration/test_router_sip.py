@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
+import httpx
 import pytest
 
 from tests.support.router import RouterProcess
@@ -217,3 +218,55 @@ def test_no_header_names_the_stack(router: RouterProcess) -> None:
         if msg.direction == "received":
             assert "server" not in msg.headers and "user-agent" not in msg.headers
             assert "REFER" not in msg.headers.get("allow", "")
+
+
+def test_over_capacity_gets_503_with_retry_after(router_factory: type[RouterProcess]) -> None:
+    router = router_factory(CALLROUTER_SIP_MAX_CALLS="1")  # type: ignore[call-arg]
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    held = uac(router, "uac-call-bridged", duration_ms=3000).start()
+    router.wait_for_call(lambda c: c["status"] == "in-progress")
+    refused = uac(router, "uac-invite-503").run()  # the scenario demands Retry-After
+    assert refused.ok, refused.explain()
+    assert refused.sequence() == ["INVITE", 100, 503, "ACK"]
+    assert held.wait().ok
+    metrics = httpx.get(f"{router.http_url}/metrics", timeout=5).text
+    assert 'callrouter_routing_decisions_total{outcome="over_capacity"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(("action", "expected"), [("drop", []), ("reject", [403])])
+def test_requests_from_outside_the_allowed_sources(
+        router_factory: type[RouterProcess], action: str, expected: list[object]) -> None:
+    router = router_factory(  # type: ignore[call-arg]
+        CALLROUTER_SIP_INBOUND_ALLOWED_SOURCES="127.0.0.1/32",
+        CALLROUTER_SIP_INBOUND_FORBIDDEN_ACTION=action)
+    outsider = uac(router, "uac-options", host="127.0.0.2", timeout_s=3).run()
+    assert outsider.sequence("received") == expected, outsider.explain()
+    assert uac(router, "uac-options").run().sequence() == ["OPTIONS", 200]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{router.http_url}/metrics", timeout=5).text
+        if 'callrouter_routing_decisions_total{outcome="forbidden_source"} 1.0' in metrics:
+            break
+        time.sleep(0.2)
+    assert 'callrouter_engine_guard_total{action="dropped_source"} 1.0' in metrics
+    assert 'callrouter_routing_decisions_total{outcome="forbidden_source"} 1.0' in metrics
+
+
+def test_garbage_and_unknown_requests_do_not_stop_the_router(router: RouterProcess) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        for junk in (b"\x00\xff" * 600, b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n",
+                     b"\r\n\r\n", b"A" * 60000):
+            sock.sendto(junk, ("127.0.0.1", router.sip_port))
+        port = sock.getsockname()[1]
+        unknown = (f"FOO sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch="
+                   f"z9hG4bKfoo1;rport\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>"
+                   f"\r\nCall-ID: foo1\r\nCSeq: 1 FOO\r\nMax-Forwards: 70\r\nContent-Length: 0"
+                   f"\r\n\r\n").encode()
+        sock.sendto(unknown, ("127.0.0.1", router.sip_port))
+        reply = sock.recv(65535).decode()
+    assert reply.startswith("SIP/2.0 501 "), reply  # RFC 3261 s8.2.1
+    assert "Allow: INVITE" in reply
+    assert uac(router, "uac-options").run().sequence() == ["OPTIONS", 200]

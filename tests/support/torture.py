@@ -299,7 +299,8 @@ def _call_key(raw: bytes) -> bytes:
     head = _header_block(raw)
     call_id = re.search(rb"^(?:call-id|i)[ \t]*:[ \t]*(\S+)", head, re.I | re.M)
     cseq = re.search(rb"^cseq[ \t]*:[ \t]*(\d+)", head, re.I | re.M)
-    return (call_id.group(1) if call_id else b"") + b"|" + (cseq.group(1) if cseq else b"")
+    number = str(int(cseq.group(1))).encode() if cseq else b""  # "0009" and "9" match
+    return (call_id.group(1) if call_id else b"") + b"|" + number
 
 
 def _belongs(reply: bytes, branch: bytes | None, call_key: bytes | None) -> bool:
@@ -322,7 +323,8 @@ def _ack_for(request: bytes, reply: bytes) -> bytes:
     pick = {name: re.search(rb"^(?:" + name + rb")[ \t]*:.*$", src, re.I | re.M)
             for name, src in ((rb"from|f", head), (rb"call-id|i", head), (rb"to|t", reply))}
     cseq = re.search(rb"^cseq[ \t]*:[ \t]*(\d+)", head, re.I | re.M)
-    lines = [b"ACK " + ruri + b" SIP/2.0"] + [m.group(0) for m in (via, *pick.values()) if m]
+    lines = [b"ACK " + ruri + b" SIP/2.0"] + [m.group(0).rstrip(b"\r")
+                                               for m in (via, *pick.values()) if m]
     lines += [b"CSeq: " + (cseq.group(1) if cseq else b"1") + b" ACK", b"Max-Forwards: 70",
               b"Content-Length: 0"]
     return b"\r\n".join(lines) + b"\r\n\r\n"
