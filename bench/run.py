@@ -68,9 +68,12 @@ class Plan:
     window_seconds: int  # CPU / packet measurement window once all calls are up
 
 
-FULL = Plan((500, 1000, 1500, 2000, 3000), (100, 200, 400, 800), (100, 250, 500, 1000), 5, 1000,
-            200, 5)  # fmt: skip
-QUICK = Plan((500, 1000), (100, 200), (100, 250), 3, 1000, 200, 3)
+FULL = Plan((100, 250, 500, 750, 1000, 1250, 1500, 2000), (50, 100, 200, 300, 400, 600),
+            (100, 250, 500, 1000), 5, 1000, 200, 5)  # fmt: skip
+QUICK = Plan((250, 500, 1000), (50, 100, 200), (100, 250), 3, 1000, 200, 3)
+# A step whose p99 is above this is overloaded (its queue grows for the whole step): the
+# sweep stops there, as it does at the first failed call.
+OVERLOAD_P99_MS = 1000.0
 
 
 # --- systems under test --------------------------------------------------------------------
@@ -188,6 +191,13 @@ class RateStep:
     failed: int
     p50_ms: float | None
     p99_ms: float | None
+    # CPU time of the system under test (all its threads) per completed call; a capacity
+    # estimate that does not depend on where the latency knee happens to fall in the grid.
+    cpu_ms_per_call: float | None = None
+
+    @property
+    def overloaded(self) -> bool:
+        return self.failed > 0 or self.p99_ms is None or self.p99_ms > OVERLOAD_P99_MS
 
 
 @dataclass
@@ -196,8 +206,8 @@ class RateSweep:
 
     @property
     def best(self) -> RateStep | None:
-        """The highest rate with zero failed calls, however slow its responses."""
-        return self.best_within(float("inf"))
+        """The highest sustained rate: zero failed calls and p99 under OVERLOAD_P99_MS."""
+        return self.best_within(OVERLOAD_P99_MS + 0.001)
 
     def best_within(self, p99_ms: float) -> RateStep | None:
         """The highest rate with zero failed calls and a p99 response time under ``p99_ms``."""
@@ -221,13 +231,18 @@ def rate_sweep(
                 calls=rate * plan.step_seconds, limit=rate * 4 + 100, hold_ms=hold_ms,
                 timeout_s=plan.step_seconds + hold_ms / 1000 + 20, media_port=h.free_port(),
             )  # fmt: skip
+            cpu0 = target.proc.cpu_seconds()
             result = h.run_sipp(command, step_dir / "sipp", plan.step_seconds + 30)
+            cpu = target.proc.cpu_seconds() - cpu0
+        done = result.successful + result.failed
         step = RateStep(rate, result.successful, result.failed,
-                        result.percentile(0.5), result.percentile(0.99))  # fmt: skip
+                        result.percentile(0.5), result.percentile(0.99),
+                        1000 * cpu / done if done else None)  # fmt: skip
         sweep.steps.append(step)
         print(f"  {path:8} {rate:5}/s  ok={step.successful} failed={step.failed} "
-              f"p50={_ms(step.p50_ms)} p99={_ms(step.p99_ms)}", flush=True)  # fmt: skip
-        if step.failed:
+              f"p50={_ms(step.p50_ms)} p99={_ms(step.p99_ms)} "
+              f"cpu/call={_cpu(step.cpu_ms_per_call)}", flush=True)  # fmt: skip
+        if step.overloaded:
             break
     return sweep
 
@@ -327,6 +342,78 @@ def ulaw_tone(hz: float = 440.0, seconds: float = 1.0, rate: int = 8000) -> byte
     return bytes(encode(int(8000 * math.sin(2 * math.pi * hz * i / rate))) for i in range(count))
 
 
+# --- profiling -------------------------------------------------------------------------------
+
+
+def profile_reject(rate: int, seconds: int, native: bool, workdir: Path) -> str:
+    """py-spy on the router while SIPp sends it INVITEs to an unknown number at ``rate``/s.
+
+    Writes the collapsed stacks (``bench/out/profile-reject.txt``: load into speedscope or
+    flamegraph.pl) and returns a summary: samples per thread, the functions with the most
+    samples of their own, and the router functions with the most samples under them.
+    """
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(pyspy).exists():
+        raise h.BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
+    raw = h.BENCH / "out" / "profile-reject.txt"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    step_dir = workdir / f"profile-{rate}"
+    with router_system("reject", step_dir) as target:
+        command = h.sipp_command(
+            target.address, ["-sf", str(h.SCENARIOS / "reject_uac.xml"), "-s", target.service],
+            rate=rate, calls=rate * (seconds + 3), limit=rate * 4 + 100, hold_ms=0,
+            timeout_s=seconds + 25, media_port=h.free_port(),
+        )  # fmt: skip
+        sipp = h.start_sipp(command, step_dir / "sipp")
+        time.sleep(1)
+        cpu0 = target.proc.cpu_seconds()
+        spy = [pyspy, "record", "--pid", str(target.proc.pid), "--duration", str(seconds),
+               "--rate", "200", "--format", "raw", "--threads", "--nolineno",
+               "--output", str(raw), *(["--native"] if native else [])]  # fmt: skip
+        done = subprocess.run(spy, capture_output=True, text=True, timeout=seconds + 60)
+        cpu = target.proc.cpu_seconds() - cpu0
+        result = h.finish_sipp(sipp, step_dir / "sipp", seconds + 30)
+    if done.returncode != 0 or not raw.exists():
+        raise h.BenchError(f"py-spy failed ({done.returncode}): {done.stderr[-1500:]}")
+    header = (f"router, reject path at {rate} calls/s for {seconds} s: ok={result.successful} "
+              f"failed={result.failed} p50={_ms(result.percentile(0.5))} "
+              f"p99={_ms(result.percentile(0.99))}; router CPU {100 * cpu / seconds:.0f}% "
+              f"of a core while sampled")  # fmt: skip
+    return header + "\n" + summarise_stacks(raw.read_text())
+
+
+def summarise_stacks(collapsed: str, top: int = 25) -> str:
+    """A text summary of py-spy's collapsed stacks ("frame;frame;... count" per line)."""
+    threads: dict[str, int] = {}
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] = threads.get(frames[0], 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames[1:]):
+            under[frame] = under.get(frame, 0) + count
+    if not total:
+        return "no samples"
+
+    def table(title: str, counts: dict[str, int], keep: Callable[[str], bool]) -> list[str]:
+        rows = sorted(((n, f) for f, n in counts.items() if keep(f)), reverse=True)[:top]
+        return [title, *(f"  {100 * n / total:5.1f}%  {f}" for n, f in rows)]
+
+    lines = [f"{total} samples (threads on CPU only)"]
+    lines += table("per thread:", threads, lambda f: True)
+    lines += table("own samples (the function itself was running):", own, lambda f: True)
+    lines += table("samples under callrouter functions (inclusive):", under,
+                   lambda f: "callrouter" in f)  # fmt: skip
+    return "\n".join(lines)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -380,6 +467,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
     h.engine_env()  # resolve (or build) the engine once, before any timing starts
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="callrouter-bench-") as tmp:
+            workdir = Path(args.keep) if args.keep else Path(tmp)
+            summary = profile_reject(args.profile, args.profile_seconds, args.native, workdir)
+        print(summary)
+        (h.BENCH / "out" / "profile-reject-summary.txt").write_text(summary + "\n")
+        print("written: bench/out/profile-reject.txt, bench/out/profile-reject-summary.txt")
+        return 0
     with tempfile.TemporaryDirectory(prefix="callrouter-bench-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         starters: dict[str, Starter] = {"bare": bare_system, "router": router_system}
@@ -389,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output or h.REPO / ("bench/out/benchmarks-quick.md" if args.quick
                                            else "docs/benchmarks.md"))  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report)
+    output.write_text(report + kept_section(output))
     raw = h.BENCH / "out" / output.with_suffix(".json").name  # bench/out/ is not committed
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps([asdict(r) for r in results], indent=2))
@@ -404,6 +499,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated: bare,router")  # fmt: skip
     parser.add_argument("--output", help="report path (default docs/benchmarks.md)")
     parser.add_argument("--keep", help="keep logs and SIPp files in this directory")
+    parser.add_argument("--profile", type=int, metavar="RATE",
+                        help="instead of the bench: py-spy on the router's reject path at RATE/s")
+    parser.add_argument("--profile-seconds", type=int, default=15, metavar="S")
+    parser.add_argument("--native", action="store_true", help="--profile: with C frames")
     args = parser.parse_args(argv)
     unknown = set(args.targets) - {"bare", "router"}
     if unknown:
@@ -412,6 +511,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # --- the report ------------------------------------------------------------------------------
+
+KEEP_MARKER = "<!-- Everything below this line is written by hand; bench/run.py keeps it. -->"
+
+
+def kept_section(output: Path) -> str:
+    """The hand-written part of an existing report (profile findings), carried over."""
+    if not output.exists():
+        return ""
+    old = output.read_text()
+    index = old.find(KEEP_MARKER)
+    return "" if index < 0 else "\n" + old[index:]
 
 
 def render_report(
@@ -437,8 +547,11 @@ def target_section(result: TargetResults) -> list[str]:
     for label, sweep in (("Reject path (404)", result.reject), ("Bridged path", result.bridged)):
         if sweep is None:
             continue
-        lines += [f"{label}:", "", "| calls/s | ok | failed | p50 | p99 |", "|---|---|---|---|---|"]
-        lines += [f"| {s.rate} | {s.successful} | {s.failed} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} |"
+        lines += [f"{label}:", "",
+                  "| calls/s | ok | failed | p50 | p99 | CPU per call | sustained |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {s.rate} | {s.successful} | {s.failed} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} "
+                  f"| {_cpu(s.cpu_ms_per_call)} | {_yes(not s.overloaded)} |"
                   for s in sweep.steps]  # fmt: skip
         lines.append("")
     if result.concurrent:
@@ -458,51 +571,106 @@ def target_section(result: TargetResults) -> list[str]:
 
 
 def goals_section(bare: TargetResults | None, router: TargetResults | None) -> list[str]:
-    best = _best_rates(router)
-    bare_best = _best_rates(bare)
-    held = [c.calls for c in (router.concurrent if router else []) if c.audio_flows]
-    ratio = best["reject"] / bare_best["reject"] if best["reject"] and bare_best["reject"] else None
-    p99 = best["reject_p99"]
+    r, b = _summary(router), _summary(bare)
+    if router and bare:
+        add_cpu_rows({"router": r, "bare": b}, {"router": router, "bare": bare})
+    lines = ["## Router against bare engine", "",
+             "| measurement | router | bare engine | router / bare |", "|---|---|---|---|"]
+    for key, label, better_low in SUMMARY_ROWS:
+        lines.append(f"| {label} | {_num(r[key])} | {_num(b[key])} | "
+                     f"{_num(_ratio_of(r[key], b[key], better_low), 2)} |")  # fmt: skip
+    lines += ["", "Ratios are router / bare for rates and bare / router for costs (CPU per "
+              "call), so 1.0 means no overhead and lower is worse.", ""]  # fmt: skip
+    held = r["held_with_audio"]
+    ratio = _ratio_of(r["reject_fast"], b["reject_fast"], False)
     rows = [
-        ("router reject >= 1000 calls/s", best["reject"], best["reject"] and
-         best["reject"] >= GOALS["reject_rate"]),
-        ("router reject p99 < 20 ms at that rate", p99, p99 is not None and
-         p99 < GOALS["reject_p99_ms"]),
-        ("router bridged >= 200 calls/s", best["bridged"], best["bridged"] and
-         best["bridged"] >= GOALS["bridged_rate"]),
-        ("router >= 1000 concurrent bridged calls with audio", max(held, default=None),
-         bool(held) and max(held) >= GOALS["concurrent"]),
-        ("router / bare >= 0.8 on the reject path", ratio, ratio is not None and
-         ratio >= GOALS["reject_ratio"]),
+        ("reject path >= 1000 calls/s with p99 < 20 ms", r["reject_fast"],
+         r["reject_fast"] is not None and r["reject_fast"] >= GOALS["reject_rate"]),
+        ("bridged path >= 200 calls/s", r["bridged"],
+         r["bridged"] is not None and r["bridged"] >= GOALS["bridged_rate"]),
+        (">= 1000 concurrent bridged calls, audio both ways", held,
+         held is not None and held >= GOALS["concurrent"]),
+        ("router / bare call rate >= 0.8 on the reject path (p99 < 20 ms)", ratio,
+         ratio is not None and ratio >= GOALS["reject_ratio"]),
     ]  # fmt: skip
-    fast = router.reject.best_within(GOALS["reject_p99_ms"]) if router and router.reject else None
-    rows.insert(2, ("router reject rate with zero failures and p99 < 20 ms",
-                    float(fast.rate) if fast else None, fast is not None and
-                    fast.rate >= GOALS["reject_rate"]))  # fmt: skip
-    lines = ["## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += ["## Goals (router)", "", "| goal | measured | met |", "|---|---|---|"]
     for goal, measured, met in rows:
-        verdict = "not measured" if measured is None else ("yes" if met else "NO")
-        shown = "-" if measured is None else f"{measured:.4g}"
-        lines.append(f"| {goal} | {shown} | {verdict} |")
+        verdict = "not measured" if measured is None else ("yes" if met else "**NO**")
+        digits = 2 if measured is not None and measured < 10 else 0
+        lines.append(f"| {goal} | {_num(measured, digits)} | {verdict} |")
     lines += [
         "",
-        "Bare engine, for reference: "
-        + ", ".join(f"{k} {'-' if v is None else f'{v:.4g}'}" for k, v in bare_best.items()),
+        "Definitions: a rate step is *sustained* when SIPp saw zero failed calls and the "
+        f"p99 response time stayed under {OVERLOAD_P99_MS:.0f} ms (beyond that the queue "
+        "grows for the whole step and SIPp's generous timeouts only hide the overload); "
+        "the sweep stops at the first step that is not. The bridged response time is "
+        "INVITE -> 200 and includes the 200 ms the SIPp runtime waits before answering "
+        "(`sipp-scenarios/uas-runtime-answer.xml`). SIPp reports response times in whole "
+        "milliseconds (its clock tick), so a p50 of 0 ms means under a millisecond.",
         "",
-    ]
-    lines += ["SIPp reports response times in whole milliseconds (its clock tick), so a p50 "
-              "of 0 ms means under a millisecond.", ""]  # fmt: skip
+    ]  # fmt: skip
     return lines
 
 
-def _best_rates(result: TargetResults | None) -> dict[str, float | None]:
-    reject = result.reject.best if result and result.reject else None
-    bridged = result.bridged.best if result and result.bridged else None
-    return {
-        "reject": float(reject.rate) if reject else None,
-        "reject_p99": reject.p99_ms if reject else None,
-        "bridged": float(bridged.rate) if bridged else None,
-    }
+SUMMARY_ROWS = (
+    ("reject", "reject: highest sustained rate (calls/s)", False),
+    ("reject_p50", "reject: p50 at that rate (ms)", True),
+    ("reject_p99", "reject: p99 at that rate (ms)", True),
+    ("reject_fast", "reject: highest rate with zero failures and p99 < 20 ms", False),
+    ("reject_cpu", "reject: CPU per call at the highest rate both sustain (ms)", True),
+    ("bridged", "bridged: highest sustained rate (calls/s)", False),
+    ("bridged_cpu", "bridged: CPU per call at the highest rate both sustain (ms)", True),
+    ("held_with_audio", "concurrent calls held with audio flowing (largest N)", False),
+    ("held_cpu", "held: CPU per call at the largest N (% of a core)", True),
+    ("held_rss", "held: RSS per call at the largest N (KiB)", True),
+)
+
+
+def _summary(result: TargetResults | None) -> dict[str, float | None]:
+    out: dict[str, float | None] = {key: None for key, _, _ in SUMMARY_ROWS}
+    if result is None:
+        return out
+    if result.reject:
+        best, fast = result.reject.best, result.reject.best_within(GOALS["reject_p99_ms"])
+        out["reject"] = float(best.rate) if best else None
+        out["reject_p50"] = best.p50_ms if best else None
+        out["reject_p99"] = best.p99_ms if best else None
+        out["reject_fast"] = float(fast.rate) if fast else None
+    if result.bridged and result.bridged.best:
+        out["bridged"] = float(result.bridged.best.rate)
+    flowing = [c for c in result.concurrent if c.audio_flows]
+    if flowing:
+        out["held_with_audio"] = float(flowing[-1].calls)
+        out["held_cpu"] = flowing[-1].cpu_per_call_pct
+        out["held_rss"] = flowing[-1].rss_per_call_kib
+    return out
+
+
+def add_cpu_rows(summaries: dict[str, dict[str, float | None]],
+                 results: dict[str, TargetResults]) -> None:
+    """CPU per call at the highest rate that both systems sustained (same load for both)."""
+    for path in ("reject", "bridged"):
+        sweeps = {name: getattr(r, path) for name, r in results.items()}
+        if any(s is None for s in sweeps.values()) or len(sweeps) < 2:
+            continue
+        sustained = [{st.rate: st for st in s.steps if not st.overloaded} for s in sweeps.values()]
+        common = set.intersection(*(set(s) for s in sustained))
+        if common:
+            rate = max(common)
+            for name, steps in zip(sweeps, sustained, strict=True):
+                summaries[name][f"{path}_cpu"] = steps[rate].cpu_ms_per_call
+
+
+def _ratio_of(router: float | None, bare: float | None, cost: bool) -> float | None:
+    if router is None or bare is None or router == 0 or bare == 0:
+        return None
+    return bare / router if cost else router / bare
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if digits or value != int(value) or value >= 10 else f"{value:g}"
 
 
 def _yes(value: bool | None) -> str:
@@ -518,6 +686,13 @@ def command_lines(args: argparse.Namespace) -> list[str]:
         f"bridged: sipp -sn uac -s <number> -r RATE -d {plan_of(args).bridged_hold_ms} HOST:PORT",
         "held:    sipp -sf bench/scenarios/uac_rtp.xml -r RAMP -l N -m N -d HOLD HOST:PORT",
         "bare engine: python bench/bare_engine.py --listen 127.0.0.1:0 --mode answer|reject",
+        "router:  python -m callrouter keys create --data-dir DIR --name bench --json",
+        f"         CALLROUTER_RTP_PORTS={ROUTER_RTP} CALLROUTER_SIP_ADVERTISE=127.0.0.1 "
+        "CALLROUTER_LOG_FORMAT=json CALLROUTER_LOG_LEVEL=warning python -m callrouter serve",
+        "         POST /api/v1/assistants {runtime_uri: sip:runtime@127.0.0.1:RPORT}, "
+        "POST /api/v1/numbers",
+        "runtime: sipp -sf sipp-scenarios/uas-runtime-answer.xml -rtp_echo -p RPORT",
+        "profile: python bench/run.py --profile 500   (py-spy on the router's reject path)",
     ]
 
 
@@ -541,6 +716,10 @@ def machine() -> dict[str, str]:
         "network": "private namespace (unshare -rn), loopback only"
         if os.environ.get(NETNS_FLAG) == "1" else "host namespace, loopback only",
     }  # fmt: skip
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def _ms(value: float | None) -> str:

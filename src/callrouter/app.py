@@ -30,7 +30,7 @@ from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import SecretBox
 from callrouter.domain import session as s
-from callrouter.domain.models import CallStatus, EndReason
+from callrouter.domain.models import CallRecord, CallStatus, EndReason
 from callrouter.domain.routing import Policy, RuntimePool
 from callrouter.errors import NotFound, ValidationError
 from callrouter.http.api import create_app
@@ -136,8 +136,8 @@ class Router:
         await asyncio.to_thread(self.engine.start)
         self.service.control = self.engine
         self._wire_metrics()
+        await self._first_key()  # before the API answers, so the key is shown first
         await self._start_http()
-        await self._first_key()
         log.info("router.started", version=__version__, sip=str(cfg.sip.listen),
                  advertise=self.engine.settings.advertise, http=str(cfg.http.listen),
                  engine=self.engine_info.version,
@@ -178,7 +178,7 @@ class Router:
             await asyncio.sleep(1.0)
 
     async def _start_http(self) -> None:
-        secrets = SecretBox.load(self.cfg.storage.data_dir, self.environ)
+        self.secrets = secrets = SecretBox.load(self.cfg.storage.data_dir, self.environ)
 
         async def routing_changed() -> None:
             await self.service.reload_routes(self.store)
@@ -278,8 +278,28 @@ class Router:
         if command.get("type") == "end-call":
             self.service.end_call(call_id, EndReason.ENDED_BY_API)
             return {"success": True, "message": "call is being ended"}
-        raise ValidationError("transfer is not available on this router: no transfer leg "
-                              "is built (REFER is refused on every leg)")
+        target, credentials = await self._transfer_target(active.record, command["destination"])
+        self.service.transfer(call_id, target, credentials)
+        return {"success": True, "message": f"transferring the call to {command['destination']}"}
+
+    async def _transfer_target(self, record: CallRecord,
+                               destination: str) -> tuple[str, tuple[str, str] | None]:
+        """A SIP URI is dialled as it is; an E.164 number through the number's transfer
+        trunk, with the trunk's digest credentials."""
+        if destination.lower().startswith(("sip:", "sips:")):
+            return destination, None
+        number = await self.store.get_number(record.number_id) if record.number_id else None
+        trunk_id = number.transfer_trunk_id if number else None
+        trunk = await self.store.get_trunk(trunk_id) if trunk_id else None
+        if trunk is None or not trunk.is_active:
+            raise ValidationError("the number has no active transfer trunk "
+                                  "(transfer_trunk_id) to reach a phone number through")
+        uri = f"sip:{destination}@{trunk.address};transport={trunk.transport}"
+        if not trunk.username:
+            return uri, None
+        secret = await self.store.get_trunk_password(trunk.id)
+        password = self.secrets.decrypt(secret) if secret else ""
+        return uri, (trunk.username, password)
 
 
 def serve(cfg: Config, engine_info: EngineInfo, environ: Mapping[str, str] | None = None) -> int:

@@ -240,6 +240,11 @@ class CallService:
                 self.metrics.response_sent(code)
             case s.MarkAnswered():
                 self._answered(call, now)
+            case s.MarkTransferred(_, target):
+                self._transferred(call, target)
+            case s.TransferFailed(target, code, reason):
+                log.warning("call.transfer_failed", call_id=str(call.record.id), target=target,
+                            code=code, reason=reason)
             case s.Finish():
                 self._finished(call, command, now)
 
@@ -250,13 +255,27 @@ class CallService:
         self.record(call.record)
         self.metrics.caller_answered(now - call.invite_at)
 
+    def _transferred(self, call: ActiveCall, target: str) -> None:
+        """The assistant's call ends here (end_reason transferred); the caller's goes on
+        with the transfer target, still counted as active until it hangs up."""
+        wall = self.wall()
+        call.record = dataclasses.replace(
+            call.record, status=CallStatus.ENDED, end_reason=EndReason.TRANSFERRED,
+            ended_at=wall, updated_at=wall)
+        self.record(call.record)
+        log.info("call.transferred", call_id=str(call.record.id), target=target,
+                 duration_seconds=call.record.duration_seconds)
+
     def _finished(self, call: ActiveCall, finish: s.Finish, now: float) -> None:
+        self.active.pop(call.record.id, None)
+        if call.record.end_reason == EndReason.TRANSFERRED:
+            self.metrics.call_ended(EndReason.TRANSFERRED, float(call.record.duration_seconds or 0))
+            return  # the record was closed at the transfer
         wall = self.wall()
         call.record = dataclasses.replace(
             call.record, status=finish.status, end_reason=finish.reason, ended_at=wall,
             updated_at=wall, error=finish.error)
         self.record(call.record)
-        self.active.pop(call.record.id, None)
         duration = call.record.duration_seconds
         self.metrics.call_ended(finish.reason, None if call.record.started_at is None
                                 else float(duration or 0))
@@ -284,6 +303,13 @@ class CallService:
         if call_id not in self.active or self.control is None:
             return False
         self.control.deliver(call_id, s.EndRequested(reason))
+        return True
+
+    def transfer(self, call_id: uuid.UUID, target: str,
+                 credentials: tuple[str, str] | None) -> bool:
+        if call_id not in self.active or self.control is None:
+            return False
+        self.control.deliver(call_id, s.TransferRequested(target, credentials))
         return True
 
     def end_all(self, reason: EndReason) -> None:

@@ -31,6 +31,7 @@ class State(enum.StrEnum):
     RINGING = "ringing"      # the runtime rings; the caller has heard 180
     ANSWERING = "answering"  # the runtime answered; 200 sent to the caller, awaiting ACK
     ACTIVE = "active"        # both legs confirmed, media bridged
+    TRANSFERRING = "transferring"  # active, and a leg to the transfer target is dialling
     ENDED = "ended"
 
 
@@ -82,6 +83,14 @@ class TimerFired:
 
 
 @dataclass(frozen=True)
+class TransferRequested:
+    """Move the caller from the assistant to ``target`` (API ``transfer`` command)."""
+
+    target: str
+    credentials: tuple[str, str] | None = None  # digest (username, password) for a trunk
+
+
+@dataclass(frozen=True)
 class EndRequested:
     """The router ends the call: API end-call, drain timeout, shutdown."""
 
@@ -89,7 +98,7 @@ class EndRequested:
 
 
 Event = (RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp | CallerConfirmed
-         | CallerHungUp | CallerCancelled | TimerFired | EndRequested)
+         | CallerHungUp | CallerCancelled | TimerFired | TransferRequested | EndRequested)
 
 
 # ---- commands (session -> adapter) ----------------------------------------------
@@ -99,6 +108,7 @@ Event = (RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp | Call
 class DialRuntime:
     attempt: int
     target: str
+    credentials: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,9 @@ class HangupCaller:
 
 @dataclass(frozen=True)
 class BridgeMedia:
-    pass
+    """Connect the caller's audio with this runtime leg's, both ways."""
+
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,21 @@ class MarkAnswered:
     """The call is in progress from ``at`` (the answer time of the record)."""
 
     at: float
+
+
+@dataclass(frozen=True)
+class MarkTransferred:
+    """The assistant's part ended by transfer at ``at``; the call itself goes on."""
+
+    at: float
+    target: str
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    target: str
+    code: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -150,7 +177,7 @@ class Finish:
 
 
 Command = (DialRuntime | HangupRuntime | RingCaller | AnswerCaller | RejectCaller | HangupCaller
-           | BridgeMedia | MarkAnswered | Finish)
+           | BridgeMedia | MarkAnswered | MarkTransferred | TransferFailed | Finish)
 
 
 class InvalidTransition(Exception):
@@ -182,6 +209,10 @@ class CallSession:
         self.state = State.DIALLING
         self.attempt = 0
         self.failures: list[str] = []
+        self.transfer_attempt: int | None = None
+        self.transfer_target = ""
+        self.transfers = 0
+        self.runtime_gone = False  # the assistant hung up while its transfer was dialling
         self._deadline: float | None = None
         self._started = now
 
@@ -203,7 +234,11 @@ class CallSession:
 
     def _is_stale(self, event: Event) -> bool:
         attempt = getattr(event, "attempt", None)
-        return attempt is not None and attempt != self.attempt
+        return attempt is not None and attempt not in (self.attempt, self.transfer_attempt)
+
+    def _is_transfer_leg(self, event: Event) -> bool:
+        attempt = getattr(event, "attempt", None)
+        return self.transfer_attempt is not None and attempt == self.transfer_attempt
 
     def _stale(self, event: Event) -> list[Command]:
         # A runtime we gave up on answered after all: hang that leg up.
@@ -272,26 +307,72 @@ def _end_before_answer(s: CallSession, e: Event, now: float) -> list[Command]:
 def _confirmed(s: CallSession, e: Event, now: float) -> list[Command]:
     s.state = State.ACTIVE
     s._deadline = now + s.timing.max_duration
-    return [BridgeMedia(), MarkAnswered(now)]
+    return [BridgeMedia(s.attempt), MarkAnswered(now)]
+
+
+def _all_runtime_legs(s: CallSession) -> list[Command]:
+    legs: list[Command] = [HangupRuntime(s.attempt)]
+    if s.transfer_attempt is not None and s.transfer_attempt != s.attempt:
+        legs.append(HangupRuntime(s.transfer_attempt))
+    return legs
 
 
 def _caller_hangup(s: CallSession, e: Event, now: float) -> list[Command]:
-    return s._end(now, CallStatus.ENDED, EndReason.CALLER_HANGUP, [HangupRuntime(s.attempt)])
+    return s._end(now, CallStatus.ENDED, EndReason.CALLER_HANGUP, _all_runtime_legs(s))
 
 
 def _runtime_hangup(s: CallSession, e: Event, now: float) -> list[Command]:
-    return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP, [HangupCaller()])
+    return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP,
+                  [HangupCaller(), *_all_runtime_legs(s)[1:]])
 
 
 def _max_duration(s: CallSession, e: Event, now: float) -> list[Command]:
     return s._end(now, CallStatus.ENDED, EndReason.MAX_DURATION,
-                  [HangupCaller(), HangupRuntime(s.attempt)])
+                  [HangupCaller(), *_all_runtime_legs(s)])
 
 
 def _end_connected(s: CallSession, e: Event, now: float) -> list[Command]:
     assert isinstance(e, EndRequested)
-    return s._end(now, CallStatus.ENDED, e.reason, [HangupCaller(), HangupRuntime(s.attempt)])
+    return s._end(now, CallStatus.ENDED, e.reason, [HangupCaller(), *_all_runtime_legs(s)])
 
+
+TRANSFER_ATTEMPTS = 1000  # transfer legs are numbered from here, apart from runtime attempts
+
+
+def _transfer(s: CallSession, e: Event, now: float) -> list[Command]:
+    assert isinstance(e, TransferRequested)
+    s.state = State.TRANSFERRING
+    s.transfers += 1
+    s.transfer_attempt = TRANSFER_ATTEMPTS + s.transfers
+    s.transfer_target = e.target
+    return [DialRuntime(s.transfer_attempt, e.target, e.credentials)]
+
+
+def _transfer_leg(s: CallSession, e: Event, now: float) -> list[Command]:
+    """An event on the assistant's leg or on the transfer leg while transferring."""
+    if not s._is_transfer_leg(e):
+        if isinstance(e, RuntimeHungUp | RuntimeFailed):
+            s.runtime_gone = True  # the caller waits for the transfer target
+        return []
+    if isinstance(e, RuntimeAnswered):
+        assert s.transfer_attempt is not None
+        old, s.attempt = s.attempt, s.transfer_attempt
+        s.state = State.ACTIVE
+        hangup: list[Command] = [] if s.runtime_gone else [HangupRuntime(old)]
+        return [*hangup, BridgeMedia(s.attempt), MarkTransferred(now, s.transfer_target)]
+    if isinstance(e, RuntimeFailed | RuntimeHungUp):
+        failed: list[Command] = [TransferFailed(
+            s.transfer_target, getattr(e, "code", 487), getattr(e, "reason", "hung up"))]
+        s.transfer_attempt = None
+        if s.runtime_gone:
+            return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP,
+                          [*failed, HangupCaller()])
+        s.state = State.ACTIVE  # the caller stays with the assistant
+        return failed
+    return []  # ringing: the caller keeps talking to the assistant meanwhile
+
+
+_LEG_EVENTS = (RuntimeRinging, RuntimeAnswered, RuntimeFailed, RuntimeHungUp)
 
 _UNANSWERED: dict[type, Handler] = {
     RuntimeRinging: _ringing,
@@ -323,10 +404,16 @@ TRANSITIONS: dict[tuple[State, type], Handler] = {
     (State.ACTIVE, CallerConfirmed): _ignore,
     (State.ACTIVE, RuntimeRinging): _ignore,
     (State.ACTIVE, RuntimeAnswered): _ignore,
+    (State.ACTIVE, TransferRequested): _transfer,
+    **{(State.TRANSFERRING, t): _transfer_leg for t in _LEG_EVENTS},
+    (State.TRANSFERRING, CallerHungUp): _caller_hangup,
+    (State.TRANSFERRING, TimerFired): _max_duration,
+    (State.TRANSFERRING, EndRequested): _end_connected,
+    (State.TRANSFERRING, CallerConfirmed): _ignore,
     # Once ended, the legs we hung up report their own end: expected, ignored. A runtime
     # whose 200 crossed our CANCEL is answered, though, and must be hung up.
     (State.ENDED, RuntimeAnswered): lambda s, e, now: [HangupRuntime(s.attempt)],
     **{(State.ENDED, t): _ignore for t in (
-        RuntimeRinging, RuntimeFailed, RuntimeHungUp, CallerConfirmed,
+        TransferRequested, RuntimeRinging, RuntimeFailed, RuntimeHungUp, CallerConfirmed,
         CallerHungUp, CallerCancelled, TimerFired, EndRequested)},
 }

@@ -74,9 +74,8 @@ class BridgedCall:
     caller: CallerLeg
     headers: tuple[tuple[str, str], ...]
     runtimes: dict[int, RuntimeLeg] = field(default_factory=dict)
-    attempt: int = 0
     deadline: float | None = None
-    bridge_wanted: bool = False
+    bridged: int | None = None  # the runtime attempt whose audio is joined to the caller's
     ended: bool = False
 
 
@@ -122,6 +121,7 @@ class SipEngine:
         self._max_calls = 0
         self.ep: Any = None
         self.account: Any = None
+        self._trunk_accounts: dict[tuple[str, str], Any] = {}
 
     # ---- lifecycle (any thread) ----------------------------------------------------
 
@@ -285,7 +285,8 @@ class SipEngine:
             self._calls.clear()
             self._legs.clear()
             self._released.clear()
-            self.account.shutdown()
+            for account in [self.account, *self._trunk_accounts.values()]:
+                account.shutdown()
             self.ep.libDestroy()
         except pj.Error as exc:
             log.warning("sip.shutdown_error", error=str(_translate(exc)))
@@ -367,8 +368,8 @@ class SipEngine:
 
     def _execute(self, call: BridgedCall, command: s.Command) -> None:
         match command:
-            case s.DialRuntime(attempt, target):
-                self._dial(call, attempt, target)
+            case s.DialRuntime(attempt, target, credentials):
+                self._dial(call, attempt, target, credentials)
             case s.HangupRuntime(attempt):
                 self._hangup(call.runtimes.get(attempt))
             case s.RingCaller():
@@ -380,16 +381,17 @@ class SipEngine:
                     self._reject(call.caller, code, "", retry_after)
             case s.HangupCaller():
                 self._hangup(call.caller)
-            case s.BridgeMedia():
-                call.bridge_wanted = True
+            case s.BridgeMedia(attempt):
+                call.bridged = attempt
                 self._bridge(call)
             case s.Finish():
                 call.ended = True
 
-    def _dial(self, call: BridgedCall, attempt: int, target: str) -> None:
-        leg = RuntimeLeg(self.account, call.call_id, attempt, self)
+    def _dial(self, call: BridgedCall, attempt: int, target: str,
+              credentials: tuple[str, str] | None = None) -> None:
+        account = self._trunk_account(target, credentials) if credentials else self.account
+        leg = RuntimeLeg(account, call.call_id, attempt, self)
         call.runtimes[attempt] = leg
-        call.attempt = attempt
         prm = pj.CallOpParam(True)
         for name, value in call.headers:
             _add_header(prm, name, value)
@@ -413,9 +415,25 @@ class SipEngine:
             return
         leg.hangup(pj.CallOpParam(True))
 
+    def _trunk_account(self, target: str, credentials: tuple[str, str]) -> Any:
+        """A pjsua account that answers digest challenges for one trunk user (no
+        registration); created on first use and kept for the engine's lifetime."""
+        username, password = credentials
+        host = target.split("@")[-1].split(";")[0]
+        key = (host, username)
+        if key not in self._trunk_accounts:
+            acfg = self._account_config()
+            acfg.idUri = f"sip:{username}@{host}"
+            cred = pj.AuthCredInfo("digest", "*", username, 0, password)
+            acfg.sipConfig.authCreds.append(cred)
+            account = _Account(self)  # an INVITE matched to it is routed like any other
+            account.create(acfg, False)
+            self._trunk_accounts[key] = account
+        return self._trunk_accounts[key]
+
     def _bridge(self, call: BridgedCall) -> None:
-        runtime = call.runtimes.get(call.attempt)
-        if not call.bridge_wanted or runtime is None or call.caller.ended or runtime.ended:
+        runtime = call.runtimes.get(call.bridged) if call.bridged is not None else None
+        if runtime is None or call.caller.ended or runtime.ended:
             return
         a, b = _audio(call.caller), _audio(runtime)
         if a is not None and b is not None:
@@ -457,7 +475,7 @@ class SipEngine:
 
     def _forward_dtmf(self, call_id: uuid.UUID, digit: str) -> None:
         call = self._calls.get(call_id)
-        runtime = call.runtimes.get(call.attempt) if call else None
+        runtime = call.runtimes.get(call.bridged) if call and call.bridged is not None else None
         if runtime is not None and runtime.confirmed and not runtime.ended:
             try:
                 runtime.dialDtmf(digit)  # RFC 4733 towards the runtime
