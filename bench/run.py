@@ -576,9 +576,9 @@ def goals_section(bare: TargetResults | None, router: TargetResults | None) -> l
         add_cpu_rows({"router": r, "bare": b}, {"router": router, "bare": bare})
     lines = ["## Router against bare engine", "",
              "| measurement | router | bare engine | router / bare |", "|---|---|---|---|"]
-    for key, label, better_low in SUMMARY_ROWS:
-        lines.append(f"| {label} | {_num(r[key])} | {_num(b[key])} | "
-                     f"{_num(_ratio_of(r[key], b[key], better_low), 2)} |")  # fmt: skip
+    for key, label, kind in SUMMARY_ROWS:
+        ratio = _ratio_of(r[key], b[key], kind == "cost") if kind else None
+        lines.append(f"| {label} | {_num(r[key])} | {_num(b[key])} | {_num(ratio, 2)} |")
     lines += ["", "Ratios are router / bare for rates and bare / router for costs (CPU per "
               "call), so 1.0 means no overhead and lower is worse.", ""]  # fmt: skip
     held = r["held_with_audio"]
@@ -596,8 +596,7 @@ def goals_section(bare: TargetResults | None, router: TargetResults | None) -> l
     lines += ["## Goals (router)", "", "| goal | measured | met |", "|---|---|---|"]
     for goal, measured, met in rows:
         verdict = "not measured" if measured is None else ("yes" if met else "**NO**")
-        digits = 2 if measured is not None and measured < 10 else 0
-        lines.append(f"| {goal} | {_num(measured, digits)} | {verdict} |")
+        lines.append(f"| {goal} | {_num(measured)} | {verdict} |")
     lines += [
         "",
         "Definitions: a rate step is *sustained* when SIPp saw zero failed calls and the "
@@ -612,17 +611,18 @@ def goals_section(bare: TargetResults | None, router: TargetResults | None) -> l
     return lines
 
 
+# (key, label, "rate" | "cost" | None: how the router / bare ratio is formed, if at all)
 SUMMARY_ROWS = (
-    ("reject", "reject: highest sustained rate (calls/s)", False),
-    ("reject_p50", "reject: p50 at that rate (ms)", True),
-    ("reject_p99", "reject: p99 at that rate (ms)", True),
-    ("reject_fast", "reject: highest rate with zero failures and p99 < 20 ms", False),
-    ("reject_cpu", "reject: CPU per call at the highest rate both sustain (ms)", True),
-    ("bridged", "bridged: highest sustained rate (calls/s)", False),
-    ("bridged_cpu", "bridged: CPU per call at the highest rate both sustain (ms)", True),
-    ("held_with_audio", "concurrent calls held with audio flowing (largest N)", False),
-    ("held_cpu", "held: CPU per call at the largest N (% of a core)", True),
-    ("held_rss", "held: RSS per call at the largest N (KiB)", True),
+    ("reject", "reject: highest sustained rate (calls/s)", "rate"),
+    ("reject_p50", "reject: p50 at that rate (ms)", None),
+    ("reject_p99", "reject: p99 at that rate (ms)", None),
+    ("reject_fast", "reject: highest rate with zero failures and p99 < 20 ms", "rate"),
+    ("reject_cpu", "reject: CPU per call at the highest rate both sustain (ms)", "cost"),
+    ("bridged", "bridged: highest sustained rate (calls/s)", "rate"),
+    ("bridged_cpu", "bridged: CPU per call at the highest rate both sustain (ms)", "cost"),
+    ("held_with_audio", "concurrent calls held with audio flowing (largest N)", "rate"),
+    ("held_cpu", "held: CPU per call at that N (% of a core)", "cost"),
+    ("held_rss", "held: RSS per call at that N (KiB)", "cost"),
 )
 
 
@@ -667,10 +667,12 @@ def _ratio_of(router: float | None, bare: float | None, cost: bool) -> float | N
     return bare / router if cost else router / bare
 
 
-def _num(value: float | None, digits: int = 0) -> str:
+def _num(value: float | None, digits: int | None = None) -> str:
     if value is None:
         return "-"
-    return f"{value:.{digits}f}" if digits or value != int(value) or value >= 10 else f"{value:g}"
+    if digits is None:
+        digits = 0 if value == int(value) or value >= 100 else (3 if value < 1 else 2)
+    return f"{value:.{digits}f}"
 
 
 def _yes(value: bool | None) -> str:

@@ -36,6 +36,7 @@ from callrouter.errors import NotFound, ValidationError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
+from callrouter.metered import metered
 from callrouter.metrics import Metrics
 from callrouter.service import CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
@@ -122,7 +123,7 @@ class Router:
         cfg = self.cfg
         self.metrics = Metrics(version=__version__, pjproject=self.engine_info.version)
         cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(cfg.storage.database)
+        self.store = metered(SqliteStore(cfg.storage.database), self.metrics)
         await self.store.open()
         closed = await self.store.close_open_calls(_utcnow())
         if closed:
@@ -249,8 +250,7 @@ class Router:
     # ---- what the API asks of the router ---------------------------------------------
 
     async def _health(self) -> dict[str, dict[str, Any]]:
-        latency = await self.store.ping()
-        self.metrics.store_query("ping", latency)
+        latency = await self.store.ping()  # timed into the metrics by MeteredStore
         status = self.engine.status()
         return {
             "database": {"status": "ok", "latency_ms": round(latency * 1000, 3)},

@@ -18,7 +18,10 @@ swapped in with one assignment, so the very next INVITE sees it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -75,25 +78,49 @@ class ActiveCall:
 
 
 class CallRecorder:
-    """Writes call records from any thread, in batches, on the asyncio loop."""
+    """Writes call records from any thread, in batches, on the asyncio loop.
+
+    ``submit`` (SIP thread) appends to a locked deque and wakes the loop only when the
+    deque goes from empty to non-empty; the writer then waits ``BATCH_WINDOW`` so a burst
+    becomes one transaction. Writes are serialised, so a later state of a call never
+    lands before an earlier one, and a failed write is retried, never dropped.
+    """
+
+    BATCH_WINDOW = 0.1
 
     def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         self._store = store
         self._loop = loop
-        self._queue: asyncio.Queue[CallRecord] = asyncio.Queue()
+        self._pending: collections.deque[CallRecord] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._wakeup = asyncio.Event()
+        self._writing = asyncio.Lock()
 
     def submit(self, record: CallRecord) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, record)
+        with self._lock:
+            self._pending.append(record)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._wakeup.set)
 
     async def run(self) -> None:
         while True:
-            batch = {(r := await self._queue.get()).id: r}
-            while not self._queue.empty():
-                record = self._queue.get_nowait()
-                batch[record.id] = record  # a later state of the same call wins
-            await self._write(list(batch.values()))
-            for _ in batch:
-                self._queue.task_done()
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await asyncio.sleep(self.BATCH_WINDOW)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything submitted so far."""
+        async with self._writing:
+            with self._lock:
+                batch = list(self._pending)
+                self._pending.clear()
+                self._scheduled = False
+            if batch:
+                await self._write(list({r.id: r for r in batch}.values()))
 
     async def _write(self, records: list[CallRecord]) -> None:
         delay = 0.05
@@ -105,9 +132,6 @@ class CallRecorder:
                 log.error("call.record_write_failed", error=str(exc), records=len(records))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-    async def flush(self) -> None:
-        await self._queue.join()
 
 
 class CallService:
@@ -283,14 +307,21 @@ class CallService:
             self.metrics.routing_decision(Outcome.RUNTIME_UNAVAILABLE, now - call.invite_at)
         elif finish.reason == EndReason.CALLER_CANCELLED:
             self.metrics.routing_decision(Outcome.CALLER_CANCELLED, now - call.invite_at)
+        if log.is_enabled_for(logging.INFO):
+            self._log_end(call, finish, now, duration)
+
+    def _log_end(self, call: ActiveCall, finish: s.Finish, now: float,
+                 duration: int | None) -> None:
         log.info("call.ended", call_id=str(call.record.id), sip_call_id=call.record.sip_call_id,
                  dialled=call.dialled, caller=mask(call.caller),
                  assistant_id=str(call.record.assistant_id), status=str(finish.status),
                  end_reason=str(finish.reason), duration_seconds=duration,
-                 setup_ms=round((now - call.invite_at) * 1000, 1), error=finish.error)
+                 since_invite_ms=round((now - call.invite_at) * 1000, 1), error=finish.error)
 
     def _log_decision(self, invite: InboundInvite, record: CallRecord, outcome: Outcome,
                       code: int) -> None:
+        if not log.is_enabled_for(logging.INFO):
+            return  # building the fields is most of the cost: skip it when dropped
         log.info("call.routed", call_id=str(record.id), sip_call_id=invite.sip_call_id,
                  dialled=record.assistant_phone, caller=mask(record.caller_phone),
                  assistant_id=str(record.assistant_id) if record.assistant_id else None,

@@ -16,6 +16,7 @@ call it for every dialled number.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -26,6 +27,7 @@ _PLAUSIBLE = re.compile(r"\+?[0-9 ().\-/]{1,48}")
 _FIELD = "phone_number"
 
 
+@functools.lru_cache(maxsize=4096)  # pure; called for every INVITE on the SIP thread
 def normalise(raw: str, default_region: str) -> str:
     """Return ``raw`` as E.164 (``+31850835037``); raise ``InvalidNumber`` if it is not one."""
     text = raw.strip()
