@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import time
@@ -92,6 +93,18 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
                        record=recorder.submit)
 
 
+def _raise_open_files_limit(max_calls: int) -> None:
+    """Each bridged call holds four media sockets; lift the soft descriptor limit to the
+    hard one and say so when even that is too small for ``sip.max_calls``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = max_calls * 4 + 256
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        log.warning("router.open_files_limit_low", limit=hard, needed=needed,
+                    max_calls=max_calls)
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the router drains first."""
 
@@ -121,6 +134,7 @@ class Router:
 
     async def _start(self) -> None:
         cfg = self.cfg
+        _raise_open_files_limit(cfg.sip.max_calls)
         self.metrics = Metrics(version=__version__, pjproject=self.engine_info.version)
         cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = metered(SqliteStore(cfg.storage.database), self.metrics)

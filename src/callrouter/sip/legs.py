@@ -34,6 +34,13 @@ class CallerLeg(pj.Call):  # type: ignore[misc]
         self.ended = False
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
+        if self.call_id is None:
+            # Rejected: nothing to route, only the Call object to release once it is
+            # over. isActive() is much cheaper than getInfo() on the reject hot path.
+            if not self.ended and not self.isActive():
+                self.ended = True
+                self.owner.leg_disconnected(self)
+            return
         state = self.getInfo().state
         if state == pj.PJSIP_INV_STATE_CONFIRMED and not self.confirmed:
             self.confirmed = True
