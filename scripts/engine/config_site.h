@@ -24,6 +24,10 @@
 /* Receive bursts of INVITEs without dropping datagrams in the kernel. */
 #define PJSIP_UDP_SO_RCVBUF_SIZE        (4 * 1024 * 1024)
 #define PJSIP_UDP_SO_SNDBUF_SIZE        (4 * 1024 * 1024)
+/* The router never mixes: each leg hears exactly one other leg. The audio switchboard
+ * routes frames 1:1 without the conference bridge's mixing and level stages (both
+ * legs must then share a clock rate: the router offers 8 kHz codecs only). */
+#define PJMEDIA_CONF_USE_SWITCH_BOARD   1
 /* No video, no players/recorders beyond a handful. */
 #define PJMEDIA_HAS_VIDEO               0
 #define PJSUA_MAX_PLAYERS               8

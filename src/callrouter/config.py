@@ -219,10 +219,11 @@ def _region(value: Any) -> str:
 
 
 def _codecs(value: Any) -> tuple[str, ...]:
+    # 8 kHz G.711 only: the engine's audio switchboard joins legs 1:1 without resampling.
     codecs = tuple(c.upper() for c in _str_list(value))
-    unknown = set(codecs) - {"PCMU", "PCMA", "G722"}
+    unknown = set(codecs) - {"PCMU", "PCMA"}
     if unknown or not codecs:
-        raise ValueError(f"supported codecs are PCMU, PCMA, G722; got {value!r}")
+        raise ValueError(f"supported codecs are PCMU and PCMA; got {value!r}")
     return codecs
 
 
