@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Generator, Mapping
@@ -170,7 +171,8 @@ class Router:
         print(f"\ncallrouter: created the first API key (shown once, keep it):\n\n"
               f"    export CALLROUTER_API_URL=http://{self.cfg.http.listen}\n"
               f"    export CALLROUTER_API_KEY={key}\n\n"
-              f"    curl -H 'Authorization: Bearer {key}' {url}/numbers\n", flush=True)
+              f"    curl -H 'Authorization: Bearer {key}' {url}/numbers\n",
+              file=sys.stderr, flush=True)  # stdout is the JSON log stream
 
     def _wire_metrics(self) -> None:
         def slots() -> tuple[int, int]:

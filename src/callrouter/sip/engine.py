@@ -22,13 +22,17 @@ pjsua2 errors are translated in ``_translate`` only.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import heapq
 import itertools
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +203,8 @@ class SipEngine:
 
     def _create_endpoint(self) -> None:
         self.ep = pj.Endpoint()
-        self.ep.libCreate()
+        with _stdout_silenced():
+            self.ep.libCreate()
         self.ep.libInit(self._ep_config())
         self._create_transports()
         self.ep.libStart()
@@ -481,6 +486,23 @@ class SipEngine:
                 runtime.dialDtmf(digit)  # RFC 4733 towards the runtime
             except pj.Error as exc:
                 log.warning("sip.dtmf_failed", call_id=str(call_id), error=str(_translate(exc)))
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """pjlib prints its start-up lines on stdout inside ``libCreate``, before any log
+    configuration can apply; they would break the JSON log stream. Nothing else writes
+    to stdout then (the API starts later)."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers go to /dev/null, not the log
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 _COMPACT = {"i": "call-id", "f": "from", "t": "to"}
