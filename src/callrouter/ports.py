@@ -115,7 +115,6 @@ class Reaction:
 class Accepted:
     call_id: uuid.UUID
     runtime_headers: tuple[tuple[str, str], ...]
-    caller_uri: str  # From URI for the runtime leg (the caller's identity)
     reaction: Reaction
 
 

@@ -245,8 +245,7 @@ class CallService:
             ("X-Dialled-Number", record.assistant_phone),
         )
         commands = session.start(now)
-        return Accepted(record.id, headers, invite.from_header,
-                        Reaction(tuple(commands), session.next_deadline()))
+        return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
 
     def _note_setup_failure(self, call: ActiveCall, event: s.Event) -> None:
         if isinstance(event, s.RuntimeFailed) and event.attempt == call.session.attempt:

@@ -32,8 +32,13 @@ def test_sigterm_drains_new_calls_get_503_active_call_finishes(
     long_call = uac(router, "uac-call-bridged", duration_ms=3000).start()
     _wait_active(router, 1)
     router.signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert httpx.get(f"{router.http_url}/api/v1/ready", timeout=2).status_code == 503
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the signal is handled asynchronously
+        ready = httpx.get(f"{router.http_url}/api/v1/ready", timeout=2).status_code
+        if ready == 503:
+            break
+        time.sleep(0.05)
+    assert ready == 503
     refused = uac(router, "uac-invite-503").run()
     assert refused.sequence() == ["INVITE", 100, 503, "ACK"], refused.explain()
     assert long_call.wait().ok  # the active call ran to its own BYE
