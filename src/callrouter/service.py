@@ -164,6 +164,7 @@ class CallService:
 
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected:
         self.metrics.invite_received()
+        self.metrics.response_sent(100)  # pjsua sent 100 Trying before handing us the INVITE
         self.metrics.first_response(max(0.0, self.clock() - invite.received_at))
         dialled_raw = dialled_user(invite.request_uri, invite.to_header)
         dialled = self._e164(dialled_raw)
