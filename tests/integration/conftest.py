@@ -38,8 +38,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def router_factory(tmp_path: Path) -> Iterator[type[RouterProcess]]:
     started: list[RouterProcess] = []
 
-    def start(**env: str) -> RouterProcess:
-        router = RouterProcess(tmp_path / f"router{len(started)}", env_extra=env)
+    def start(sip_host: str = "127.0.0.1", **env: str) -> RouterProcess:
+        router = RouterProcess(tmp_path / f"router{len(started)}", env_extra=env,
+                               sip_host=sip_host)
         started.append(router)
         return router.start()
 

@@ -322,3 +322,17 @@ def test_end_call_over_the_api_hangs_up_both_legs(router: RouterProcess) -> None
     assert "BYE" in rt.wait().sequence("received")
     record = router.wait_for_call(lambda c: c["status"] == "ended")
     assert record["end_reason"] == "ended_by_api"
+
+
+def test_ipv6_listener_routes_and_bridges(router_factory: type[RouterProcess]) -> None:
+    """RFC 5118 territory: SIP and media over ::1, signalling and RTP both ways."""
+    router = router_factory(sip_host="::1")  # type: ignore[call-arg]
+    assert uac(router, "uac-options", host="::1").run().sequence() == ["OPTIONS", 200]
+    rejected = uac(router, "uac-invite-404", dialled="+31850000000", host="::1").run()
+    assert rejected.sequence() == ["INVITE", 100, 404, "ACK"], rejected.explain()
+    rt = runtime("uas-runtime-answer", host="::1", rtp_echo=True)
+    assistant = router.add_assistant(f"sip:a@[::1]:{rt.port}")
+    router.add_number(NUMBER, assistant)
+    result = uac(router, "uac-call-bridged", host="::1", duration_ms=1000).run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]

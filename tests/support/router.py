@@ -36,15 +36,20 @@ def free_rtp_range(size: int = 400) -> str:
 class RouterProcess:
     data_dir: Path
     env_extra: dict[str, str] = field(default_factory=dict)
-    sip_port: int = field(default_factory=free_sip_port)
+    sip_host: str = LOOPBACK  # "::1" for an IPv6 listener
+    sip_port: int = 0
     http_port: int = field(default_factory=lambda: free_port(socket.SOCK_STREAM))
     rtp_ports: str = field(default_factory=free_rtp_range)
     proc: subprocess.Popen[bytes] | None = None
     key: str = ""
 
+    def __post_init__(self) -> None:
+        self.sip_port = self.sip_port or free_sip_port(self.sip_host)
+
     @property
     def sip_address(self) -> str:
-        return f"{LOOPBACK}:{self.sip_port}"
+        host = f"[{self.sip_host}]" if ":" in self.sip_host else self.sip_host
+        return f"{host}:{self.sip_port}"
 
     @property
     def http_url(self) -> str:
@@ -58,7 +63,7 @@ class RouterProcess:
         env = dict(os.environ)
         env.update({
             "CALLROUTER_SIP_LISTEN": self.sip_address,
-            "CALLROUTER_SIP_ADVERTISE": LOOPBACK,
+            "CALLROUTER_SIP_ADVERTISE": self.sip_host,
             "CALLROUTER_RTP_PORTS": self.rtp_ports,
             "CALLROUTER_HTTP_LISTEN": f"{LOOPBACK}:{self.http_port}",
             "CALLROUTER_DATA_DIR": str(self.data_dir),

@@ -274,6 +274,8 @@ class SipEngine:
         media.publicAddress = self.settings.advertise
         if self.settings.listen_host not in ("0.0.0.0", "::"):
             media.boundAddress = self.settings.listen_host
+        if ":" in self.settings.listen_host:  # an IPv6 listener gets IPv6 media (RFC 5118)
+            acfg.mediaConfig.ipv6Use = pj.PJSUA_IPV6_ENABLED
         # One codec per answer is enough; pjsua's "lock codec" re-INVITE is not wanted.
         acfg.mediaConfig.lockCodecEnabled = False
         acfg.natConfig.contactRewriteUse = 0
