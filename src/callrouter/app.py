@@ -154,6 +154,10 @@ class Router:
         self._wire_metrics()
         await self._first_key()  # before the API answers, so the key is shown first
         await self._start_http()
+        if cfg.sip.listen.host in ("0.0.0.0", "::") and not cfg.sip.advertise and \
+                self.engine.settings.advertise.startswith(("127.", "::1")):
+            log.warning("router.advertising_loopback", advertise=self.engine.settings.advertise,
+                        hint="set CALLROUTER_SIP_ADVERTISE to the address providers reach")
         log.info("router.started", version=__version__, sip=str(cfg.sip.listen),
                  advertise=self.engine.settings.advertise, http=str(cfg.http.listen),
                  engine=self.engine_info.version,
