@@ -183,8 +183,8 @@ class CallService:
             return Reaction((), None)
         if isinstance(event, s.RuntimeAnswered) and event.attempt == call.session.attempt:
             self.metrics.runtime_answered(now - call.dial_at)
-        if isinstance(event, s.RuntimeFailed | s.CallerCancelled):
-            self._note_setup_failure(call, event)
+        if isinstance(event, s.RuntimeFailed):
+            self._note_runtime_failure(call, event)
         commands = call.session.handle(event, now)
         for command in commands:
             self._book(call, command, now)
@@ -248,8 +248,9 @@ class CallService:
         commands = session.start(now)
         return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
 
-    def _note_setup_failure(self, call: ActiveCall, event: s.Event) -> None:
-        if isinstance(event, s.RuntimeFailed) and event.attempt == call.session.attempt:
+    def _note_runtime_failure(self, call: ActiveCall, event: s.RuntimeFailed) -> None:
+        # Only the runtime being dialled counts (transfer legs have their own log line).
+        if event.attempt == call.session.attempt and event.attempt < len(call.session.targets):
             log.info("call.runtime_failed", call_id=str(call.record.id),
                      target=call.session.targets[event.attempt], code=event.code,
                      reason=event.reason)

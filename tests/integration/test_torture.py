@@ -21,8 +21,8 @@ pytestmark = pytest.mark.sip
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_torture_corpus(router: RouterProcess, transport: str) -> None:
-    # The corpus dials numbers such as "vivekg" or "j.user": give one a route so that a
-    # valid INVITE reaches the routing decision, as it would in production.
+    # The corpus dials users such as "vivekg": a valid INVITE reaches the routing decision
+    # and gets its application-level answer (404), as it would in production.
     outcomes = torture.replay("127.0.0.1", router.sip_port, transport, wait_s=0.4)
     failures = [o for o in outcomes if not torture.judge(o).passed]
     assert not failures, torture.format_table(failures)

@@ -368,9 +368,9 @@ class SipEngine:
             except pj.Error as exc:
                 log.warning("sip.command_failed", call_id=str(call.call_id),
                             command=type(command).__name__, error=str(_translate(exc)))
-        call.deadline = reaction.deadline
-        if reaction.deadline is not None:
+        if reaction.deadline is not None and reaction.deadline != call.deadline:
             heapq.heappush(self._timers, (reaction.deadline, next(self._seq), call.call_id))
+        call.deadline = reaction.deadline
         self._maybe_forget(call)
 
     def _execute(self, call: BridgedCall, command: s.Command) -> None:
