@@ -7,6 +7,7 @@ FROM debian:bookworm-slim AS builder
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
         build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev patch ca-certificates \
+        libsrtp2-dev xz-utils debian-archive-keyring \
         python3 python3-dev python3-venv python3-distutils \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -27,10 +28,10 @@ LABEL org.opencontainers.image.title="callrouter" \
       org.opencontainers.image.description="Inbound SIP call router for AI assistants" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="GPL-2.0-only" \
-      org.opencontainers.image.source.pjproject="pjproject 2.12.1 (GPLv2) from Debian's ring source package"
+      org.opencontainers.image.source.pjproject="pjproject 2.17 (GPLv2) from Debian sid's asterisk source package (orig-Xpjproject)"
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
-        python3 libssl3 libuuid1 curl ca-certificates \
+        python3 libssl3 libuuid1 libsrtp2-1 curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/callrouter --create-home callrouter
 COPY --from=builder /opt/callrouter /opt/callrouter

@@ -5,8 +5,10 @@ set -euo pipefail
 
 packages=(
   build-essential pkg-config swig libssl-dev uuid-dev dpkg-dev patch   # the engine build
+  libsrtp2-dev xz-utils debian-archive-keyring                   # pjproject 2.17 (external SRTP) from sid
   python3 python3-dev python3-venv python3-distutils             # the virtualenv
   sip-tester                                                     # SIPp, for tests and bench
+  clang libclang-rt-dev                                          # scripts/fuzz.sh: libFuzzer, ASan, UBSan
   ca-certificates curl
 )
 

@@ -15,7 +15,16 @@
  *    PUBLISH, REGISTER) get 405 with an Allow header (RFC 3261 s21.4.6);
  *  - an INVITE carrying Replaces (RFC 3891) is refused with 403;
  *  - a new INVITE that would take one of the last reserved engine call slots
- *    gets 503 + Retry-After instead of pjsua's own 486 Busy Here.
+ *    gets 503 + Retry-After instead of pjsua's own 486 Busy Here;
+ *  - more than sip.inbound.flood_limit new requests a second from one source address
+ *    ban it for sip.inbound.flood_ban_seconds: its new requests are dropped (never
+ *    in-dialog requests of calls in progress);
+ *  - out-of-dialog OPTIONS is answered here, with Allow/Accept/Supported trimmed to
+ *    what the router does (no Allow-Events: SUBSCRIBE and REFER are refused);
+ *  - a request larger than sip.max_message_bytes gets 513 Message Too Large
+ *    (RFC 3261 s21.5.14), a response that large is dropped; a TCP message larger
+ *    than the transport's buffer (PJSIP_MAX_PKT_LEN) reaches the drop-data
+ *    callback and gets 513 there when its Via/From/To/Call-ID/CSeq are readable.
  *
  * A second module, registered last, answers what nobody else took (pjsua leaves
  * those unanswered): 481 for in-dialog methods without a dialog, 501 + Allow for
@@ -25,7 +34,8 @@
  * invalid but pjsip accepts (CSeq method mismatch, several Content-Length headers,
  * whitespace inside <addr-spec>, an unquoted display name that is not a token).
  * A request pjsip cannot parse at all is answered statelessly too (transport
- * drop-data callback): 416 for an unknown Request-URI scheme, else 400.
+ * drop-data callback): 416 for an unknown Request-URI scheme, else 400. The same
+ * callback answers a CRLFCRLF keep-alive ping on TCP with a CRLF pong (RFC 5626).
  *
  * It also removes the refused methods and extensions from the endpoint's
  * Allow and Supported capabilities, so pjsua never advertises them.
@@ -43,6 +53,18 @@ void crGuardClearNetworks();
 int crGuardAllowNetwork(const std::string &addr, unsigned prefix);
 void crGuardSetSourceRejectCode(int code);
 void crGuardSetSlotReserve(unsigned reserve);
+void crGuardSetMaxMessageBytes(unsigned bytes);
+unsigned long crGuardTooLarge();
+unsigned long crGuardKeepalivePongs();
+unsigned long crGuardOptionsAnswered();
+/* Per-source flood control: `limit_per_second` new requests a second (0 = off), then
+ * the source's new requests are dropped for `ban_seconds`. */
+void crGuardSetFloodControl(unsigned limit_per_second, unsigned ban_seconds);
+unsigned long crGuardFloodDropped();
+unsigned long crGuardFloodBans();
+unsigned crGuardFloodTracked();
+/* Source addresses banned since the last call, space-separated (each reported once). */
+std::string crGuardTakeNewBans();
 unsigned long crGuardDroppedSources();
 unsigned long crGuardRefusedMethods();
 unsigned long crGuardRefusedReplaces();

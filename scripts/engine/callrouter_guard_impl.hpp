@@ -1,5 +1,6 @@
 /* Implementation of callrouter_guard.hpp; see that file for how it works. */
 #include "callrouter_guard.hpp"
+#include "callrouter_guard_text.hpp"  /* the pure string functions */
 #include <pjsip.h>
 #include <pjsip_ua.h>
 #include <pjsua-lib/pjsua.h>
@@ -9,6 +10,7 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -23,13 +25,32 @@ struct CrNet {
 std::vector<CrNet> cr_nets;
 int cr_reject_code = 0;          /* 0 = drop silently */
 unsigned cr_slot_reserve = 0;
+unsigned cr_max_message = PJSIP_MAX_PKT_LEN;  /* sip.max_message_bytes */
 std::atomic<unsigned long> cr_dropped(0), cr_refused(0), cr_replaces(0), cr_full(0);
+std::atomic<unsigned long> cr_too_large(0), cr_pongs(0), cr_flood_dropped(0), cr_flood_bans(0);
+std::atomic<unsigned long> cr_options(0);
+
+/* ---- per-source flood control -----------------------------------------------------
+ * More than `cr_flood_limit` new requests (out of dialog, ACK and CANCEL excepted) in
+ * one second from one source address bans that address for `cr_flood_ban_ms`: its new
+ * requests are dropped before pjsua allocates anything. In-dialog requests of calls in
+ * progress are never counted nor dropped. A fixed one-second window per address, kept
+ * in a map that is pruned of idle addresses so spoofed sources cannot grow it without
+ * bound. New bans are queued for the SIP adapter, which logs each once. */
+struct CrFlood {
+    pj_uint32_t window_start;  /* ms tick of the current one-second window */
+    unsigned count;            /* new requests in that window */
+    pj_uint32_t banned_until;  /* ms tick; 0 = not banned */
+};
+unsigned cr_flood_limit = 0;           /* 0 = off */
+pj_uint32_t cr_flood_ban_ms = 60000;
+std::unordered_map<std::string, CrFlood> cr_flood;
+std::vector<std::string> cr_new_bans;
+pj_uint32_t cr_flood_pruned_at = 0;
+const std::size_t CR_FLOOD_MAX_SOURCES = 65536;
 std::atomic<unsigned long> cr_malformed_count(0), cr_unparsable(0);
 pjsip_module cr_mod, cr_fallback_mod;
 bool cr_installed = false;
-
-const char *const CR_REFUSED[] = {"REFER", "MESSAGE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER"};
-const char CR_ALLOW[] = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, PRACK";
 
 bool cr_prefix_match(const unsigned char *a, const unsigned char *b, unsigned bits) {
     unsigned bytes = bits / 8, rest = bits % 8;
@@ -56,6 +77,49 @@ bool cr_source_allowed(const pj_sockaddr *src) {
         if (n.af == af && cr_prefix_match(raw, n.addr, n.prefix)) return true;
     }
     return false;
+}
+
+/* Tick arithmetic in unsigned 32-bit ms: wraps every 49 days, compared by difference. */
+bool cr_tick_before(pj_uint32_t a, pj_uint32_t b) { return (pj_int32_t)(a - b) < 0; }
+
+void cr_flood_prune(pj_uint32_t now) {
+    if (now - cr_flood_pruned_at < 1000 && cr_flood.size() < CR_FLOOD_MAX_SOURCES) return;
+    cr_flood_pruned_at = now;
+    for (auto it = cr_flood.begin(); it != cr_flood.end();) {
+        bool banned = it->second.banned_until && cr_tick_before(now, it->second.banned_until);
+        bool idle = now - it->second.window_start > 2000;
+        it = (!banned && idle) ? cr_flood.erase(it) : std::next(it);
+    }
+}
+
+/* True when a new request from this source must be dropped. */
+bool cr_flooding(const pjsip_rx_data *rdata) {
+    if (cr_flood_limit == 0) return false;
+    pj_time_val t;
+    pj_gettickcount(&t);
+    pj_uint32_t now = (pj_uint32_t)PJ_TIME_VAL_MSEC(t);
+    cr_flood_prune(now);
+    if (cr_flood.size() >= CR_FLOOD_MAX_SOURCES) return false;  /* pruning could not help */
+    const pj_sockaddr *src = &rdata->pkt_info.src_addr;
+    std::string key((const char *)pj_sockaddr_get_addr(src),
+                    (std::size_t)pj_sockaddr_get_addr_len(src));
+    CrFlood &f = cr_flood[key];
+    if (f.banned_until) {
+        if (cr_tick_before(now, f.banned_until)) return true;
+        f.banned_until = 0;
+        f.count = 0;
+        f.window_start = now;
+    }
+    if (f.count == 0 || now - f.window_start >= 1000) {
+        f.window_start = now;
+        f.count = 0;
+    }
+    if (++f.count <= cr_flood_limit) return false;
+    f.banned_until = now + cr_flood_ban_ms;
+    if (f.banned_until == 0) f.banned_until = 1;
+    cr_flood_bans++;
+    if (cr_new_bans.size() < 1024) cr_new_bans.push_back(rdata->pkt_info.src_name);
+    return true;
 }
 
 bool cr_in_live_dialog(pjsip_rx_data *rdata) {
@@ -90,58 +154,6 @@ void cr_respond_reason(pjsip_rx_data *rdata, int code, const char *reason) {
 
 /* ---- checks pjsip's liberal parser lets through (RFC 4475 s3.1.2) ---------------- */
 
-/* The raw header lines of the message, unfolded (RFC 3261 s7.3.1), as (name, value). */
-std::vector<std::pair<std::string, std::string>> cr_raw_headers(const char *buf, pj_size_t len) {
-    std::vector<std::pair<std::string, std::string>> out;
-    std::string text(buf, len);
-    std::size_t end = text.find("\r\n\r\n");
-    if (end == std::string::npos) end = text.size();
-    std::size_t pos = text.find("\r\n");  /* skip the request line */
-    std::string line;
-    auto flush = [&]() {
-        std::size_t colon = line.find(':');
-        if (colon != std::string::npos) {
-            std::string name = line.substr(0, colon);
-            while (!name.empty() && (name.back() == ' ' || name.back() == '\t')) name.pop_back();
-            for (char &c : name) c = (char)std::tolower((unsigned char)c);
-            out.emplace_back(name, line.substr(colon + 1));
-        }
-        line.clear();
-    };
-    while (pos != std::string::npos && pos < end) {
-        pos += 2;
-        std::size_t next = text.find("\r\n", pos);
-        std::string raw = text.substr(pos, (next == std::string::npos ? end : std::min(next, end)) - pos);
-        if (!raw.empty() && (raw[0] == ' ' || raw[0] == '\t')) line += " " + raw;
-        else { flush(); line = raw; }
-        pos = next;
-    }
-    flush();
-    return out;
-}
-
-bool cr_is_token_char(char c) {
-    /* Octets >= 0x80 pass: unquoted UTF-8 names are common enough to tolerate. */
-    return ((unsigned char)c & 0x80) || std::isalnum((unsigned char)c) ||
-           std::strchr("-.!%*_+`'~ \t", c) != NULL;
-}
-
-/* RFC 3261 s20.10 / s25.1 name-addr: an unquoted display name is tokens only, and
- * nothing but the addr-spec sits between '<' and '>'. */
-const char *cr_bad_name_addr(const std::string &value) {
-    std::size_t lt = value.find('<');
-    if (lt == std::string::npos) return NULL;
-    std::size_t gt = value.find('>', lt);
-    if (gt == std::string::npos) return "unterminated <addr-spec>";
-    if (std::isspace((unsigned char)value[lt + 1]) || std::isspace((unsigned char)value[gt - 1]))
-        return "whitespace inside <addr-spec>";
-    std::string display = value.substr(0, lt);
-    if (display.find('"') != std::string::npos) return NULL;
-    for (char c : display)
-        if (!cr_is_token_char(c)) return "unquoted display name is not a token";
-    return NULL;
-}
-
 const char *cr_malformed(pjsip_rx_data *rdata) {
     const pjsip_method *m = &rdata->msg_info.msg->line.req.method;
     /* RFC 3261 s8.1.1.5: the CSeq method matches the request method. */
@@ -164,83 +176,73 @@ const char *cr_malformed(pjsip_rx_data *rdata) {
  * Call-ID and CSeq lines can still be read, answer statelessly instead: 416 when the
  * Request-URI scheme is not sip/sips/tel (RFC 3261 s8.2.2.1), else 400 (s21.4.1). */
 
-std::string cr_header_lines(const std::vector<std::pair<std::string, std::string>> &hs,
-                            const char *full, const char *compact, bool all) {
-    std::string out;
-    for (const auto &h : hs) {
-        if (h.first == full || h.first == compact) {
-            std::string value = h.second;
-            std::size_t b = value.find_first_not_of(" \t");
-            value = b == std::string::npos ? "" : value.substr(b);
-            out += std::string(full == std::string("call-id") ? "Call-ID" :
-                               full == std::string("cseq") ? "CSeq" :
-                               full == std::string("via") ? "Via" :
-                               full == std::string("from") ? "From" : "To") + ": " + value + "\r\n";
-            if (!all) break;
-        }
+/* The rx_data a UDP datagram was read into. pjsip reads one datagram per rx_data into
+ * pkt_info.packet and skips leading CR/LF before parsing (RFC 5626 keep-alives), so
+ * `data` is `packet + k` where the k bytes before it are CR/LF and the datagram was
+ * k + len bytes long. Trying k = 0, 1, ... over CR/LF bytes only, the first candidate
+ * whose transport and length agree is the rx_data: every candidate tried lies inside
+ * it (k never passes the true offset), so nothing outside it is read. */
+pjsip_rx_data *cr_datagram_rdata(const pjsip_tp_dropped_data *dd) {
+    const char *data = (const char *)dd->data;
+    for (std::size_t k = 0; k <= PJSIP_MAX_PKT_LEN; ++k) {
+        pjsip_rx_data *rdata = (pjsip_rx_data *)(data - k - offsetof(pjsip_rx_data, pkt_info.packet));
+        if (rdata->tp_info.transport == dd->tp && rdata->pkt_info.len >= 0 &&
+            (std::size_t)rdata->pkt_info.len == k + dd->len)
+            return rdata;
+        if (k == PJSIP_MAX_PKT_LEN || (data[-(long)k - 1] != '\r' && data[-(long)k - 1] != '\n'))
+            return NULL;
     }
-    return out;
+    return NULL;
 }
 
-std::string cr_unparsable_response(const char *data, pj_size_t len) {
-    std::string text(data, len);
-    std::size_t eol = text.find("\r\n");
-    if (eol == std::string::npos) return "";
-    std::string first = text.substr(0, eol);
-    std::size_t sp1 = first.find(' '), sp2 = first.rfind(' ');
-    if (sp1 == std::string::npos || sp2 <= sp1 || first.compare(sp2 + 1, 4, "SIP/") != 0)
-        return "";  /* not a request line we can read */
-    if (first.compare(0, sp1, "ACK") == 0 || first.compare(0, 4, "SIP/") == 0) return "";
-    std::string method = first.substr(0, sp1);
-    bool refused = false;
-    for (const char *name : CR_REFUSED) refused = refused || method == name;
-    std::string uri = first.substr(sp1 + 1, sp2 - sp1 - 1);
-    std::string scheme = uri.substr(0, uri.find(':'));
-    for (char &c : scheme) c = (char)std::tolower((unsigned char)c);
-    bool known = scheme == "sip" || scheme == "sips" || scheme == "tel";
-    auto hs = cr_raw_headers(data, len);
-    std::string via = cr_header_lines(hs, "via", "v", true);
-    std::string from = cr_header_lines(hs, "from", "f", false);
-    std::string to = cr_header_lines(hs, "to", "t", false);
-    std::string cid = cr_header_lines(hs, "call-id", "i", false);
-    std::string cseq = cr_header_lines(hs, "cseq", "cseq", false);
-    if (via.empty() || from.empty() || to.empty() || cid.empty() || cseq.empty()) return "";
-    if (to.find("tag=") == std::string::npos) to.insert(to.size() - 2, ";tag=cr-unparsable");
-    /* A method we refuse anyway gets its 405 whatever else is wrong with it. */
-    std::string status = refused ? "SIP/2.0 405 Method Not Allowed\r\nAllow: " +
-                                       std::string(CR_ALLOW) + "\r\n"
-                         : known ? "SIP/2.0 400 Bad Request\r\n"
-                                 : "SIP/2.0 416 Unsupported URI Scheme\r\n";
-    return status + via + from + to + cid + cseq + "Content-Length: 0\r\n\r\n";
+void cr_send_raw(pjsip_transport *tp, const pj_sockaddr *dst, int dst_len,
+                 const std::string &data) {
+    pjsip_tpselector sel;
+    pj_bzero(&sel, sizeof(sel));
+    sel.type = PJSIP_TPSELECTOR_TRANSPORT;
+    sel.u.transport = tp;
+    pjsip_tpmgr_send_raw(pjsip_endpt_get_tpmgr(pjsua_get_pjsip_endpt()),
+                         (pjsip_transport_type_e)tp->key.type, &sel, NULL,
+                         data.data(), data.size(), dst, dst_len, NULL, NULL);
 }
 
+/* What pjsip's transport manager drops before parsing or cannot parse:
+ *  - leading CR/LF (PJ_EIGNORED): on TCP a CRLFCRLF ping gets its CRLF pong
+ *    (RFC 5626 s3.5.1); on UDP nothing is sent (s4.4.1 uses STUN there);
+ *  - an unparsable request (PJSIP_EINVALIDMSG): 400/405/416 when readable;
+ *  - a TCP message beyond PJSIP_MAX_PKT_LEN (PJSIP_ERXOVERFLOW): 513 when readable.
+ *    pjsip reports the length the message claims, not what is in the buffer. */
 void cr_on_dropped(pjsip_tp_dropped_data *dd) {
-    if (dd->status != PJSIP_EINVALIDMSG || dd->tp == NULL) return;
-    std::string response = cr_unparsable_response((const char *)dd->data, dd->len);
+    if (dd->tp == NULL || dd->data == NULL) return;
+    bool reliable = (dd->tp->flag & PJSIP_TRANSPORT_RELIABLE) != 0;
+    if (dd->status == PJ_EIGNORED) {
+        std::string dropped((const char *)dd->data, dd->len);
+        if (reliable && dropped.find("\r\n\r\n") != std::string::npos) {
+            cr_pongs++;
+            cr_send_raw(dd->tp, &dd->tp->key.rem_addr, dd->tp->addr_len, "\r\n");
+        }
+        return;
+    }
+    bool overflow = dd->status == PJSIP_ERXOVERFLOW;
+    if (dd->status != PJSIP_EINVALIDMSG && !overflow) return;
+    std::size_t len = std::min<std::size_t>(dd->len, PJSIP_MAX_PKT_LEN);
+    std::string response = cr_unparsable_response((const char *)dd->data, len, overflow);
+    if (overflow) cr_too_large++;
     if (response.empty()) return;
     pj_sockaddr dst;
     int dst_len;
-    if (dd->tp->flag & PJSIP_TRANSPORT_RELIABLE) {
+    if (reliable) {
         dst = dd->tp->key.rem_addr;
         dst_len = dd->tp->addr_len;
     } else {
-        /* UDP hands pjsip one datagram per rx_data, starting at pkt_info.packet: the
-         * source address sits in the same rx_data. */
-        pjsip_rx_data *rdata = (pjsip_rx_data *)((char *)dd->data -
-                                                  offsetof(pjsip_rx_data, pkt_info.packet));
-        if (rdata->tp_info.transport != dd->tp) return;
+        pjsip_rx_data *rdata = cr_datagram_rdata(dd);
+        if (rdata == NULL) return;
         dst = rdata->pkt_info.src_addr;
         dst_len = rdata->pkt_info.src_addr_len;
     }
     if (!cr_source_allowed(&dst)) return;  /* the source policy applies here too */
-    pjsip_tpselector sel;
-    pj_bzero(&sel, sizeof(sel));
-    sel.type = PJSIP_TPSELECTOR_TRANSPORT;
-    sel.u.transport = dd->tp;
-    cr_unparsable++;
-    pjsip_tpmgr_send_raw(pjsip_endpt_get_tpmgr(pjsua_get_pjsip_endpt()),
-                         (pjsip_transport_type_e)dd->tp->key.type, &sel, NULL,
-                         response.data(), response.size(), &dst, dst_len, NULL, NULL);
+    if (!overflow) cr_unparsable++;
+    cr_send_raw(dd->tp, &dst, dst_len, response);
 }
 
 /* RFC 2543 peers may send an INVITE without Contact (RFC 4475 s3.4.1); pjsip's dialog
@@ -260,6 +262,28 @@ void cr_repair_contact(pjsip_rx_data *rdata) {
     if (contact != NULL) pjsip_msg_add_hdr(rdata->msg_info.msg, (pjsip_hdr *)contact);
 }
 
+/* Out-of-dialog OPTIONS (RFC 3261 s11.2): 200 with what the router really does. pjsua's
+ * own answer also lists Allow-Events (presence, dialog, message-summary, refer) and the
+ * presence bodies in Accept, although SUBSCRIBE and REFER are refused. The capability
+ * headers are trimmed at install (cr_trim_capabilities), so INVITE responses agree. */
+void cr_answer_options(pjsip_rx_data *rdata) {
+    pjsip_endpoint *endpt = pjsua_get_pjsip_endpt();
+    pjsip_tx_data *tdata;
+    cr_options++;
+    if (pjsip_endpt_create_response(endpt, rdata, PJSIP_SC_OK, NULL, &tdata) != PJ_SUCCESS)
+        return;
+    const int types[] = {PJSIP_H_ALLOW, PJSIP_H_ACCEPT, PJSIP_H_SUPPORTED};
+    for (int htype : types) {
+        const pjsip_hdr *cap = pjsip_endpt_get_capability(endpt, htype, NULL);
+        if (cap != NULL)
+            pjsip_msg_add_hdr(tdata->msg, (pjsip_hdr *)pjsip_hdr_clone(tdata->pool, cap));
+    }
+    pjsip_response_addr addr;
+    if (pjsip_get_response_addr(tdata->pool, rdata, &addr) != PJ_SUCCESS ||
+        pjsip_endpt_send_response(endpt, &addr, tdata, NULL, NULL) != PJ_SUCCESS)
+        pjsip_tx_data_dec_ref(tdata);
+}
+
 bool cr_is_refused_method(const pjsip_method *m) {
     for (const char *name : CR_REFUSED) {
         pj_str_t s = pj_str((char *)name);
@@ -275,6 +299,20 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
         if (cr_reject_code) cr_respond(rdata, cr_reject_code, NULL, NULL);
         return PJ_TRUE;
     }
+    bool initial_request = rdata->msg_info.to == NULL || rdata->msg_info.to->tag.slen == 0;
+    /* A To tag that matches no dialog does not make a request in-dialog. */
+    if (m->id != PJSIP_ACK_METHOD && m->id != PJSIP_CANCEL_METHOD &&
+        (initial_request || !cr_in_live_dialog(rdata)) && cr_flooding(rdata)) {
+        cr_flood_dropped++;
+        return PJ_TRUE;
+    }
+    /* RFC 3261 s21.5.14: larger than we are willing to handle. Checked before the
+     * raw-header scan below, whose cost grows with the message. */
+    if ((unsigned)rdata->msg_info.len > cr_max_message) {
+        cr_too_large++;
+        cr_respond(rdata, PJSIP_SC_MESSAGE_TOO_LARGE, NULL, NULL);
+        return PJ_TRUE;
+    }
     if (m->id != PJSIP_ACK_METHOD) {
         const char *why = cr_malformed(rdata);
         if (why != NULL) {
@@ -286,6 +324,10 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
     if (cr_is_refused_method(m)) {
         cr_refused++;
         cr_respond(rdata, PJSIP_SC_METHOD_NOT_ALLOWED, "Allow", CR_ALLOW);
+        return PJ_TRUE;
+    }
+    if (m->id == PJSIP_OPTIONS_METHOD && initial_request) {
+        cr_answer_options(rdata);
         return PJ_TRUE;
     }
     if (m->id != PJSIP_INVITE_METHOD) return PJ_FALSE;
@@ -306,6 +348,13 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
     return PJ_FALSE;
 }
 
+/* A response above sip.max_message_bytes is dropped (there is nobody to answer). */
+pj_bool_t cr_on_rx_response(pjsip_rx_data *rdata) {
+    if ((unsigned)rdata->msg_info.len <= cr_max_message) return PJ_FALSE;
+    cr_too_large++;
+    return PJ_TRUE;
+}
+
 /* Requests no other module took: pjsua leaves these unanswered. RFC 3261 s12.2.2: a
  * request for a dialog that does not exist gets 481; s8.2.1: a method we do not
  * implement gets 501 with Allow. A stray ACK is absorbed (never answered, s17.2.3). */
@@ -324,8 +373,9 @@ pj_bool_t cr_on_rx_unhandled(pjsip_rx_data *rdata) {
     return PJ_TRUE;
 }
 
-/* Drop `names` from a capability header's value list (Allow or Supported). */
-void cr_strip_capability(int htype, const char *const *names, unsigned n) {
+/* Drop `names` from a capability header's value list (Allow, Accept or Supported); with
+ * `keep`, drop everything else instead. */
+void cr_strip_capability(int htype, const char *const *names, unsigned n, bool keep = false) {
     pjsip_generic_array_hdr *h = (pjsip_generic_array_hdr *)
         pjsip_endpt_get_capability(pjsua_get_pjsip_endpt(), htype, NULL);
     if (h == NULL) return;
@@ -336,6 +386,7 @@ void cr_strip_capability(int htype, const char *const *names, unsigned n) {
             pj_str_t s = pj_str((char *)names[j]);
             if (pj_stricmp(&h->values[i], &s) == 0) drop = true;
         }
+        if (keep) drop = !drop;
         if (!drop) h->values[out++] = h->values[i];
     }
     h->count = out;
@@ -350,6 +401,7 @@ int crGuardInstall() {
     cr_mod.id = -1;
     cr_mod.priority = PJSIP_MOD_PRIORITY_TSX_LAYER - 1;
     cr_mod.on_rx_request = &cr_on_rx_request;
+    cr_mod.on_rx_response = &cr_on_rx_response;
     pj_status_t st = pjsip_endpt_register_module(pjsua_get_pjsip_endpt(), &cr_mod);
     if (st != PJ_SUCCESS) return (int)st;
     std::memset(&cr_fallback_mod, 0, sizeof(cr_fallback_mod));
@@ -361,8 +413,16 @@ int crGuardInstall() {
     if (st != PJ_SUCCESS) return (int)st;
     pjsip_tpmgr_set_drop_data_cb(pjsip_endpt_get_tpmgr(pjsua_get_pjsip_endpt()), &cr_on_dropped);
     cr_strip_capability(PJSIP_H_ALLOW, CR_REFUSED, sizeof(CR_REFUSED) / sizeof(CR_REFUSED[0]));
-    static const char *const unsupported[] = {"replaces", "norefersub"};
-    cr_strip_capability(PJSIP_H_SUPPORTED, unsupported, 2);
+    /* No call takeover, no REFER, no ICE: only 100rel and timer stay. */
+    static const char *const unsupported[] = {"replaces", "norefersub", "trickle-ice"};
+    cr_strip_capability(PJSIP_H_SUPPORTED, unsupported, 3);
+    /* Bodies the router acts on: SDP (INVITE, re-INVITE, UPDATE) and DTMF relay (INFO). */
+    static const char *const accepted[] = {"application/sdp", "application/dtmf-relay"};
+    cr_strip_capability(PJSIP_H_ACCEPT, accepted, 2, true);
+    static const pj_str_t dtmf_relay = {(char *)"application/dtmf-relay", 22};
+    if (!pjsip_endpt_has_capability(pjsua_get_pjsip_endpt(), PJSIP_H_ACCEPT, NULL, &dtmf_relay))
+        pjsip_endpt_add_capability(pjsua_get_pjsip_endpt(), &cr_mod, PJSIP_H_ACCEPT, NULL, 1,
+                                   &dtmf_relay);
     cr_installed = true;
     return 0;
 }
@@ -389,6 +449,24 @@ int crGuardAllowNetwork(const std::string &addr, unsigned prefix) {
 
 void crGuardSetSourceRejectCode(int code) { cr_reject_code = code; }
 void crGuardSetSlotReserve(unsigned reserve) { cr_slot_reserve = reserve; }
+void crGuardSetMaxMessageBytes(unsigned bytes) { cr_max_message = bytes; }
+unsigned long crGuardTooLarge() { return cr_too_large.load(); }
+unsigned long crGuardKeepalivePongs() { return cr_pongs.load(); }
+unsigned long crGuardOptionsAnswered() { return cr_options.load(); }
+void crGuardSetFloodControl(unsigned limit_per_second, unsigned ban_seconds) {
+    cr_flood_limit = limit_per_second;
+    cr_flood_ban_ms = (pj_uint32_t)ban_seconds * 1000;
+    cr_flood.clear();
+}
+unsigned long crGuardFloodDropped() { return cr_flood_dropped.load(); }
+unsigned long crGuardFloodBans() { return cr_flood_bans.load(); }
+unsigned crGuardFloodTracked() { return (unsigned)cr_flood.size(); }
+std::string crGuardTakeNewBans() {
+    std::string out;
+    for (const std::string &s : cr_new_bans) out += (out.empty() ? "" : " ") + s;
+    cr_new_bans.clear();
+    return out;
+}
 unsigned long crGuardDroppedSources() { return cr_dropped.load(); }
 unsigned long crGuardRefusedMethods() { return cr_refused.load(); }
 unsigned long crGuardRefusedReplaces() { return cr_replaces.load(); }

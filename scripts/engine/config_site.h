@@ -24,6 +24,25 @@
 /* Receive bursts of INVITEs without dropping datagrams in the kernel. */
 #define PJSIP_UDP_SO_RCVBUF_SIZE        (4 * 1024 * 1024)
 #define PJSIP_UDP_SO_SNDBUF_SIZE        (4 * 1024 * 1024)
+/* A failed pjlib assertion must not abort a carrier-facing process: with PJ_DEBUG 0
+ * (and -DNDEBUG from the build script) pj_assert logs "Assert failed" at level 1 and
+ * PJ_ASSERT_RETURN returns its error (2.13+); the router counts those log lines
+ * (callrouter_engine_assertions_total). Defined here, not only in CFLAGS, so the
+ * libraries and the SWIG wrapper see the same PJ_DEBUG. Asterisk's bundled build
+ * does the same. Fuzz builds (scripts/fuzz.sh) keep assertions fatal.
+ * See docs/engine.md, "Assertions". */
+#ifndef PJ_DEBUG
+#  define PJ_DEBUG                      0
+#endif
+/* IPv6 listeners and media (RFC 5118); 2.17's default is off. */
+#define PJ_HAS_IPV6                     1
+/* Receive any UDP datagram whole (65,507 bytes of payload) and TCP messages up to
+ * 65,535 bytes: a 4.5 KB INVITE (STIR/SHAKEN Identity, long SDP) cut at pjsip's
+ * default 4,000 bytes arrived without its body. What the router accepts is the
+ * runtime setting sip.max_message_bytes (the guard answers 513 above it); this is
+ * only what the transport can read. Outgoing messages are printed into a 4,000-byte
+ * buffer first (patch 0003), so this does not cost 64 KB per transaction. */
+#define PJSIP_MAX_PKT_LEN               65535
 /* The router never mixes: each leg hears exactly one other leg. The audio switchboard
  * routes frames 1:1 without the conference bridge's mixing and level stages (both
  * legs must then share a clock rate: the router offers 8 kHz codecs only). */
