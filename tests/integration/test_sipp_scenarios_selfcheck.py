@@ -9,6 +9,7 @@ second or two; RTP is counted on the loopback interface when the process may (ro
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,13 +27,16 @@ HANGUP = ["BYE", 200]
 PCMA, TELEPHONE_EVENT = 8, 101
 needs_rtp_counter = pytest.mark.skipif(not RtpCounter.available(),
                                        reason="counting RTP needs CAP_NET_RAW")
+# Test-only peers (not deployment scenarios), e.g. a far end that offers SDP in its 200.
+PEERS = Path(__file__).resolve().parents[1] / "support" / "sipp-peers"
 
 
 Pair = tuple[SippResult, SippResult, RtpCounter | None, Sipp, Sipp]
 
 
-def call_pair(uac: str, uas: str, duration_ms: int = 1000, transport: str = "u1") -> Pair:
-    runtime = Sipp(scenario(uas), role="uas", rtp_echo=True, duration_ms=duration_ms,
+def call_pair(uac: str, uas: str | Path, duration_ms: int = 1000, transport: str = "u1") -> Pair:
+    uas_path = uas if isinstance(uas, Path) else scenario(uas)
+    runtime = Sipp(uas_path, role="uas", rtp_echo=True, duration_ms=duration_ms,
                    transport=transport, timeout_s=10).start()
     caller = Sipp(scenario(uac), target=runtime.address, keys=KEYS, duration_ms=duration_ms,
                   transport=transport, timeout_s=10)
@@ -137,6 +141,52 @@ def test_reject_scenario_fails_on_the_wrong_code() -> None:
         result = Sipp(scenario("uac-invite-404"), target=f"127.0.0.1:{stub.port}", keys=KEYS,
                       timeout_s=3).run()
     assert not result.ok and result.failed == 1, result.explain()
+
+
+@pytest.mark.parametrize("transport", ["u1", "t1"])
+@pytest.mark.parametrize("status", [404, 480, 503])
+def test_late_offer_reject_scenario_against_a_stub(status: int, transport: str) -> None:
+    with torture.StubServer(invite_status=status) as stub:
+        result = Sipp(scenario("uac-invite-late-offer-reject"), target=f"127.0.0.1:{stub.port}",
+                      keys={**KEYS, "expected": str(status)}, transport=transport,
+                      timeout_s=5).run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, status, "ACK"], result.explain()
+    invite = result.messages[0].headers
+    assert invite["content-length"] == "0" and "content-type" not in invite, invite
+
+
+@pytest.mark.parametrize(("status", "expected"), [(404, 480), (503, 404), (486, 404)])
+def test_late_offer_reject_scenario_fails_on_another_code(status: int, expected: int) -> None:
+    with torture.StubServer(invite_status=status) as stub:
+        result = Sipp(scenario("uac-invite-late-offer-reject"), target=f"127.0.0.1:{stub.port}",
+                      keys={**KEYS, "expected": str(expected)}, timeout_s=3).run()
+    assert not result.ok and result.failed == 1, result.explain()
+    assert result.sequence()[-1] == "ACK", result.explain()  # still ACKed
+
+
+@pytest.mark.parametrize("transport", ["u1", "t1"])
+def test_late_offer_call_takes_the_offer_from_the_200(transport: str) -> None:
+    caller, peer, rtp, uac, uas = call_pair("uac-call-bridged-late-offer",
+                                            PEERS / "uas-offer-in-200.xml", transport=transport)
+    assert_both(caller, peer, CALL + HANGUP)  # the peer checks: no SDP in INVITE, SDP in ACK
+    if rtp is not None:
+        assert rtp.count(uas.media_port, PCMA) > 20, rtp.payload_types(uas.media_port)
+        assert rtp.count(uac.media_port, PCMA) > 20, rtp.payload_types(uac.media_port)
+
+
+def test_late_offer_call_fails_without_an_offer_in_the_200() -> None:
+    with torture.StubServer(invite_status=200) as stub:  # 200 with Content-Length 0
+        result = Sipp(scenario("uac-call-bridged-late-offer"), target=f"127.0.0.1:{stub.port}",
+                      keys=KEYS, timeout_s=3).run()
+    assert not result.ok and result.failed == 1, result.explain()
+    assert "m=audio" in result.errors, result.explain()
+
+
+def test_offer_in_200_peer_refuses_an_early_offer() -> None:
+    """The test double itself can fail: an INVITE with SDP is not a delayed offer."""
+    _, peer, _, _, _ = call_pair("uac-call-bridged", PEERS / "uas-offer-in-200.xml", 200)
+    assert not peer.ok and peer.failed == 1, peer.explain()
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
