@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-.PHONY: run test deps venv engine lint unit integration bench bench-quick clean
+.PHONY: run test deps venv engine lint unit integration bench bench-quick clean fuzz
 
 run: deps venv engine
 	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
@@ -44,6 +44,11 @@ bench: deps venv engine
 
 bench-quick: deps venv engine
 	$(PY) bench/run.py --quick
+
+# libFuzzer + ASan/UBSan over the guard's text functions and pjsip's parser (tests/fuzz/README.md).
+# `make fuzz CALLROUTER_FUZZ_SECONDS=300 FUZZ_ARGS=--merge`
+fuzz: deps
+	bash scripts/fuzz.sh $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
