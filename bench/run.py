@@ -130,6 +130,9 @@ def start_router(
         "CALLROUTER_DATA_DIR": str(data_dir),
         "CALLROUTER_LOG_FORMAT": "json",
         "CALLROUTER_LOG_LEVEL": "warning",
+        # One SIPp source sends up to thousands of calls a second: that is the load being
+        # measured, not a flood to ban (per-source flood control is measured separately).
+        "CALLROUTER_SIP_INBOUND_FLOOD_LIMIT": "0",
     }
     proc = h.spawn("router", [sys.executable, "-m", "callrouter", "serve"], workdir, env)
     health = f"http://{h.LOOPBACK}:{http_port}/api/v1/health"
@@ -690,7 +693,8 @@ def command_lines(args: argparse.Namespace) -> list[str]:
         "bare engine: python bench/bare_engine.py --listen 127.0.0.1:0 --mode answer|reject",
         "router:  python -m callrouter keys create --data-dir DIR --name bench --json",
         f"         CALLROUTER_RTP_PORTS={ROUTER_RTP} CALLROUTER_SIP_ADVERTISE=127.0.0.1 "
-        "CALLROUTER_LOG_FORMAT=json CALLROUTER_LOG_LEVEL=warning python -m callrouter serve",
+        "CALLROUTER_LOG_FORMAT=json CALLROUTER_LOG_LEVEL=warning "
+        "CALLROUTER_SIP_INBOUND_FLOOD_LIMIT=0 python -m callrouter serve",
         "         POST /api/v1/assistants {runtime_uri: sip:runtime@127.0.0.1:RPORT}, "
         "POST /api/v1/numbers",
         "runtime: sipp -sf sipp-scenarios/uas-runtime-answer.xml -rtp_echo -p RPORT",

@@ -1,11 +1,31 @@
 """The composition root: start in order, stop in reverse, signals, drain.
 
-``serve`` starts config -> logging -> store (migrations, closing calls a crash
-left open) -> routes -> SIP engine (its own thread) -> HTTP API, then waits for a
-signal. The first SIGTERM/SIGINT starts a drain: readiness turns 503 and new
-INVITEs get 503 + Retry-After while active calls go on until they end or
-``drain.timeout_seconds`` passes; then the remaining calls get BYE and their
-records are closed as ``router_shutdown``. A second signal skips the wait.
+``serve`` starts config -> logging -> data directory -> store (migrations) -> the HTTP
+socket, bound but not yet served -> closing calls a crash left open, the heartbeat,
+the call-record writer and its daily prune -> routes -> SIP engine (its own thread)
+-> serving HTTP on the bound socket, then waits for a signal. The first SIGTERM/SIGINT
+starts a drain: readiness turns 503 and new INVITEs get 503 + Retry-After while active calls go on
+until they end or ``drain.timeout_seconds`` passes; then the remaining calls get BYE
+and their records are closed as ``router_shutdown``. A second signal skips the wait.
+
+Every step registers its undoing on one ``AsyncExitStack``, so the stop after a drain
+and the unwinding after a failed start are the same code: engine stopped (its thread
+joined, records of its calls closed), records flushed, heartbeat ended, HTTP stopped,
+store closed. A failed start raises a one-line ``CallrouterError`` naming the cause and
+the address or path (``startup``, the SIP adapter, the store); the CLI prints it and
+exits 1, and nothing is left running to keep the process alive.
+
+The HTTP socket is bound before the SIP engine starts, rather than serving HTTP first
+and holding readiness back: binding is the step that fails (a taken or foreign
+address), it fails before any INVITE is taken (a SIP side with no HTTP behind it left
+calls hanging at 100 Trying), and before ``close_open_calls`` could close the records
+of another router still running on the same data directory and port. Requests that
+arrive before serving starts wait in the socket's backlog.
+
+The heartbeat (``store.heartbeat`` every ``HEARTBEAT_SECONDS``) lives in the database
+beside the call records it bounds: after a crash, the next start closes the calls
+left open at the last beat instead of at the restart, so downtime is not call time; a
+file in the data directory could disagree with a restored or copied database.
 """
 
 from __future__ import annotations
@@ -19,7 +39,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,26 +50,44 @@ import uvicorn
 from callrouter import __version__
 from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
-from callrouter.crypto import SecretBox
+from callrouter.crypto import KEY_FILE, SecretBox
 from callrouter.domain import session as s
-from callrouter.domain.models import CallRecord, CallStatus, EndReason
+from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Policy, RuntimePool
-from callrouter.errors import NotFound, ValidationError
+from callrouter.errors import StartupError, StoreError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
-from callrouter.service import CallRecorder, CallService
+from callrouter.ports import ControlCommand
+from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
+from callrouter.startup import http_listener, reason, writable_dir
 from callrouter.store.sqlite import SqliteStore
 
 log = structlog.get_logger("callrouter.app")
 
 
+HEARTBEAT_SECONDS = 1.0  # at most this much call time is lost to a crash
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _spawn(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None],
+           name: str) -> None:
+    """Run ``work`` as a task until the stack unwinds."""
+    task = asyncio.create_task(work, name=name)
+    stack.push_async_callback(_cancel, task)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def engine_settings(cfg: Config) -> EngineSettings:
@@ -65,6 +103,9 @@ def engine_settings(cfg: Config) -> EngineSettings:
                                for n in sip.inbound.allowed_sources),
         forbidden_reject_code=403 if sip.inbound.forbidden_action == "reject" else 0,
         slot_reserve=ENGINE_SLOT_RESERVE,
+        max_message_bytes=sip.max_message_bytes,
+        flood_limit=sip.inbound.flood_limit,
+        flood_ban_seconds=sip.inbound.flood_ban_seconds,
         log_level=cfg.log.engine_level,
     )
 
@@ -87,11 +128,13 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
     timing = s.Timing(ring_timeout=cfg.sip.ring_timeout_seconds,
                       max_duration=cfg.sip.max_duration_seconds,
                       failure_code=inbound.runtime_failure_code,
-                      retry_after=inbound.retry_after_seconds)
+                      retry_after=inbound.retry_after_seconds,
+                      transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds)
     return CallService(policy=policy, timing=timing,
                        pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                        default_region=cfg.default_region, metrics=metrics,
-                       record=recorder.submit)
+                       record=recorder.submit,
+                       rejected_records_per_second=cfg.calls.rejected_records_per_second)
 
 
 def _raise_open_files_limit(max_calls: int) -> None:
@@ -124,36 +167,91 @@ class Router:
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
         self.started = time.monotonic()
-        await self._start()
-        self._install_signals()
-        try:
+        async with contextlib.AsyncExitStack() as stack:  # also unwinds a failed start
+            await self._start(stack)
+            self._install_signals()
             await self.stopping.wait()
             await self._drain()
-        finally:
-            await self._stop()
+        log.info("router.stopped", uptime_seconds=round(time.monotonic() - self.started, 1))
         return 0
 
-    async def _start(self) -> None:
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Start in order; each step registers its undoing on ``stack`` (see the module
+        docstring for why the HTTP socket is bound before the SIP engine starts)."""
         cfg = self.cfg
         _raise_open_files_limit(cfg.sip.max_calls)
-        self.metrics = Metrics(version=__version__, pjproject=self.engine_info.version)
-        cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        self._start_metrics()
+        writable_dir(cfg.storage.data_dir)
+        self.secrets = self._load_secrets()
         self.store = metered(SqliteStore(cfg.storage.database), self.metrics)
         await self.store.open()
+        stack.push_async_callback(self.store.close)
+        self._bind_http(stack)
+        await self._start_records(stack)
+        self.service = build_service(cfg, self.metrics, self.recorder)
+        await self.service.reload_routes(self.store)
+        await self._start_engine(stack)
+        await self._first_key()  # before the API answers, so the key is shown first
+        await self._serve_http()
+        self._log_started()
+
+    def _start_metrics(self) -> None:
+        info = self.engine_info
+        self.metrics = Metrics(version=__version__, pjproject=info.version)
+        self.metrics.set_engine_info(pjproject=info.version, source=info.source,
+                                     source_version=info.source_version,
+                                     source_sha256=info.source_sha256, fallback=info.fallback)
+        if info.fallback:
+            log.warning("engine.fallback", pjproject=info.version, source=info.source,
+                        lacks_upstream_fixes=info.values.get("lacks_upstream_fixes", ""),
+                        hint="rebuild on pjproject >= 2.15 (make engine without "
+                             "CALLROUTER_ENGINE_SOURCE=debian-ring)")
+
+    def _load_secrets(self) -> SecretBox:
+        data_dir = self.cfg.storage.data_dir
+        try:
+            return SecretBox.load(data_dir, self.environ)
+        except OSError as exc:
+            raise StartupError(f"cannot read the trunk-password key {data_dir / KEY_FILE}: "
+                               f"{reason(exc)}") from exc
+
+    async def _start_records(self, stack: contextlib.AsyncExitStack) -> None:
+        """Close what a crash left open (at the last heartbeat, so before this run's
+        first), then keep the heartbeat and the call-record writer running."""
         closed = await self.store.close_open_calls(_utcnow())
         if closed:
             log.warning("calls.closed_after_restart", count=closed)
-        loop = asyncio.get_running_loop()
-        self.recorder = CallRecorder(self.store, loop)
-        self.writer = asyncio.create_task(self.recorder.run(), name="call-records")
-        self.service = build_service(cfg, self.metrics, self.recorder)
-        await self.service.reload_routes(self.store)
-        self.engine = SipEngine(engine_settings(cfg), self.service)
+        _spawn(stack, self._beat(), "heartbeat")
+        self.recorder = CallRecorder(self.store, asyncio.get_running_loop())
+        _spawn(stack, self.recorder.run(), "call-records")
+        stack.push_async_callback(self.recorder.flush)  # runs before the writer's cancel
+        pruner = CallPruner(self.store, retention_days=self.cfg.calls.retention_days)
+        _spawn(stack, pruner.run(), "call-prune")  # at start, then daily
+
+    async def _beat(self) -> None:
+        """The router's last sign of life, every ``HEARTBEAT_SECONDS``: after a crash the
+        calls it left open end there, so the downtime is not counted as call time."""
+        while True:
+            try:
+                await self.store.heartbeat(_utcnow())
+            except StoreError as exc:
+                log.warning("router.heartbeat_failed", error=exc.message)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _start_engine(self, stack: contextlib.AsyncExitStack) -> None:
+        self.engine = SipEngine(engine_settings(self.cfg), self.service)
+        stack.push_async_callback(self._stop_engine)  # a failed start has a thread to join
         await asyncio.to_thread(self.engine.start)
         self.service.control = self.engine
-        self._wire_metrics()
-        await self._first_key()  # before the API answers, so the key is shown first
-        await self._start_http()
+        self._wire_metrics(stack)
+
+    async def _stop_engine(self) -> None:
+        self.service.draining = True
+        await asyncio.to_thread(self.engine.stop)
+        self.service.abandon_all(EndReason.ROUTER_SHUTDOWN)
+
+    def _log_started(self) -> None:
+        cfg = self.cfg
         if cfg.sip.listen.host in ("0.0.0.0", "::") and not cfg.sip.advertise and \
                 self.engine.settings.advertise.startswith(("127.", "::1")):
             log.warning("router.advertising_loopback", advertise=self.engine.settings.advertise,
@@ -178,14 +276,15 @@ class Router:
               f"    curl -H 'Authorization: Bearer {key}' {url}/numbers\n",
               file=sys.stderr, flush=True)  # stdout is the JSON log stream
 
-    def _wire_metrics(self) -> None:
+    def _wire_metrics(self, stack: contextlib.AsyncExitStack) -> None:
         def slots() -> tuple[int, int]:
             status = self.engine.status()
             return status.max_calls, status.calls_in_use
 
         self.metrics.set_engine_slots_source(slots)
         self.metrics.set_engine_guard_source(lambda: self.engine.status().guard)
-        self.guard_task = asyncio.create_task(self._count_forbidden(), name="guard-metrics")
+        self.metrics.set_engine_assertions_source(lambda: self.engine.status().assertions)
+        _spawn(stack, self._count_forbidden(), "guard-metrics")
 
     async def _count_forbidden(self) -> None:
         """Requests from forbidden sources never reach the service (the guard drops them
@@ -198,33 +297,48 @@ class Router:
             seen = dropped
             await asyncio.sleep(1.0)
 
-    async def _start_http(self) -> None:
-        self.secrets = secrets = SecretBox.load(self.cfg.storage.data_dir, self.environ)
+    def _bind_http(self, stack: contextlib.AsyncExitStack) -> None:
+        """Bind the API's socket (served from the end of the start); it stops and closes
+        before the store does."""
+        self.http_socket = http_listener(self.cfg.http.listen)
+        self.http_task: asyncio.Task[None] | None = None
+        stack.push_async_callback(self._stop_http)
 
+    def _api_deps(self) -> ApiDeps:
         async def routing_changed() -> None:
             await self.service.reload_routes(self.store)
 
-        management = Management(self.store, secrets, self.cfg.default_region,
+        management = Management(self.store, self.secrets, self.cfg.default_region,
                                 routing_changed, _utcnow)
-        deps = ApiDeps(
+        return ApiDeps(
             management=management, store=self.store, version=__version__,
             health=self._health, ready=self._ready, control=self._control,
             on_request=self.metrics.http_request,
             rate_limit_per_minute=self.cfg.http.rate_limit_per_minute,
+            max_body_bytes=self.cfg.http.max_body_bytes,
             metrics_app=self.metrics.asgi_app(),
         )
-        listen = self.cfg.http.listen
-        api = create_app(deps)
+
+    async def _serve_http(self) -> None:
+        api = create_app(self._api_deps())
         self.metrics.add_http_routes(getattr(r, "path", "") for r in api.routes)
-        config = uvicorn.Config(api, host=listen.host, port=listen.port,
-                                log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(api, log_config=None, access_log=False, lifespan="off")
         self.http = _Server(config)
-        self.http_task = asyncio.create_task(self.http.serve(), name="http")
-        while not self.http.started:
-            if self.http_task.done():
-                await self.http_task  # raises the bind error
-                raise RuntimeError("the HTTP server stopped during start-up")
+        self.http_task = task = asyncio.create_task(self.http.serve([self.http_socket]),
+                                                    name="http")
+        while not self.http.started:  # uvicorn offers no event to await
+            if task.done():
+                await task  # raises what stopped it
+                raise StartupError(f"the HTTP server on {self.cfg.http.listen} stopped "
+                                   "during start-up")
             await asyncio.sleep(0.01)
+
+    async def _stop_http(self) -> None:
+        if self.http_task is not None:
+            self.http.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.http_task
+        self.http_socket.close()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -254,19 +368,6 @@ class Router:
         while self.service.active and time.monotonic() < deadline and not self.forced.is_set():
             await asyncio.sleep(0.05)
 
-    async def _stop(self) -> None:
-        self.service.draining = True
-        self.guard_task.cancel()
-        await asyncio.to_thread(self.engine.stop)
-        self.service.abandon_all(EndReason.ROUTER_SHUTDOWN)
-        await self.recorder.flush()
-        self.writer.cancel()
-        self.http.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.http_task
-        await self.store.close()
-        log.info("router.stopped", uptime_seconds=round(time.monotonic() - self.started, 1))
-
     # ---- what the API asks of the router ---------------------------------------------
 
     async def _health(self) -> dict[str, dict[str, Any]]:
@@ -288,38 +389,9 @@ class Router:
             return False, "sip engine down"
         return True, "ready"
 
-    async def _control(self, call_id: uuid.UUID, command: dict[str, Any]) -> dict[str, Any]:
-        record = await self.store.get_call(call_id)
-        if record is None and call_id not in self.service.active:
-            raise NotFound(f"call {call_id} not found")
-        active = self.service.active.get(call_id)
-        if active is None or active.record.status != CallStatus.IN_PROGRESS:
-            raise ValidationError("the call is not in progress")
-        if command.get("type") == "end-call":
-            self.service.end_call(call_id, EndReason.ENDED_BY_API)
-            return {"success": True, "message": "call is being ended"}
-        target, credentials = await self._transfer_target(active.record, command["destination"])
-        self.service.transfer(call_id, target, credentials)
-        return {"success": True, "message": f"transferring the call to {command['destination']}"}
-
-    async def _transfer_target(self, record: CallRecord,
-                               destination: str) -> tuple[str, tuple[str, str] | None]:
-        """A SIP URI is dialled as it is; an E.164 number through the number's transfer
-        trunk, with the trunk's digest credentials."""
-        if destination.lower().startswith(("sip:", "sips:")):
-            return destination, None
-        number = await self.store.get_number(record.number_id) if record.number_id else None
-        trunk_id = number.transfer_trunk_id if number else None
-        trunk = await self.store.get_trunk(trunk_id) if trunk_id else None
-        if trunk is None or not trunk.is_active:
-            raise ValidationError("the number has no active transfer trunk "
-                                  "(transfer_trunk_id) to reach a phone number through")
-        uri = f"sip:{destination}@{trunk.address};transport={trunk.transport}"
-        if not trunk.username:
-            return uri, None
-        secret = await self.store.get_trunk_password(trunk.id)
-        password = self.secrets.decrypt(secret) if secret else ""
-        return uri, (trunk.username, password)
+    async def _control(self, call_id: uuid.UUID, command: ControlCommand) -> str:
+        controller = CallController(self.service, self.store, self.secrets.decrypt)
+        return await controller.control(call_id, command)
 
 
 def serve(cfg: Config, engine_info: EngineInfo, environ: Mapping[str, str] | None = None) -> int:

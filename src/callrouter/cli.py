@@ -5,13 +5,14 @@ management subcommands (``numbers``, ``trunks``, ``assistants``, ``keys``) from
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from callrouter import __version__, cli_client, config
-from callrouter.errors import CallrouterError, ConfigError
+from callrouter.errors import CallrouterError, ConfigError, EngineError
 from callrouter.sip.info import EngineInfo, read_engine_info
 
 
@@ -35,9 +36,13 @@ def _load(path: Path | None) -> tuple[config.Config, EngineInfo]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from callrouter import app, logs  # imports pjsua2: only for serve
-
     cfg, info = _load(args.config)
+    try:
+        importlib.import_module("pjsua2")  # only serve loads the engine
+    except ImportError as exc:  # e.g. its shared library is missing
+        raise EngineError(f"cannot load the SIP engine {info.module_path}: {exc}") from exc
+    from callrouter import app, logs
+
     logs.configure(cfg.log.format, cfg.log.level)
     return app.serve(cfg, info)
 

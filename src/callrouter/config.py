@@ -59,6 +59,8 @@ class InboundConfig:
     inactive_code: int
     runtime_failure_code: int
     retry_after_seconds: int
+    flood_limit: int  # new requests per second from one source; 0 = off
+    flood_ban_seconds: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ class SipConfig:
     max_calls: int
     ring_timeout_seconds: float
     max_duration_seconds: float
+    transfer_ring_timeout_seconds: float
     codecs: tuple[str, ...]
+    max_message_bytes: int
     inbound: InboundConfig
 
 
@@ -83,6 +87,7 @@ class RuntimeConfig:
 class HttpConfig:
     listen: HostPort
     rate_limit_per_minute: int
+    max_body_bytes: int
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CallsConfig:
+    retention_days: int = 90  # call records older than this are deleted; 0 keeps them
+    rejected_records_per_second: int = 10  # per outcome; further rejections only counted
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig
     runtime: RuntimeConfig
@@ -110,6 +121,7 @@ class Config:
     log: LogConfig
     default_region: str
     drain_timeout_seconds: float
+    calls: CallsConfig = CallsConfig()
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -138,6 +150,16 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def _non_negative_int(value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a whole number >= 0, got {value!r}") from None
+    if number < 0 or isinstance(value, bool):
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return number
 
 
 def _positive_int(value: Any) -> int:
@@ -227,6 +249,19 @@ def _codecs(value: Any) -> tuple[str, ...]:
     return codecs
 
 
+# What the engine's transports can read whole (PJSIP_MAX_PKT_LEN in
+# scripts/engine/config_site.h): the largest UDP payload fits, TCP messages up to this.
+ENGINE_MAX_MESSAGE_BYTES = 65535
+
+
+def _message_size(value: Any) -> int:
+    # Below 1,500 bytes ordinary INVITEs with SDP would be refused.
+    size = _positive_int(value)
+    if not 1500 <= size <= ENGINE_MAX_MESSAGE_BYTES:
+        raise ValueError(f"expected 1500..{ENGINE_MAX_MESSAGE_BYTES} bytes, got {value!r}")
+    return size
+
+
 @dataclass(frozen=True)
 class Setting:
     path: str
@@ -245,7 +280,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sip.max_calls", 1000, _positive_int),
     Setting("sip.ring_timeout_seconds", 30, _seconds),
     Setting("sip.max_duration_seconds", 14400, _seconds),
+    Setting("sip.transfer_ring_timeout_seconds", 30, _seconds),
     Setting("sip.codecs", ["PCMU", "PCMA"], _codecs),
+    Setting("sip.max_message_bytes", 16384, _message_size),
     Setting("sip.inbound.allowed_sources", ["127.0.0.0/8", "::1/128"], _networks),
     Setting("sip.inbound.forbidden_action", "drop", _choice("drop", "reject")),
     Setting("sip.inbound.unknown_number_code", 404, _sip_code(400, 699)),
@@ -254,16 +291,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sip.inbound.inactive_code", 480, _sip_code(400, 699)),
     Setting("sip.inbound.runtime_failure_code", 503, _sip_code(400, 699)),
     Setting("sip.inbound.retry_after_seconds", 5, _positive_int),
+    Setting("sip.inbound.flood_limit", 50, _non_negative_int),
+    Setting("sip.inbound.flood_ban_seconds", 60, _positive_int),
     Setting("runtime.pool", [], _sip_uris),
     Setting("runtime.strategy", "round-robin", _choice("round-robin", "first")),
     Setting("http.listen", "127.0.0.1:8080", _host_port),
     Setting("http.rate_limit_per_minute", 100, _positive_int),
+    Setting("http.max_body_bytes", 1024 * 1024, _positive_int),
     Setting("storage.data_dir", "./var", lambda v: Path(str(v))),
     Setting("log.format", "auto", _choice("auto", "json", "console")),
     Setting("log.level", "info", _choice("debug", "info", "warning", "error")),
     Setting("log.engine_level", 1, _int),
     Setting("numbers.default_region", "NL", _region),
     Setting("drain.timeout_seconds", 30, _seconds),
+    Setting("calls.retention_days", 90, _non_negative_int),
+    Setting("calls.rejected_records_per_second", 10, _non_negative_int),
 )
 
 
@@ -354,6 +396,8 @@ def _build(v: Mapping[str, Any]) -> Config:
         inactive_code=v["sip.inbound.inactive_code"],
         runtime_failure_code=v["sip.inbound.runtime_failure_code"],
         retry_after_seconds=v["sip.inbound.retry_after_seconds"],
+        flood_limit=v["sip.inbound.flood_limit"],
+        flood_ban_seconds=v["sip.inbound.flood_ban_seconds"],
     )
     sip = SipConfig(
         listen=v["sip.listen"],
@@ -362,17 +406,22 @@ def _build(v: Mapping[str, Any]) -> Config:
         max_calls=v["sip.max_calls"],
         ring_timeout_seconds=v["sip.ring_timeout_seconds"],
         max_duration_seconds=v["sip.max_duration_seconds"],
+        transfer_ring_timeout_seconds=v["sip.transfer_ring_timeout_seconds"],
         codecs=v["sip.codecs"],
+        max_message_bytes=v["sip.max_message_bytes"],
         inbound=inbound,
     )
     return Config(
         sip=sip,
         runtime=RuntimeConfig(pool=v["runtime.pool"], strategy=v["runtime.strategy"]),
         http=HttpConfig(listen=v["http.listen"],
-                        rate_limit_per_minute=v["http.rate_limit_per_minute"]),
+                        rate_limit_per_minute=v["http.rate_limit_per_minute"],
+                        max_body_bytes=v["http.max_body_bytes"]),
         storage=StorageConfig(data_dir=v["storage.data_dir"]),
         log=LogConfig(format=v["log.format"], level=v["log.level"],
                       engine_level=v["log.engine_level"]),
         default_region=v["numbers.default_region"],
         drain_timeout_seconds=v["drain.timeout_seconds"],
+        calls=CallsConfig(retention_days=v["calls.retention_days"],
+                          rejected_records_per_second=v["calls.rejected_records_per_second"]),
     )

@@ -9,8 +9,13 @@ exceptions. Every exception that can reach a peer knows what to answer with:
     │   └── InvalidNumber (400)        not a phone number
     ├── NotFound (404)                 unknown id
     ├── Conflict (409)                 duplicate number, object still referenced
+    │   └── CommandRefused (409)       the call's state refuses a control command now
     ├── StoreError (500)               the database failed (translated in store/ only)
-    └── EngineError (500, SIP 500)     pjsua2 failed (translated in sip/ only)
+    ├── EngineError (500, SIP 500)     pjsua2 failed (translated in sip/ only)
+    ├── EngineUnavailable (503)        no SIP engine to carry a control command
+    ├── EngineTimeout (504)            the SIP engine did not rule on a command in time
+    └── StartupError                   the router cannot start (a listener, the data
+                                       directory); the message names the address or path
 
 Foreign exceptions (sqlite3, pjsua2.Error) are translated in exactly one function
 per adapter, with ``raise ... from exc``.
@@ -33,6 +38,7 @@ class CallrouterError(Exception):
     status: int = 500
     sip_status: int = 500
     code: str = "internal_error"
+    public: bool = False  # a 5xx whose message tells the client nothing internal
 
     def __init__(self, message: str, *, details: list[FieldProblem] | None = None) -> None:
         super().__init__(message)
@@ -70,9 +76,29 @@ class Conflict(CallrouterError):
     code = "conflict"
 
 
+class CommandRefused(Conflict):
+    code = "command_refused"
+
+
 class StoreError(CallrouterError):
     code = "store_error"
 
 
 class EngineError(CallrouterError):
     code = "engine_error"
+
+
+class EngineUnavailable(CallrouterError):
+    status = 503
+    code = "engine_unavailable"
+    public = True
+
+
+class EngineTimeout(CallrouterError):
+    status = 504
+    code = "engine_timeout"
+    public = True
+
+
+class StartupError(CallrouterError):
+    code = "startup_error"

@@ -4,8 +4,8 @@ How it works: ``Metrics`` owns a private ``CollectorRegistry`` (never the proces
 one, so tests and several routers in one process do not collide). Callers speak in domain
 terms (``routing_decision(Outcome.BRIDGED, 0.004)``); this module alone knows metric names,
 units and buckets. Every label value comes from a closed set: an enum (``Outcome``,
-``EndReason``, ``StoreOperation``, ``GuardAction``) or a fixed table (SIP codes, HTTP
-methods, the route templates the API registers). An unknown enum value raises
+``EndReason``, ``StoreOperation``, ``GuardAction``, ``EngineEntry``) or a fixed table (SIP
+codes, HTTP methods, the route templates the API registers). An unknown enum value raises
 ``ValueError``; an open-ended input (a SIP code, a request path) collapses to ``"other"``.
 Never a phone number, a Call-ID or a raw URL path in a label: cardinality stays bounded.
 
@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from callrouter import __version__
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Outcome
+from callrouter.ports import EngineEntry
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
 
@@ -58,10 +59,14 @@ class GuardAction(enum.StrEnum):
     ENGINE_FULL = "engine_full"
     MALFORMED = "malformed"
     UNPARSABLE = "unparsable"
+    TOO_LARGE = "too_large"  # 513, or a response dropped, above sip.max_message_bytes
+    KEEPALIVE_PONG = "keepalive_pong"  # CRLF answered to a CRLFCRLF ping on TCP (RFC 5626)
+    FLOOD_DROPPED = "flood_dropped"  # a new request from a source banned for flooding
+    FLOOD_BAN = "flood_ban"  # a source banned (sip.inbound.flood_limit exceeded)
 
 
 # SIP codes the router sends on purpose get their own series; anything else is "other".
-SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503})
+SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503, 513})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # INVITE -> response on loopback is sub-millisecond; a slow runtime answers in seconds.
@@ -97,6 +102,7 @@ class Metrics:
         self._define_sip()
         self._define_calls()
         self._define_io()
+        self._define_engine_failures()
         self._build_info = Gauge(
             "callrouter_build_info",
             "Router build: version and the pjproject the engine was built from; always 1.",
@@ -104,6 +110,12 @@ class Metrics:
             registry=self.registry,
         )
         self._build_info.labels(version, pjproject).set(1)
+        self._engine_info = Gauge(
+            "callrouter_engine_info",
+            "The engine's source as built (scripts/build-engine.sh ENGINE-INFO); always 1.",
+            ["pjproject", "source", "source_version", "source_sha256", "fallback"],
+            registry=self.registry,
+        )
 
     def _define_sip(self) -> None:
         r = self.registry
@@ -112,36 +124,52 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         decisions = Counter(
-            "callrouter_routing_decisions", "Routing decisions, by outcome.", ["outcome"],
-            registry=r,
+            "callrouter_routing_decisions",
+            "Routing decisions, by outcome: one per INVITE, counted when decided (and requests "
+            "the guard refused for their source). How a bridged call ends is calls_ended.",
+            ["outcome"], registry=r,
         )  # fmt: skip
         self._decisions = {o: decisions.labels(o.value) for o in Outcome}
         responses = Counter(
-            "callrouter_sip_responses_sent", "SIP responses sent to callers, by status code.",
+            "callrouter_sip_responses_sent",
+            "Responses to callers' INVITEs, by status code, counted when the engine took them "
+            "(pjsua2 accepted the send), with pjsua's automatic 100 Trying; not the 487 pjsip "
+            "answers a CANCELled INVITE with itself.",
             ["code"], registry=r,
         )  # fmt: skip
         self._responses = {c: responses.labels(str(c)) for c in SIP_CODES}
         self._responses_other = responses.labels(OTHER)
-        self._first_response = _latency(r, "first_response", "INVITE to the first response.")
-        self._decision_time = _latency(r, "decision", "INVITE to the routing decision.")
-        self._answer_time = _latency(r, "answer", "INVITE to the caller's call being answered.")
+        self._first_response = _latency(
+            r, "first_response", "INVITE reaching the router to the router's first response "
+            "after 100 Trying (a refusal, or 180/200/a failure of a bridged call), when the "
+            "engine took it; once per INVITE.")
+        self._decision_time = _latency(
+            r, "decision", "INVITE reaching the router to the routing decision made; once per "
+            "INVITE, never ring or answer time.")
+        self._answer_time = _latency(
+            r, "answer", "INVITE reaching the router to the bridged call in progress (the "
+            "caller ACKed our 200); includes ring time.")
 
     def _define_calls(self) -> None:
         r = self.registry
         self._active = Gauge(
-            "callrouter_calls_active", "Calls the router holds, from INVITE to end.", registry=r
-        )
-        ended = Counter("callrouter_calls_ended", "Calls ended, by reason.", ["reason"], registry=r)
+            "callrouter_calls_active", "Bridged calls the router holds, from the routing "
+            "decision to their end.", registry=r,
+        )  # fmt: skip
+        ended = Counter(
+            "callrouter_calls_ended", "Bridged calls ended, by end reason (rejected INVITEs are "
+            "routing_decisions only).", ["reason"], registry=r,
+        )  # fmt: skip
         self._ended = {e: ended.labels(e.value) for e in EndReason}
         self._runtime_answer = Histogram(
             "callrouter_runtime_answer_seconds",
-            "Outbound INVITE to the assistant runtime until it answered.",
+            "The INVITE to the runtime attempt that answered, until its 200.",
             buckets=SIP_LATENCY_BUCKETS,
             registry=r,
         )
         self._duration = Histogram(
             "callrouter_call_duration_seconds",
-            "Answered calls: answer to hang-up.",
+            "Calls in progress: the caller's ACK of our 200 to the end of the call.",
             buckets=CALL_DURATION_BUCKETS,
             registry=r,
         )
@@ -168,7 +196,8 @@ class Metrics:
         self._invites.inc()
 
     def routing_decision(self, outcome: Outcome | str, seconds: float) -> None:
-        """Count a decision and observe INVITE -> decision. Unknown outcome: ValueError."""
+        """Count a decision and observe INVITE -> decision; once per INVITE, when decided
+        (never again when the call ends). Unknown outcome: ValueError."""
         self._decisions[Outcome(outcome)].inc()
         self._decision_time.observe(seconds)
 
@@ -178,6 +207,7 @@ class Metrics:
         self._decisions[Outcome.FORBIDDEN_SOURCE].inc(count)
 
     def first_response(self, seconds: float) -> None:
+        """INVITE -> the router's first response after 100 Trying, once the engine took it."""
         self._first_response.observe(seconds)
 
     def caller_answered(self, seconds: float) -> None:
@@ -187,6 +217,7 @@ class Metrics:
         self._runtime_answer.observe(seconds)
 
     def response_sent(self, code: int) -> None:
+        """A response the engine took for sending (never one only asked for)."""
         self._responses.get(code, self._responses_other).inc()
 
     # --- call lifecycle ----------------------------------------------------------------------
@@ -221,6 +252,21 @@ class Metrics:
         self._http_count.labels(route, method, code).inc()
         self._http_time.labels(route, method).observe(seconds)
 
+    # --- engine callbacks ---------------------------------------------------------------------
+
+    def _define_engine_failures(self) -> None:
+        failures = Counter(
+            "callrouter_engine_callback_failures",
+            "Exceptions raised inside a call from the SIP engine (logged as "
+            "sip.callback_failed; the call was ended), by where the engine called in.",
+            ["where"], registry=self.registry,
+        )  # fmt: skip
+        self._callback_failures = {e: failures.labels(e.value) for e in EngineEntry}
+
+    def engine_callback_failed(self, where: EngineEntry | str) -> None:
+        """Unknown ``where``: ValueError."""
+        self._callback_failures[EngineEntry(where)].inc()
+
     # --- engine (read at scrape time) --------------------------------------------------------
 
     def set_engine_slots_source(self, source: EngineSlotsSource | None) -> None:
@@ -230,6 +276,16 @@ class Metrics:
     def set_engine_guard_source(self, source: EngineGuardSource | None) -> None:
         """``source() -> {GuardAction value: count}``, called on every scrape."""
         self._engine.guard = source
+
+    def set_engine_info(self, *, pjproject: str, source: str, source_version: str,
+                        source_sha256: str, fallback: bool) -> None:
+        self._engine_info.clear()
+        self._engine_info.labels(pjproject, source, source_version, source_sha256,
+                                 "true" if fallback else "false").set(1)
+
+    def set_engine_assertions_source(self, source: Callable[[], int] | None) -> None:
+        """``source() -> count`` of pjlib assertions the engine logged and survived."""
+        self._engine.assertions = source
 
     def set_build_info(self, *, version: str, pjproject: str) -> None:
         self._build_info.clear()
@@ -259,10 +315,11 @@ class _EngineCollector(Collector):
     def __init__(self) -> None:
         self.slots: EngineSlotsSource | None = None
         self.guard: EngineGuardSource | None = None
+        self.assertions: Callable[[], int] | None = None
 
     def describe(self) -> Iterable[Metric]:
         # Declares the names up front so the registry can check for clashes at register time.
-        return [*_slot_families(), _guard_family()]
+        return [*_slot_families(), _guard_family(), _assertions_family()]
 
     def collect(self) -> Iterator[Metric]:
         if self.slots is not None:
@@ -270,6 +327,20 @@ class _EngineCollector(Collector):
             yield from _slot_families(max_calls, max(max_calls - in_use, 0))
         if self.guard is not None:
             yield _guard_family(self.guard())
+        if self.assertions is not None:
+            yield _assertions_family(self.assertions())
+
+
+def _assertions_family(count: int | None = None) -> Metric:
+    # pjlib is built with NDEBUG: a failed internal assertion is logged and the request
+    # fails instead of aborting the process (docs/engine.md, "Assertions").
+    family = CounterMetricFamily(
+        "callrouter_engine_assertions",
+        "pjlib assertions that failed inside the engine and were survived (NDEBUG build).",
+    )  # fmt: skip
+    if count is not None:
+        family.add_metric([], count)
+    return family
 
 
 def _slot_families(max_calls: int | None = None, free: int | None = None) -> list[Metric]:

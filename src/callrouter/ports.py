@@ -7,8 +7,10 @@ implementations of a seam pass the same contract tests.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -21,7 +23,7 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
 )
-from callrouter.domain.session import Command, Event
+from callrouter.domain.session import Command, Event, Refused, Request
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,17 @@ class Store(Protocol):
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None: ...
     async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]: ...
     async def close_open_calls(self, now: datetime) -> int:
-        """Close every call still connecting/in-progress as failed/router_restart."""
+        """Close every call still connecting/in-progress as failed/router_restart, ended
+        at the last heartbeat (``now`` if none was written) but never before the call's
+        own last update; ``updated_at`` becomes ``now``."""
+        ...
+
+    # the router's last sign of life, so a crash does not count as call time
+    async def heartbeat(self, at: datetime) -> None: ...
+
+    async def delete_calls_before(self, before: datetime, limit: int) -> int:
+        """Delete at most ``limit`` ended/failed calls created before ``before``, oldest
+        first, in one transaction; returns how many (the retention prune's one batch)."""
         ...
 
     # API keys: only the hash is stored
@@ -118,9 +130,56 @@ class Accepted:
     reaction: Reaction
 
 
+@dataclass(frozen=True)
+class ResponseSent:
+    """A response to a caller's INVITE that the engine took: pjsua2 accepted it without
+    raising (pjsua2 cannot report when a response actually leaves; this is the closest
+    point). pjsua's automatic 100 Trying is reported when pjsua hands the INVITE over."""
+
+    code: int
+    first: bool  # the router's first response to this INVITE after the 100 Trying
+    since_invite: float  # seconds from the INVITE reaching the router to this response
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """The session's answer to a request: ``refused`` (and why), or None and what to do."""
+
+    refused: Refused | None
+    reaction: Reaction
+
+
+class EngineEntry(enum.StrEnum):
+    """Where the SIP engine called into the router: a bounded label for failures."""
+
+    INCOMING_CALL = "incoming_call"  # a new INVITE (pjsua2 onIncomingCall)
+    LEG_STATE = "leg_state"  # a leg's call state changed (onCallState)
+    LEG_MEDIA = "leg_media"  # a leg's media changed (onCallMediaState)
+    LEG_DTMF = "leg_dtmf"  # a digit from the caller, forwarded on the SIP thread
+    CALL_EVENT = "call_event"  # the handler working on a leg event or a timer
+    CONTROL = "control"  # an API command carried to the SIP thread
+    TASK = "task"  # any other work queued for the SIP thread
+
+
 class CallHandler(Protocol):
+    """What the SIP adapter asks of the service, on the SIP thread."""
+
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected: ...
     def on_event(self, call_id: uuid.UUID, event: Event, now: float) -> Reaction: ...
+    def on_request(self, call_id: uuid.UUID, request: Request, now: float) -> Ruling: ...
+
+    def on_engine_failure(self, where: EngineEntry, call_id: uuid.UUID | None, error: str,
+                          now: float) -> Reaction:
+        """Something raised at ``where``: count it and end the call (if any) as failed."""
+        ...
+
+    def on_released(self, call_id: uuid.UUID) -> None:
+        """The adapter let go of the call: every leg has ended."""
+        ...
+
+    def on_response_sent(self, sent: ResponseSent) -> None:
+        """The engine took a response to a caller's INVITE (see ``ResponseSent``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -128,6 +187,7 @@ class EngineStatus:
     running: bool
     max_calls: int  # engine call slots (pjsua calls)
     calls_in_use: int
+    assertions: int  # pjlib assertions logged and survived (NDEBUG build)
     guard: dict[str, int]  # guard module counters
     version: str
 
@@ -135,8 +195,30 @@ class EngineStatus:
 class CallControl(Protocol):
     """What the service asks of the SIP side; safe to call from any thread."""
 
-    def deliver(self, call_id: uuid.UUID, event: Event) -> None:
-        """Hand ``event`` to the call on the SIP thread (ignored if the call is gone)."""
+    def submit(self, call_id: uuid.UUID, request: Request) -> Future[Refused | None]:
+        """Hand ``request`` to the call's session on the SIP thread. The future holds its
+        verdict: None when accepted, ``Refused`` when the call's state refuses it (or the
+        call has gone). Cancelling the future before the SIP thread takes it up means the
+        request is never acted on."""
         ...
 
     def status(self) -> EngineStatus: ...
+
+
+# ---- call control from the API ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndCall:
+    """API ``{"type": "end-call"}``."""
+
+
+@dataclass(frozen=True)
+class TransferCall:
+    """API ``{"type": "transfer", ...}``; ``destination`` is a SIP URI or an E.164 number."""
+
+    destination: str
+    message: str | None = None
+
+
+ControlCommand = EndCall | TransferCall

@@ -13,6 +13,12 @@ Nothing here blocks the SIP thread: call records go to ``CallRecorder``, which
 hands them to the asyncio loop thread-safely and writes them in batches. The
 route table is rebuilt from the store after every change (``reload_routes``) and
 swapped in with one assignment, so the very next INVITE sees it.
+
+A flood is survived, not absorbed: every rejected INVITE is counted in the metrics, but
+only ``calls.rejected_records_per_second`` of each outcome per second become a record
+and a ``call.routed`` line (the rest are summed up in one ``call.rejections_unrecorded``
+line); bridged calls are always recorded. ``CallPruner`` deletes records older than
+``calls.retention_days`` once a day, in small transactions on the asyncio loop.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import assert_never
 
 import structlog
 
 from callrouter.domain import session as s
-from callrouter.domain.models import CallRecord, CallStatus, EndReason
+from callrouter.domain.models import CallRecord, CallStatus, EndReason, Trunk
 from callrouter.domain.numbers import mask, normalise
 from callrouter.domain.routing import (
     Bridge,
@@ -43,16 +50,31 @@ from callrouter.domain.routing import (
     RuntimePool,
     decide,
 )
+from callrouter.domain.sampling import PerSecondSampler
 from callrouter.domain.sipuri import dialled_user, runtime_request_uri, uri_of, user_part
-from callrouter.errors import InvalidNumber, StoreError
+from callrouter.errors import (
+    CommandRefused,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidNumber,
+    NotFound,
+    StoreError,
+    ValidationError,
+)
 from callrouter.metrics import Metrics
 from callrouter.ports import (
     Accepted,
     CallControl,
+    ControlCommand,
+    EndCall,
+    EngineEntry,
     InboundInvite,
     Reaction,
     Rejected,
+    ResponseSent,
+    Ruling,
     Store,
+    TransferCall,
 )
 
 log = structlog.get_logger("callrouter.calls")
@@ -134,13 +156,54 @@ class CallRecorder:
                 delay = min(delay * 2, 2.0)
 
 
+class CallPruner:
+    """Deletes call records older than the retention, at start and then once a day.
+
+    Each batch (``batch`` rows) is one short store transaction and the loop yields between
+    batches, so the record writer and the API interleave with a long prune; the SIP thread
+    never touches the store, so routing never waits for it. ``retention_days`` 0 keeps
+    every record.
+    """
+
+    INTERVAL = 24 * 3600.0
+
+    def __init__(self, store: Store, *, retention_days: int,
+                 wall: Callable[[], datetime] = _utcnow, batch: int = 1000) -> None:
+        self._store = store
+        self._retention = timedelta(days=retention_days)
+        self._wall = wall
+        self._batch = batch
+
+    async def run(self) -> None:
+        while True:
+            try:
+                pruned = await self.prune_once()
+                if pruned:
+                    log.info("calls.pruned", count=pruned, retention_days=self._retention.days)
+            except StoreError as exc:
+                log.error("calls.prune_failed", error=str(exc))  # tried again tomorrow
+            await asyncio.sleep(self.INTERVAL)
+
+    async def prune_once(self) -> int:
+        if not self._retention:
+            return 0
+        before, pruned = self._wall() - self._retention, 0
+        while True:
+            deleted = await self._store.delete_calls_before(before, self._batch)
+            pruned += deleted
+            if deleted < self._batch:
+                return pruned
+            await asyncio.sleep(0)  # let the record writer and the API in between batches
+
+
 class CallService:
     """Implements ``ports.CallHandler``; see the module docstring."""
 
     def __init__(self, *, policy: Policy, timing: s.Timing, pool: RuntimePool,
                  default_region: str, metrics: Metrics, record: Callable[[CallRecord], None],
                  wall: Callable[[], datetime] = _utcnow,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 rejected_records_per_second: int = 10) -> None:
         self.policy = policy
         self.timing = timing
         self.pool = pool
@@ -152,7 +215,11 @@ class CallService:
         self.routes = RouteTable()
         self.draining = False
         self.active: dict[uuid.UUID, ActiveCall] = {}
+        # Ended calls whose legs the engine still holds: a late answer must reach the session.
+        self._ended: dict[uuid.UUID, ActiveCall] = {}
         self.control: CallControl | None = None
+        # A flood of rejected INVITEs is counted in full but recorded and logged sampled.
+        self._rejections = PerSecondSampler[Outcome](rejected_records_per_second)
 
     # ---- routes -------------------------------------------------------------------
 
@@ -164,14 +231,13 @@ class CallService:
 
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected:
         self.metrics.invite_received()
-        self.metrics.response_sent(100)  # pjsua sent 100 Trying before handing us the INVITE
-        self.metrics.first_response(max(0.0, self.clock() - invite.received_at))
         dialled_raw = dialled_user(invite.request_uri, invite.to_header)
         dialled = self._e164(dialled_raw)
         ctx = CallContext(dialled, len(self.active), self.draining)
         decision = decide(ctx, self.routes, self.policy, self.pool)
         caller = self._caller(invite.from_header)
         record = self._new_record(invite, dialled or dialled_raw, caller, decision)
+        # Counted once, here: what later becomes of a bridged call goes to calls_ended.
         self.metrics.routing_decision(decision.outcome, self.clock() - invite.received_at)
         if isinstance(decision, Reject):
             return self._reject(invite, record, decision)
@@ -180,12 +246,52 @@ class CallService:
     def on_event(self, call_id: uuid.UUID, event: s.Event, now: float) -> Reaction:
         call = self.active.get(call_id)
         if call is None:
-            return Reaction((), None)
+            return self._after_end(call_id, event, now)
         if isinstance(event, s.RuntimeAnswered) and event.attempt == call.session.attempt:
             self.metrics.runtime_answered(now - call.dial_at)
         if isinstance(event, s.RuntimeFailed):
             self._note_runtime_failure(call, event)
-        commands = call.session.handle(event, now)
+        return self._react(call, call.session.handle(event, now), now)
+
+    def on_request(self, call_id: uuid.UUID, request: s.Request, now: float) -> Ruling:
+        call = self.active.get(call_id) or self._ended.get(call_id)
+        if call is None:
+            gone = s.Refused(s.Refusal.NOT_CONNECTED, "the call has ended")
+            return Ruling(gone, Reaction((), None))
+        outcome = call.session.request(request, now)
+        if isinstance(outcome, s.Refused):
+            return Ruling(outcome, Reaction((), call.session.next_deadline()))
+        return Ruling(None, self._react(call, outcome, now))
+
+    def on_engine_failure(self, where: EngineEntry, call_id: uuid.UUID | None, error: str,
+                          now: float) -> Reaction:
+        self.metrics.engine_callback_failed(where)
+        call = self.active.get(call_id) if call_id else None
+        if call is None:
+            return Reaction((), None)
+        return self._react(call, call.session.handle(s.Aborted(error), now), now)
+
+    def on_released(self, call_id: uuid.UUID) -> None:
+        call = self.active.get(call_id)
+        if call is not None:  # every leg is gone, yet the session never finished
+            now = self.clock()
+            self._finished(call, s.Finish(CallStatus.FAILED, EndReason.ERROR, now,
+                                          "the engine released the call before it ended"), now)
+        self._ended.pop(call_id, None)
+
+    def on_response_sent(self, sent: ResponseSent) -> None:
+        self.metrics.response_sent(sent.code)
+        if sent.first:
+            self.metrics.first_response(sent.since_invite)
+
+    def _after_end(self, call_id: uuid.UUID, event: s.Event, now: float) -> Reaction:
+        """A leg of an ended call reports: its own end, or a late answer to hang up."""
+        call = self._ended.get(call_id)
+        if call is None:
+            return Reaction((), None)
+        return self._react(call, call.session.handle(event, now), now)
+
+    def _react(self, call: ActiveCall, commands: list[s.Command], now: float) -> Reaction:
         for command in commands:
             self._book(call, command, now)
         if any(isinstance(c, s.DialRuntime) for c in commands):
@@ -217,14 +323,23 @@ class CallService:
         )
 
     def _reject(self, invite: InboundInvite, record: CallRecord, decision: Reject) -> Rejected:
-        now = self.wall()
-        self.record(dataclasses.replace(
-            record, status=CallStatus.FAILED, end_reason=decision.end_reason,
-            ended_at=now, updated_at=now))
-        self.metrics.response_sent(decision.code)
-        self._log_decision(invite, record, decision.outcome, decision.code)
+        sample = self._rejections.sample(decision.outcome, self.clock())
+        if sample.skipped_before:
+            log.info("call.rejections_unrecorded", outcome=str(decision.outcome),
+                     count=sample.skipped_before)  # the previous second's, beyond the limit
+        if sample.admitted:
+            self._record_rejection(invite, record, decision)
         phrase = REASON_PHRASES.get(decision.code, "")
         return Rejected(decision.code, phrase, decision.retry_after)
+
+    def _record_rejection(self, invite: InboundInvite, record: CallRecord,
+                          decision: Reject) -> None:
+        now = self.wall()
+        closed = dataclasses.replace(
+            record, status=CallStatus.FAILED, end_reason=decision.end_reason,
+            ended_at=now, updated_at=now)
+        self.record(closed)
+        self._log_decision(invite, closed, decision.outcome, decision.code)
 
     def _bridge(self, invite: InboundInvite, record: CallRecord, decision: Bridge,
                 caller: str) -> Accepted:
@@ -249,20 +364,14 @@ class CallService:
         return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
 
     def _note_runtime_failure(self, call: ActiveCall, event: s.RuntimeFailed) -> None:
-        # Only the runtime being dialled counts (transfer legs have their own log line).
-        if event.attempt == call.session.attempt and event.attempt < len(call.session.targets):
+        # Only the runtime being dialled counts, not an attempt already abandoned.
+        if event.attempt == call.session.attempt:
             log.info("call.runtime_failed", call_id=str(call.record.id),
                      target=call.session.targets[event.attempt], code=event.code,
                      reason=event.reason)
 
     def _book(self, call: ActiveCall, command: s.Command, now: float) -> None:
         match command:
-            case s.AnswerCaller():
-                self.metrics.response_sent(200)
-            case s.RingCaller():
-                self.metrics.response_sent(180)
-            case s.RejectCaller(code):
-                self.metrics.response_sent(code)
             case s.MarkAnswered():
                 self._answered(call, now)
             case s.MarkTransferred(_, target):
@@ -272,6 +381,12 @@ class CallService:
                             code=code, reason=reason)
             case s.Finish():
                 self._finished(call, command, now)
+            case (s.DialRuntime() | s.HangupRuntime() | s.DialTarget() | s.HangupTarget()
+                  | s.HangupCaller() | s.BridgeRuntime() | s.BridgeTarget() | s.RingCaller()
+                  | s.AnswerCaller() | s.RejectCaller()):
+                pass  # carried out by the SIP adapter (which reports responses it sent)
+            case _:
+                assert_never(command)
 
     def _answered(self, call: ActiveCall, now: float) -> None:
         wall = self.wall()
@@ -293,9 +408,12 @@ class CallService:
 
     def _finished(self, call: ActiveCall, finish: s.Finish, now: float) -> None:
         self.active.pop(call.record.id, None)
+        self._ended[call.record.id] = call
         if call.record.end_reason == EndReason.TRANSFERRED:
             self.metrics.call_ended(EndReason.TRANSFERRED, float(call.record.duration_seconds or 0))
-            return  # the record was closed at the transfer
+            if log.is_enabled_for(logging.INFO):  # the record was closed at the transfer
+                self._log_end(call, now, call.record.duration_seconds)
+            return
         wall = self.wall()
         call.record = dataclasses.replace(
             call.record, status=finish.status, end_reason=finish.reason, ended_at=wall,
@@ -304,51 +422,130 @@ class CallService:
         duration = call.record.duration_seconds
         self.metrics.call_ended(finish.reason, None if call.record.started_at is None
                                 else float(duration or 0))
-        if finish.reason == EndReason.RUNTIME_UNAVAILABLE:
-            self.metrics.routing_decision(Outcome.RUNTIME_UNAVAILABLE, now - call.invite_at)
-        elif finish.reason == EndReason.CALLER_CANCELLED:
-            self.metrics.routing_decision(Outcome.CALLER_CANCELLED, now - call.invite_at)
         if log.is_enabled_for(logging.INFO):
-            self._log_end(call, finish, now, duration)
+            self._log_end(call, now, duration)
 
-    def _log_end(self, call: ActiveCall, finish: s.Finish, now: float,
-                 duration: int | None) -> None:
-        log.info("call.ended", call_id=str(call.record.id), sip_call_id=call.record.sip_call_id,
+    def _log_end(self, call: ActiveCall, now: float, duration: int | None) -> None:
+        record = call.record
+        log.info("call.ended", call_id=str(record.id), sip_call_id=record.sip_call_id,
                  dialled=call.dialled, caller=mask(call.caller),
-                 assistant_id=str(call.record.assistant_id), status=str(finish.status),
-                 end_reason=str(finish.reason), duration_seconds=duration,
-                 since_invite_ms=round((now - call.invite_at) * 1000, 1), error=finish.error)
+                 assistant_id=str(record.assistant_id), status=str(record.status),
+                 end_reason=str(record.end_reason), duration_seconds=duration,
+                 since_invite_ms=round((now - call.invite_at) * 1000, 1), error=record.error)
 
     def _log_decision(self, invite: InboundInvite, record: CallRecord, outcome: Outcome,
                       code: int) -> None:
         if not log.is_enabled_for(logging.INFO):
             return  # building the fields is most of the cost: skip it when dropped
+        # A rejected call ends here, so its one line also says how (no call.ended follows).
+        ended = {} if record.end_reason is None else {
+            "status": str(record.status), "end_reason": str(record.end_reason)}
         log.info("call.routed", call_id=str(record.id), sip_call_id=invite.sip_call_id,
                  dialled=record.assistant_phone, caller=mask(record.caller_phone),
                  assistant_id=str(record.assistant_id) if record.assistant_id else None,
                  outcome=str(outcome), sip_status=code,
-                 decision_ms=round((self.clock() - invite.received_at) * 1000, 3))
+                 decision_ms=round((self.clock() - invite.received_at) * 1000, 3), **ended)
 
     # ---- drain and shutdown (the asyncio side) ---------------------------------------
 
-    def end_call(self, call_id: uuid.UUID, reason: EndReason) -> bool:
-        if call_id not in self.active or self.control is None:
-            return False
-        self.control.deliver(call_id, s.EndRequested(reason))
-        return True
-
-    def transfer(self, call_id: uuid.UUID, target: str,
-                 credentials: tuple[str, str] | None) -> bool:
-        if call_id not in self.active or self.control is None:
-            return False
-        self.control.deliver(call_id, s.TransferRequested(target, credentials))
-        return True
-
     def end_all(self, reason: EndReason) -> None:
+        """Ask the engine to end every call (drain, shutdown); nobody waits for verdicts."""
+        if self.control is None:
+            return
         for call_id in list(self.active):
-            self.end_call(call_id, reason)
+            self.control.submit(call_id, s.EndRequested(reason))
 
     def abandon_all(self, reason: EndReason) -> None:
         """Close the records of calls the engine can no longer end (it has stopped)."""
         for call in list(self.active.values()):
             self._finished(call, s.Finish(CallStatus.ENDED, reason, self.clock()), self.clock())
+        self._ended.clear()
+
+
+CONTROL_TIMEOUT = 2.0  # seconds the API waits for the SIP thread's verdict
+
+
+class CallController:
+    """The API's call-control commands (the asyncio side).
+
+    A command is checked against the call (404 unknown, 400 not in progress), turned into
+    a session request (a transfer destination into the URI to dial and its credentials),
+    carried to the SIP thread as a value, and answered with the session's verdict: the
+    API's 200 means the session accepted it. No verdict within ``timeout`` is a 504, and
+    the request is withdrawn if the SIP thread has not taken it up yet.
+    """
+
+    def __init__(self, service: CallService, store: Store, decrypt: Callable[[bytes], str],
+                 timeout: float = CONTROL_TIMEOUT) -> None:
+        self._service = service
+        self._store = store
+        self._decrypt = decrypt
+        self._timeout = timeout
+
+    async def control(self, call_id: uuid.UUID, command: ControlCommand) -> str:
+        """What was done, in words. Raises ``NotFound``, ``ValidationError`` (not in
+        progress), ``CommandRefused``, ``EngineUnavailable`` or ``EngineTimeout``."""
+        call = await self._in_progress(call_id)
+        match command:
+            case EndCall():
+                await self._submit(call_id, s.EndRequested(EndReason.ENDED_BY_API))
+                return "the call is being ended"
+            case TransferCall(destination):
+                await self._submit(call_id, await self._transfer(call.record, destination))
+                return f"transferring the call to {destination}"
+            case _:
+                assert_never(command)
+
+    async def _in_progress(self, call_id: uuid.UUID) -> ActiveCall:
+        active = self._service.active.get(call_id)
+        if active is None and await self._store.get_call(call_id) is None:
+            raise NotFound(f"call {call_id} not found")
+        if active is None or active.record.status != CallStatus.IN_PROGRESS:
+            raise ValidationError("the call is not in progress")
+        return active
+
+    async def _transfer(self, record: CallRecord, destination: str) -> s.TransferRequested:
+        """A SIP URI is dialled as it is; an E.164 number through the number's transfer
+        trunk, with the trunk's digest credentials (read on every transfer, so a changed
+        password applies to the next one)."""
+        if destination.lower().startswith(("sip:", "sips:")):
+            return s.TransferRequested(destination)
+        trunk = await self._transfer_trunk(record)
+        uri = f"sip:{destination}@{trunk.address};transport={trunk.transport}"
+        if not trunk.username:
+            return s.TransferRequested(uri)
+        secret = await self._store.get_trunk_password(trunk.id)
+        password = self._decrypt(secret) if secret else ""
+        return s.TransferRequested(uri, (trunk.username, password))
+
+    async def _transfer_trunk(self, record: CallRecord) -> Trunk:
+        number = await self._store.get_number(record.number_id) if record.number_id else None
+        trunk_id = number.transfer_trunk_id if number else None
+        trunk = await self._store.get_trunk(trunk_id) if trunk_id else None
+        if trunk is None or not trunk.is_active:
+            raise ValidationError("the number has no active transfer trunk "
+                                  "(transfer_trunk_id) to reach a phone number through")
+        return trunk
+
+    async def _submit(self, call_id: uuid.UUID, request: s.Request) -> None:
+        control = self._service.control
+        if control is None:
+            raise EngineUnavailable("the SIP engine is not running")
+        verdict = asyncio.wrap_future(control.submit(call_id, request))
+        try:
+            refused = await asyncio.wait_for(verdict, self._timeout)
+        except TimeoutError as exc:
+            raise EngineTimeout(
+                f"the SIP engine did not answer within {self._timeout:g} s") from exc
+        if refused is not None:
+            raise _refusal_error(refused)
+
+
+def _refusal_error(refused: s.Refused) -> CommandRefused | ValidationError:
+    match refused.refusal:
+        case s.Refusal.BUSY:
+            return CommandRefused(refused.reason)
+        case s.Refusal.NOT_CONNECTED:
+            return ValidationError(refused.reason)
+        case _:
+            assert_never(refused.refusal)

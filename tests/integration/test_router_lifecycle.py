@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -78,3 +79,31 @@ def test_crash_leaves_no_open_record_after_restart(router_factory: type[RouterPr
     calls = router.calls()
     assert [(c["status"], c["end_reason"]) for c in calls] == [("failed", "router_restart")]
     assert calls[0]["assistant_phone"] == NUMBER
+
+
+HEARTBEAT_SECONDS = 1.0  # callrouter.app.HEARTBEAT_SECONDS (not imported: it loads pjsua2)
+
+
+def test_crash_recovery_ends_a_call_at_the_last_heartbeat(
+        router_factory: type[RouterProcess]) -> None:
+    """Guards true durations after a crash: a call left open by SIGKILL is closed at the
+    router's last heartbeat, so its duration does not include the downtime until the
+    restart (it used to end at the restart time)."""
+    router = router_factory()
+    assign(router, runtime("uas-runtime-answer"))
+    caller = uac(router, "uac-call-remote-bye", timeout_s=10).start()
+    answered = router.wait_for_call(lambda c: c["status"] == "in-progress", timeout=15)
+    time.sleep(2.5)  # talk time: heartbeats, not the answer, must bound the record
+    killed_at = datetime.now(UTC)
+    router.signal(signal.SIGKILL)
+    router.wait(5)
+    caller.stop()
+    key = router.key
+    router.start()
+    router.key = key
+    [call] = router.calls()
+    ended_at = datetime.fromisoformat(call["ended_at"])
+    assert (call["status"], call["end_reason"]) == ("failed", "router_restart")
+    assert call["started_at"] == answered["started_at"]
+    assert ended_at <= killed_at, "the downtime was counted as call time"
+    assert (killed_at - ended_at).total_seconds() <= HEARTBEAT_SECONDS + 1.0

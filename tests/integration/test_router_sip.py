@@ -336,3 +336,41 @@ def test_ipv6_listener_routes_and_bridges(router_factory: type[RouterProcess]) -
     result = uac(router, "uac-call-bridged", host="::1", duration_ms=1000).run()
     assert result.ok, result.explain()
     assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+
+
+def test_transfer_control_tells_the_truth_and_a_ringing_target_times_out(
+        router_factory: type[RouterProcess]) -> None:
+    """Guards issue 9 items 3 and 4: a second transfer while the first target still rings is
+    answered 409 (not 200 and silently dropped); a target that rings forever is cancelled
+    after ``sip.transfer_ring_timeout_seconds``, the caller stays with the assistant, and a
+    new transfer is accepted and completes."""
+    router = router_factory(CALLROUTER_SIP_TRANSFER_RING_TIMEOUT_SECONDS="2")  # type: ignore[call-arg]
+    rt = runtime("uas-runtime-answer")
+    ringing = runtime("uas-runtime-noanswer", timeout_s=15)
+    desk = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-bridged", duration_ms=6000, timeout_s=20).start()
+    call = router.wait_for_call(lambda c: c["status"] == "in-progress")
+    control = f"/calls/{call['id']}/control"
+    first = router.api("POST", control, json={"type": "transfer",
+                                              "destination": f"sip:desk@{ringing.address}"})
+    assert first.status_code == 200, first.text
+    second = router.api("POST", control, json={"type": "transfer",
+                                               "destination": f"sip:desk@{desk.address}"})
+    assert second.status_code == 409, second.text
+    assert second.json()["error"] and "transfer" in second.json()["message"]
+    started = time.monotonic()
+    assert "CANCEL" in ringing.wait().sequence("received")  # the transfer ring timeout
+    assert time.monotonic() - started < 5
+    third = router.api("POST", control, json={"type": "transfer",
+                                              "destination": f"sip:desk@{desk.address}"})
+    assert third.status_code == 200, third.text
+    result = caller.wait()
+    assert result.ok, result.explain()  # the caller stayed up throughout
+    assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+    assert "BYE" in rt.wait().sequence("received")
+    assert desk.wait().sequence("received")[:2] == ["INVITE", "ACK"]
+    record = router.wait_for_call(lambda c: c["id"] == call["id"] and c["status"] == "ended")
+    assert record["end_reason"] == "transferred"
+    ended = [e for e in router.events("call.ended") if e["call_id"] == call["id"]]
+    assert [e["end_reason"] for e in ended] == ["transferred"]

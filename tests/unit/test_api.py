@@ -22,9 +22,10 @@ import pytest
 
 from callrouter.crypto import SecretBox
 from callrouter.domain.models import CallRecord, CallStatus, EndReason
-from callrouter.errors import NotFound, ValidationError
+from callrouter.errors import CommandRefused, EngineTimeout, NotFound, ValidationError
 from callrouter.http import ApiDeps, create_app
 from callrouter.management import Management, issue_api_key
+from callrouter.ports import ControlCommand, EndCall, TransferCall
 from callrouter.store import SqliteStore
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +53,8 @@ class Env:
     read_only: dict[str, str]
     clock: Clock
     routing_changes: list[int] = field(default_factory=list)
-    controls: list[tuple[uuid.UUID, dict[str, Any]]] = field(default_factory=list)
+    controls: list[tuple[uuid.UUID, ControlCommand]] = field(default_factory=list)
+    verdict: Exception | None = None  # what the call's session answers, when not "accepted"
     requests: list[tuple[str, str, int]] = field(default_factory=list)
 
     async def post(self, path: str, body: Any) -> httpx.Response:
@@ -94,14 +96,16 @@ async def _metrics(scope: Any, receive: Any, send: Any) -> None:
 
 
 def _control(env: Env) -> Any:
-    async def control(call_id: uuid.UUID, command: dict[str, Any]) -> dict[str, Any]:
+    async def control(call_id: uuid.UUID, command: ControlCommand) -> str:
         call = await env.store.get_call(call_id)
         if call is None:
             raise NotFound("call not found")
         if call.status != CallStatus.IN_PROGRESS:
             raise ValidationError("call is not in progress")
         env.controls.append((call_id, command))
-        return {"success": True, "message": f"{command['type']} requested"}
+        if env.verdict is not None:
+            raise env.verdict
+        return "transfer requested" if isinstance(command, TransferCall) else "end requested"
     return control
 
 
@@ -394,8 +398,9 @@ async def test_call_control(env: Env) -> None:
     url = f"/api/v1/calls/{live.id}/control"
     r = await env.post(url, {"type": "transfer", "destination": "085 083 5037"})
     assert r.json() == {"success": True, "message": "transfer requested"}
-    assert env.controls[-1][1] == {"type": "transfer", "destination": NUMBER, "message": None}
+    assert env.controls[-1][1] == TransferCall(NUMBER, None)
     assert (await env.post(url, {"type": "end-call"})).status_code == 200
+    assert env.controls[-1][1] == EndCall()
     assert_error(await env.post(url, {"type": "transfer"}), 422, "destination")
     assert_error(await env.post(url, {"type": "transfer", "destination": "x"}), 422,
                  "destination")
@@ -403,6 +408,24 @@ async def test_call_control(env: Env) -> None:
     assert_error(await env.post(f"/api/v1/calls/{done.id}/control", {"type": "end-call"}), 400)
     assert_error(await env.post(f"/api/v1/calls/{uuid.uuid4()}/control",
                                 {"type": "end-call"}), 404)
+
+
+async def test_control_answers_with_the_sessions_verdict_in_the_error_shape(env: Env) -> None:
+    """Guards issue 9 item 3: the endpoint answered 200 before the SIP thread had looked
+    at the command; a refusal by the call's state is 409 and a missing verdict 504, both
+    as ``{"error", "message", "details"}`` with the reason in the message."""
+    live = record(T0, CallStatus.IN_PROGRESS)
+    await env.store.upsert_calls([live])
+    url = f"/api/v1/calls/{live.id}/control"
+    env.verdict = CommandRefused("a transfer to sip:desk@pbx is still ringing")
+    refused = await env.post(url, {"type": "transfer", "destination": "sip:desk@pbx"})
+    assert_error(refused, 409)
+    assert refused.json()["error"] == "command_refused"
+    assert refused.json()["message"] == "a transfer to sip:desk@pbx is still ringing"
+    env.verdict = EngineTimeout("the SIP engine did not answer within 2 s")
+    late = await env.post(url, {"type": "end-call"})
+    assert_error(late, 504)
+    assert late.json()["error"] == "engine_timeout" and "did not answer" in late.json()["message"]
 
 
 async def test_control_limit_is_10_per_minute_per_call(env: Env) -> None:
@@ -511,6 +534,58 @@ async def test_openapi_documents_the_served_shapes(env: Env) -> None:
     assert "bearer" in str(spec["components"]["securitySchemes"]).lower()
     served = (await env.post("/api/v1/numbers", {"phone_number": NUMBER})).json()["number"]
     assert set(served) == number_props
+
+
+# -- request body limit ------------------------------------------------------------------
+
+LIMIT = 1024 * 1024  # http.max_body_bytes' default
+
+
+@dataclass
+class CountedBody:
+    """A streamed request body that counts how many bytes the server pulled from it."""
+
+    size: int
+    chunk: int = 64 * 1024
+    pulled: int = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.pulled < self.size:
+            self.pulled += self.chunk
+            yield b" " * self.chunk
+
+
+def assert_too_large(r: httpx.Response) -> None:
+    assert_error(r, 413)
+    assert str(LIMIT) in r.json()["message"]
+
+
+async def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(env: Env) -> None:
+    """Guards against reading and parsing a huge body only to refuse it: a Content-Length
+    over http.max_body_bytes is answered 413 without taking a byte of the body."""
+    body = CountedBody(10 * LIMIT)
+    r = await env.client.post("/api/v1/numbers", content=body,
+                              headers={"Content-Length": str(body.size)})
+    assert_too_large(r)
+    assert body.pulled == 0
+    assert env.requests[-1] == ("/api/v1/numbers", "POST", 413)
+
+
+async def test_a_chunked_body_is_read_only_up_to_the_limit(env: Env) -> None:
+    """Guards the limit for bodies without Content-Length: reading stops past the limit."""
+    body = CountedBody(10 * LIMIT)
+    r = await env.client.post("/api/v1/numbers", content=body)
+    assert_too_large(r)
+    assert body.pulled <= LIMIT + body.chunk
+
+
+async def test_a_body_at_the_limit_is_served(env: Env) -> None:
+    """The limit is inclusive: a body of exactly http.max_body_bytes is parsed and served."""
+    payload = b'{"phone_number": "' + NUMBER.encode() + b'"}'
+    padded = payload.ljust(LIMIT)  # JSON whitespace up to exactly the limit
+    r = await env.client.post("/api/v1/numbers", content=padded,
+                              headers={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
 
 
 async def test_requests_are_reported_by_route_template(env: Env) -> None:

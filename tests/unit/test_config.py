@@ -86,6 +86,30 @@ def test_settings_are_checked_against_each_other() -> None:
     assert "need 2056 engine call slots; the engine was built with 2048" in text
 
 
+def test_message_size_limit_is_bounded_by_what_the_engine_reads() -> None:
+    assert config.load({}).sip.max_message_bytes == 16384
+    assert config.load({"CALLROUTER_SIP_MAX_MESSAGE_BYTES": "65535"}).sip.max_message_bytes \
+        == config.ENGINE_MAX_MESSAGE_BYTES
+    for bad in ("65536", "1000", "big"):
+        with pytest.raises(ConfigError, match=r"sip\.max_message_bytes"):
+            config.load({"CALLROUTER_SIP_MAX_MESSAGE_BYTES": bad})
+
+
 def test_a_capped_engine_is_refused() -> None:
     with pytest.raises(ConfigError, match="the engine was built with 4"):
         config.load({}, engine_max_calls=4)
+
+
+def test_call_record_settings_have_defaults_and_refuse_negatives() -> None:
+    """Guards the flood settings of issue 9 item 7(a): records kept 90 days, at most 10
+    rejected INVITEs of each outcome recorded a second; 0 turns either off."""
+    cfg = config.load({})
+    assert (cfg.calls.retention_days, cfg.calls.rejected_records_per_second) == (90, 10)
+    off = config.load({"CALLROUTER_CALLS_RETENTION_DAYS": "0",
+                       "CALLROUTER_CALLS_REJECTED_RECORDS_PER_SECOND": "0"})
+    assert (off.calls.retention_days, off.calls.rejected_records_per_second) == (0, 0)
+    with pytest.raises(ConfigError) as caught:
+        config.load({"CALLROUTER_CALLS_RETENTION_DAYS": "-1",
+                     "CALLROUTER_CALLS_REJECTED_RECORDS_PER_SECOND": "many"})
+    assert "calls.retention_days" in str(caught.value)
+    assert "calls.rejected_records_per_second" in str(caught.value)

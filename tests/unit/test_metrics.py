@@ -70,9 +70,11 @@ def test_every_metric_is_exposed_under_its_documented_name(metrics: Metrics) -> 
         "callrouter_http_requests",
         "callrouter_http_request_duration_seconds",
         "callrouter_build_info",
+        "callrouter_engine_info",
         "callrouter_engine_max_calls",
         "callrouter_engine_free_call_slots",
         "callrouter_engine_guard",
+        "callrouter_engine_callback_failures",
     }
 
 
@@ -204,11 +206,24 @@ def test_engine_figures_are_read_from_the_callbacks_at_scrape_time(metrics: Metr
     }
 
 
+def test_engine_assertions_and_source_are_exposed(metrics: Metrics) -> None:
+    survived = [0]
+    metrics.set_engine_assertions_source(lambda: survived[0])
+    metrics.set_engine_info(pjproject="2.17", source="debian-sid-asterisk",
+                            source_version="1:22.10.1", source_sha256="ab12", fallback=False)
+    assert value(metrics, "callrouter_engine_assertions_total") == 0
+    survived[0] = 2
+    assert value(metrics, "callrouter_engine_assertions_total") == 2
+    assert value(metrics, "callrouter_engine_info", pjproject="2.17", source="debian-sid-asterisk",
+                 source_version="1:22.10.1", source_sha256="ab12", fallback="false") == 1
+
+
 def test_engine_figures_are_absent_until_a_source_is_registered(metrics: Metrics) -> None:
     families = scrape(metrics)
     assert "callrouter_engine_max_calls" not in families
     assert "callrouter_engine_free_call_slots" not in families
     assert "callrouter_engine_guard" not in families
+    assert "callrouter_engine_assertions" not in families
 
 
 def test_an_unknown_guard_action_from_the_engine_is_refused(metrics: Metrics) -> None:

@@ -234,6 +234,46 @@ async def test_close_open_calls_marks_them_failed_router_restart(store: Store) -
     assert await store.get_call(done.id) == done
 
 
+async def test_close_open_calls_ends_them_at_the_last_heartbeat(store: Store) -> None:
+    """Guards true durations after a crash: a call left open ends at the router's last
+    heartbeat, not at the restart (the downtime is not call time), and never before the
+    record's own last update (a call that began after the last beat)."""
+    ringing = call(T0, CallStatus.CONNECTING)
+    talking = call(T0, CallStatus.IN_PROGRESS, started_at=T0 + timedelta(seconds=5),
+                   updated_at=T0 + timedelta(seconds=5))
+    late = call(T0 + timedelta(seconds=25), CallStatus.IN_PROGRESS,
+                started_at=T0 + timedelta(seconds=25))
+    await store.upsert_calls([ringing, talking, late])
+    await store.heartbeat(T0 + timedelta(seconds=10))
+    await store.heartbeat(T0 + timedelta(seconds=20))
+    restart = T0 + timedelta(hours=1)
+    assert await store.close_open_calls(restart) == 3
+    closed = [await store.get_call(c.id) for c in (ringing, talking, late)]
+    assert [c and (c.status, c.end_reason, c.ended_at, c.updated_at) for c in closed] == [
+        (CallStatus.FAILED, EndReason.ROUTER_RESTART, T0 + timedelta(seconds=20), restart),
+        (CallStatus.FAILED, EndReason.ROUTER_RESTART, T0 + timedelta(seconds=20), restart),
+        (CallStatus.FAILED, EndReason.ROUTER_RESTART, T0 + timedelta(seconds=25), restart)]
+    assert closed[1] is not None and closed[1].duration_seconds == 15
+
+
+async def test_prune_deletes_old_closed_calls_oldest_first_at_most_limit_at_a_time(
+        store: Store) -> None:
+    """Guards the retention prune (issue 9 item 7): one bounded batch per call, only
+    records created before the cut-off, never a call still connecting or in progress."""
+    cutoff = T0 - timedelta(days=90)
+    old = [call(cutoff - timedelta(days=1, seconds=i), status)
+           for i, status in enumerate([CallStatus.ENDED, CallStatus.FAILED] * 3)]
+    still_open = call(cutoff - timedelta(days=5), CallStatus.IN_PROGRESS)
+    recent = call(cutoff + timedelta(seconds=1), CallStatus.FAILED)
+    await store.upsert_calls([*old, still_open, recent])
+    assert await store.delete_calls_before(cutoff, limit=4) == 4
+    left = {c.id for c in (await store.list_calls(CallQuery()))[0]}
+    assert left == {old[0].id, old[1].id, still_open.id, recent.id}  # the oldest went first
+    assert await store.delete_calls_before(cutoff, limit=4) == 2
+    assert await store.delete_calls_before(cutoff, limit=4) == 0
+    assert (await store.list_calls(CallQuery()))[1] == 2
+
+
 # -- API keys ----------------------------------------------------------------------------
 
 async def test_api_keys_are_found_by_hash_only(store: Store) -> None:
@@ -261,6 +301,27 @@ async def test_sqlite_data_survives_reopen_and_migrations_run_once(tmp_path: Pat
     await second.open()  # a second open must not re-run migration 1 (tables exist)
     try:
         assert await second.get_number(n.id) == n
+    finally:
+        await second.close()
+
+
+async def test_sqlite_heartbeat_survives_a_reopen(tmp_path: Path) -> None:
+    """The heartbeat is read by the next process, after a crash: it must be on disk."""
+    path = tmp_path / "callrouter.db"
+    first = SqliteStore(path)
+    await first.open()
+    talking = call(T0, CallStatus.IN_PROGRESS, started_at=T0)
+    try:
+        await first.upsert_calls([talking])
+        await first.heartbeat(T0 + timedelta(seconds=30))
+    finally:
+        await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        await second.close_open_calls(T0 + timedelta(hours=2))
+        closed = await second.get_call(talking.id)
+        assert closed is not None and closed.ended_at == T0 + timedelta(seconds=30)
     finally:
         await second.close()
 

@@ -21,7 +21,9 @@ from callrouter.domain.models import Assistant, EndReason, PhoneNumber
 
 
 class Outcome(enum.StrEnum):
-    """Routing outcomes: the metric label set and the log field."""
+    """Routing outcomes: the metric label set and the log field. Only what ``decide``
+    (or the guard's source check) answers: how a bridged call ends later is an
+    ``EndReason``, never a second outcome."""
 
     BRIDGED = "bridged"
     UNKNOWN_NUMBER = "unknown_number"
@@ -31,8 +33,7 @@ class Outcome(enum.StrEnum):
     FORBIDDEN_SOURCE = "forbidden_source"
     OVER_CAPACITY = "over_capacity"
     DRAINING = "draining"
-    RUNTIME_UNAVAILABLE = "runtime_unavailable"
-    CALLER_CANCELLED = "caller_cancelled"
+    RUNTIME_UNAVAILABLE = "runtime_unavailable"  # the number's assistant has no runtime at all
 
 
 @dataclass(frozen=True)

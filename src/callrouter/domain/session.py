@@ -1,20 +1,27 @@
 """One bridged call, as an explicit state machine (sans-IO).
 
-How it works: the SIP adapter turns pjsua2 callbacks on the two legs (the caller's
-inbound leg and the outbound leg to the assistant's runtime) into the frozen
-events below and feeds them to ``CallSession.handle(event, now)``. The session
-looks the (state, event type) pair up in ``TRANSITIONS`` and returns commands for
-the adapter to carry out. It never reads a clock or touches a socket: ``now``
-comes in, and ``next_deadline()`` tells the adapter when to deliver ``TimerFired``
-(ring timeout while dialling, maximum duration while active).
+How it works: the SIP adapter turns pjsua2 callbacks on the call's legs into the frozen
+events below and feeds them to ``CallSession.handle(event, now)``; the API's commands
+arrive as requests through ``CallSession.request(request, now)``, which answers with
+commands or a ``Refused`` verdict. The session looks the (state, input type) pair up in
+``TRANSITIONS`` (or, for a request, ``REFUSALS``) and returns commands for the adapter to
+carry out. It never reads a clock or touches a socket: ``now`` comes in, and
+``next_deadline()`` tells the adapter when to deliver ``TimerFired``. Each timer has its
+own deadline (ring timeout while dialling a runtime, the transfer target's ring timeout,
+maximum duration once answered); ``TimerFired`` is turned into the timeout that is due
+(``RingTimedOut``, ``TargetTimedOut``, ``MaxDurationReached``) before the table is read.
 
-Runtime events carry the ``attempt`` they belong to: after a ring timeout or a
-refusal the session moves on to the next runtime, and late events from an
-abandoned attempt are ignored (or, for a late answer, hung up).
+A call has three kinds of leg, each with its own events and commands: the caller's
+inbound leg (``Caller*``), the outbound leg to the assistant's runtime, one per dialling
+``attempt`` (``Runtime*``), and the leg to a transfer target, one per transfer ``leg``
+number (``Target*``). An event from a leg that is not the current one of its kind (an
+abandoned runtime attempt, an earlier transfer target) is stale and ignored, except a
+late answer: that leg is answered with its own hang-up, in every state, or it would
+hold a call slot forever.
 
-A (state, event) pair that is not in the table raises ``InvalidTransition``;
-pairs that are benign in SIP (a second 180, a leg disconnecting after we hung it
-up) are listed explicitly as ignored.
+A (state, input) pair that is in neither table raises ``InvalidTransition``; pairs that
+are benign in SIP (a second 180, a leg disconnecting after we hung it up) are listed
+explicitly as ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ class State(enum.StrEnum):
     RINGING = "ringing"      # the runtime rings; the caller has heard 180
     ANSWERING = "answering"  # the runtime answered; 200 sent to the caller, awaiting ACK
     ACTIVE = "active"        # both legs confirmed, media bridged
-    TRANSFERRING = "transferring"  # active, and a leg to the transfer target is dialling
+    TRANSFERRING = "transferring"  # active, and a leg to the transfer target is ringing
+    TRANSFERRED = "transferred"    # the caller talks to the transfer target
     ENDED = "ended"
 
 
@@ -63,6 +71,32 @@ class RuntimeHungUp:
 
 
 @dataclass(frozen=True)
+class TargetRinging:
+    """The transfer target's leg ``leg`` rings."""
+
+    leg: int
+
+
+@dataclass(frozen=True)
+class TargetAnswered:
+    leg: int
+
+
+@dataclass(frozen=True)
+class TargetFailed:
+    """The transfer target's leg ended before it answered."""
+
+    leg: int
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TargetHungUp:
+    leg: int
+
+
+@dataclass(frozen=True)
 class CallerConfirmed:
     """The caller ACKed our 200."""
 
@@ -79,7 +113,44 @@ class CallerCancelled:
 
 @dataclass(frozen=True)
 class TimerFired:
+    """``next_deadline()`` has passed."""
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """The adapter failed while handling this call (a bug, not a SIP outcome): end it."""
+
+    error: str
+
+
+RuntimeEvent = RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp
+TargetEvent = TargetRinging | TargetAnswered | TargetFailed | TargetHungUp
+Event = (RuntimeEvent | TargetEvent | CallerConfirmed | CallerHungUp | CallerCancelled
+         | TimerFired | Aborted)
+
+
+# ---- timeouts (what a TimerFired turns into) -------------------------------------
+
+
+@dataclass(frozen=True)
+class RingTimedOut:
+    """The runtime being dialled did not answer within ``Timing.ring_timeout``."""
+
+
+@dataclass(frozen=True)
+class TargetTimedOut:
+    """The transfer target did not answer within ``Timing.transfer_ring_timeout``."""
+
+
+@dataclass(frozen=True)
+class MaxDurationReached:
     pass
+
+
+Timeout = RingTimedOut | TargetTimedOut | MaxDurationReached
+
+
+# ---- requests (the API -> session), answered with commands or a refusal -----------
 
 
 @dataclass(frozen=True)
@@ -97,8 +168,18 @@ class EndRequested:
     reason: EndReason
 
 
-Event = (RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp | CallerConfirmed
-         | CallerHungUp | CallerCancelled | TimerFired | TransferRequested | EndRequested)
+Request = TransferRequested | EndRequested
+
+
+class Refusal(enum.StrEnum):
+    NOT_CONNECTED = "not_connected"  # not (or no longer) in progress: the API's 400
+    BUSY = "busy"  # in progress, but its state refuses the request now: the API's 409
+
+
+@dataclass(frozen=True)
+class Refused:
+    refusal: Refusal
+    reason: str
 
 
 # ---- commands (session -> adapter) ----------------------------------------------
@@ -108,7 +189,6 @@ Event = (RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp | Call
 class DialRuntime:
     attempt: int
     target: str
-    credentials: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +196,18 @@ class HangupRuntime:
     """BYE, or CANCEL while the runtime has not answered."""
 
     attempt: int
+
+
+@dataclass(frozen=True)
+class DialTarget:
+    leg: int
+    target: str
+    credentials: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class HangupTarget:
+    leg: int
 
 
 @dataclass(frozen=True)
@@ -140,10 +232,17 @@ class HangupCaller:
 
 
 @dataclass(frozen=True)
-class BridgeMedia:
+class BridgeRuntime:
     """Connect the caller's audio with this runtime leg's, both ways."""
 
     attempt: int
+
+
+@dataclass(frozen=True)
+class BridgeTarget:
+    """Connect the caller's audio with the transfer target's, both ways."""
+
+    leg: int
 
 
 @dataclass(frozen=True)
@@ -176,12 +275,14 @@ class Finish:
     error: str | None = None
 
 
-Command = (DialRuntime | HangupRuntime | RingCaller | AnswerCaller | RejectCaller | HangupCaller
-           | BridgeMedia | MarkAnswered | MarkTransferred | TransferFailed | Finish)
+SipCommand = (DialRuntime | HangupRuntime | DialTarget | HangupTarget | RingCaller
+              | AnswerCaller | RejectCaller | HangupCaller | BridgeRuntime | BridgeTarget)
+Bookkeeping = MarkAnswered | MarkTransferred | TransferFailed | Finish
+Command = SipCommand | Bookkeeping
 
 
 class InvalidTransition(Exception):
-    def __init__(self, state: State, event: Event) -> None:
+    def __init__(self, state: State, event: Event | Timeout | Request) -> None:
         super().__init__(f"no transition from {state} on {type(event).__name__}")
         self.state = state
         self.event = event
@@ -193,9 +294,23 @@ class Timing:
     max_duration: float
     failure_code: int = 503
     retry_after: int = 5
+    transfer_ring_timeout: float = 30.0
 
 
-Handler = Callable[["CallSession", Event, float], list[Command]]
+class _Timer(enum.Enum):
+    RING = "ring"
+    TARGET_RING = "target_ring"
+    MAX_DURATION = "max_duration"
+
+
+_TIMEOUTS: dict[_Timer, Timeout] = {
+    _Timer.RING: RingTimedOut(), _Timer.TARGET_RING: TargetTimedOut(),
+    _Timer.MAX_DURATION: MaxDurationReached(),
+}
+
+Input = Event | Timeout | Request
+Handler = Callable[["CallSession", Input, float], list["Command"]]
+Refuser = Callable[["CallSession", Request], Refused]
 
 
 class CallSession:
@@ -209,22 +324,34 @@ class CallSession:
         self.state = State.DIALLING
         self.attempt = 0
         self.failures: list[str] = []
-        self.transfer_attempt: int | None = None
+        self.target_leg: int | None = None  # the transfer leg ringing or connected
         self.transfer_target = ""
         self.transfers = 0
         self.runtime_gone = False  # the assistant hung up while its transfer was dialling
-        self._deadline: float | None = None
+        self._deadlines: dict[_Timer, float] = {}
         self._started = now
 
     def start(self, now: float) -> list[Command]:
         return self._dial(0, now)
 
     def next_deadline(self) -> float | None:
-        return self._deadline
+        return min(self._deadlines.values(), default=None)
 
     def handle(self, event: Event, now: float) -> list[Command]:
+        if isinstance(event, TimerFired):
+            timeout = self._expired(now)
+            return [] if timeout is None else self._dispatch(timeout, now)
         if self._is_stale(event):
-            return self._stale(event)
+            return _hangup_if_answered(event)
+        return self._dispatch(event, now)
+
+    def request(self, request: Request, now: float) -> Refused | list[Command]:
+        refuse = REFUSALS.get((self.state, type(request)))
+        if refuse is not None:
+            return refuse(self, request)
+        return self._dispatch(request, now)
+
+    def _dispatch(self, event: Input, now: float) -> list[Command]:
         handler = TRANSITIONS.get((self.state, type(event)))
         if handler is None:
             raise InvalidTransition(self.state, event)
@@ -232,24 +359,27 @@ class CallSession:
 
     # ---- helpers used by the transition handlers --------------------------------
 
+    def _expired(self, now: float) -> Timeout | None:
+        due = [timer for timer, at in self._deadlines.items() if at <= now]
+        if not due:
+            return None
+        timer = min(due, key=self._deadlines.__getitem__)
+        del self._deadlines[timer]
+        return _TIMEOUTS[timer]
+
     def _is_stale(self, event: Event) -> bool:
-        attempt = getattr(event, "attempt", None)
-        return attempt is not None and attempt not in (self.attempt, self.transfer_attempt)
-
-    def _is_transfer_leg(self, event: Event) -> bool:
-        attempt = getattr(event, "attempt", None)
-        return self.transfer_attempt is not None and attempt == self.transfer_attempt
-
-    def _stale(self, event: Event) -> list[Command]:
-        # A runtime we gave up on answered after all: hang that leg up.
-        if isinstance(event, RuntimeAnswered):
-            return [HangupRuntime(event.attempt)]
-        return []
+        match event:
+            case RuntimeRinging(n) | RuntimeAnswered(n) | RuntimeFailed(n) | RuntimeHungUp(n):
+                return n != self.attempt
+            case TargetRinging(n) | TargetAnswered(n) | TargetFailed(n) | TargetHungUp(n):
+                return n != self.target_leg
+            case _:
+                return False
 
     def _dial(self, attempt: int, now: float) -> list[Command]:
         self.attempt = attempt
         self.state = State.DIALLING
-        self._deadline = now + self.timing.ring_timeout
+        self._deadlines = {_Timer.RING: now + self.timing.ring_timeout}
         return [DialRuntime(attempt, self.targets[attempt])]
 
     def _next_or_fail(self, failure: str, now: float) -> list[Command]:
@@ -263,125 +393,206 @@ class CallSession:
     def _end(self, now: float, status: CallStatus, reason: EndReason,
              commands: list[Command], error: str | None = None) -> list[Command]:
         self.state = State.ENDED
-        self._deadline = None
+        self._deadlines = {}
         return [*commands, Finish(status, reason, now, error)]
+
+    def _other_legs(self) -> list[Command]:
+        """Hang-ups for every outbound leg still up, in the current state."""
+        if self.state is State.TRANSFERRED:
+            return [HangupTarget(self.target_leg or 0)]
+        legs: list[Command] = [] if self.runtime_gone else [HangupRuntime(self.attempt)]
+        if self.state is State.TRANSFERRING:
+            legs.append(HangupTarget(self.target_leg or 0))
+        return legs
+
+    def _back_to_the_assistant(self, now: float, failed: TransferFailed) -> list[Command]:
+        self.target_leg = None
+        self._deadlines.pop(_Timer.TARGET_RING, None)
+        if self.runtime_gone:
+            return self._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP,
+                             [failed, HangupCaller()])
+        self.state = State.ACTIVE  # the caller stays with the assistant
+        return [failed]
+
+
+def _hangup_if_answered(event: Event) -> list[Command]:
+    """A leg that is not the current one answered after all: hang *that* leg up."""
+    match event:
+        case RuntimeAnswered(attempt):
+            return [HangupRuntime(attempt)]
+        case TargetAnswered(leg):
+            return [HangupTarget(leg)]
+        case _:
+            return []
 
 
 # ---- transition handlers ----------------------------------------------------------
 
 
-def _ignore(s: CallSession, e: Event, now: float) -> list[Command]:
+def _ignore(s: CallSession, e: Input, now: float) -> list[Command]:
     return []
 
 
-def _ringing(s: CallSession, e: Event, now: float) -> list[Command]:
+def _hangup_answered(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, RuntimeAnswered | TargetAnswered)
+    return _hangup_if_answered(e)
+
+
+def _ringing(s: CallSession, e: Input, now: float) -> list[Command]:
     s.state = State.RINGING
     return [RingCaller()]
 
 
-def _runtime_answered(s: CallSession, e: Event, now: float) -> list[Command]:
+def _runtime_answered(s: CallSession, e: Input, now: float) -> list[Command]:
     s.state = State.ANSWERING
-    s._deadline = None
+    s._deadlines = {}
     return [AnswerCaller()]
 
 
-def _runtime_failed(s: CallSession, e: Event, now: float) -> list[Command]:
+def _runtime_failed(s: CallSession, e: Input, now: float) -> list[Command]:
     assert isinstance(e, RuntimeFailed)
     return s._next_or_fail(f"{e.code} {e.reason}".strip(), now)
 
 
-def _ring_timeout(s: CallSession, e: Event, now: float) -> list[Command]:
+def _ring_timeout(s: CallSession, e: Input, now: float) -> list[Command]:
     return [HangupRuntime(s.attempt), *s._next_or_fail("no answer (ring timeout)", now)]
 
 
-def _cancelled(s: CallSession, e: Event, now: float) -> list[Command]:
+def _cancelled(s: CallSession, e: Input, now: float) -> list[Command]:
     return s._end(now, CallStatus.ENDED, EndReason.CALLER_CANCELLED, [HangupRuntime(s.attempt)])
 
 
-def _end_before_answer(s: CallSession, e: Event, now: float) -> list[Command]:
+def _end_before_answer(s: CallSession, e: Input, now: float) -> list[Command]:
     assert isinstance(e, EndRequested)
     return s._end(now, CallStatus.FAILED, e.reason,
                   [HangupRuntime(s.attempt), RejectCaller(503, s.timing.retry_after)])
 
 
-def _confirmed(s: CallSession, e: Event, now: float) -> list[Command]:
+def _confirmed(s: CallSession, e: Input, now: float) -> list[Command]:
     s.state = State.ACTIVE
-    s._deadline = now + s.timing.max_duration
-    return [BridgeMedia(s.attempt), MarkAnswered(now)]
+    s._deadlines = {_Timer.MAX_DURATION: now + s.timing.max_duration}
+    return [BridgeRuntime(s.attempt), MarkAnswered(now)]
 
 
-def _all_runtime_legs(s: CallSession) -> list[Command]:
-    legs: list[Command] = [HangupRuntime(s.attempt)]
-    if s.transfer_attempt is not None and s.transfer_attempt != s.attempt:
-        legs.append(HangupRuntime(s.transfer_attempt))
-    return legs
+def _caller_hangup(s: CallSession, e: Input, now: float) -> list[Command]:
+    return s._end(now, CallStatus.ENDED, EndReason.CALLER_HANGUP, s._other_legs())
 
 
-def _caller_hangup(s: CallSession, e: Event, now: float) -> list[Command]:
-    return s._end(now, CallStatus.ENDED, EndReason.CALLER_HANGUP, _all_runtime_legs(s))
+def _runtime_hangup(s: CallSession, e: Input, now: float) -> list[Command]:
+    return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP, [HangupCaller()])
 
 
-def _runtime_hangup(s: CallSession, e: Event, now: float) -> list[Command]:
-    return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP,
-                  [HangupCaller(), *_all_runtime_legs(s)[1:]])
+def _target_hangup(s: CallSession, e: Input, now: float) -> list[Command]:
+    return s._end(now, CallStatus.ENDED, EndReason.TRANSFERRED, [HangupCaller()])
 
 
-def _max_duration(s: CallSession, e: Event, now: float) -> list[Command]:
+def _max_duration(s: CallSession, e: Input, now: float) -> list[Command]:
     return s._end(now, CallStatus.ENDED, EndReason.MAX_DURATION,
-                  [HangupCaller(), *_all_runtime_legs(s)])
+                  [HangupCaller(), *s._other_legs()])
 
 
-def _end_connected(s: CallSession, e: Event, now: float) -> list[Command]:
+def _end_connected(s: CallSession, e: Input, now: float) -> list[Command]:
     assert isinstance(e, EndRequested)
-    return s._end(now, CallStatus.ENDED, e.reason, [HangupCaller(), *_all_runtime_legs(s)])
+    return s._end(now, CallStatus.ENDED, e.reason, [HangupCaller(), *s._other_legs()])
 
 
-TRANSFER_ATTEMPTS = 1000  # transfer legs are numbered from here, apart from runtime attempts
+def _abort_unanswered(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, Aborted)
+    return s._end(now, CallStatus.FAILED, EndReason.ERROR,
+                  [HangupRuntime(s.attempt), RejectCaller(500)], e.error)
 
 
-def _transfer(s: CallSession, e: Event, now: float) -> list[Command]:
+def _abort_connected(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, Aborted)
+    return s._end(now, CallStatus.FAILED, EndReason.ERROR,
+                  [HangupCaller(), *s._other_legs()], e.error)
+
+
+def _transfer(s: CallSession, e: Input, now: float) -> list[Command]:
     assert isinstance(e, TransferRequested)
     s.state = State.TRANSFERRING
     s.transfers += 1
-    s.transfer_attempt = TRANSFER_ATTEMPTS + s.transfers
+    s.target_leg = s.transfers
     s.transfer_target = e.target
-    return [DialRuntime(s.transfer_attempt, e.target, e.credentials)]
+    s._deadlines[_Timer.TARGET_RING] = now + s.timing.transfer_ring_timeout
+    return [DialTarget(s.target_leg, e.target, e.credentials)]
 
 
-def _transfer_leg(s: CallSession, e: Event, now: float) -> list[Command]:
-    """An event on the assistant's leg or on the transfer leg while transferring."""
-    if not s._is_transfer_leg(e):
-        if isinstance(e, RuntimeHungUp | RuntimeFailed):
-            s.runtime_gone = True  # the caller waits for the transfer target
-        return []
-    if isinstance(e, RuntimeAnswered):
-        assert s.transfer_attempt is not None
-        old, s.attempt = s.attempt, s.transfer_attempt
-        s.state = State.ACTIVE
-        hangup: list[Command] = [] if s.runtime_gone else [HangupRuntime(old)]
-        return [*hangup, BridgeMedia(s.attempt), MarkTransferred(now, s.transfer_target)]
-    if isinstance(e, RuntimeFailed | RuntimeHungUp):
-        failed: list[Command] = [TransferFailed(
-            s.transfer_target, getattr(e, "code", 487), getattr(e, "reason", "hung up"))]
-        s.transfer_attempt = None
-        if s.runtime_gone:
-            return s._end(now, CallStatus.ENDED, EndReason.ASSISTANT_HANGUP,
-                          [*failed, HangupCaller()])
-        s.state = State.ACTIVE  # the caller stays with the assistant
-        return failed
-    return []  # ringing: the caller keeps talking to the assistant meanwhile
+def _target_answered(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, TargetAnswered)
+    s.state = State.TRANSFERRED
+    s._deadlines.pop(_Timer.TARGET_RING, None)
+    hangup: list[Command] = [] if s.runtime_gone else [HangupRuntime(s.attempt)]
+    return [*hangup, BridgeTarget(e.leg), MarkTransferred(now, s.transfer_target)]
 
 
-_LEG_EVENTS = (RuntimeRinging, RuntimeAnswered, RuntimeFailed, RuntimeHungUp)
+def _target_failed(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, TargetFailed)
+    return s._back_to_the_assistant(now, TransferFailed(s.transfer_target, e.code, e.reason))
+
+
+def _target_timeout(s: CallSession, e: Input, now: float) -> list[Command]:
+    leg = s.target_leg or 0
+    failed = TransferFailed(s.transfer_target, 408, "no answer (transfer ring timeout)")
+    return [HangupTarget(leg), *s._back_to_the_assistant(now, failed)]
+
+
+def _assistant_left(s: CallSession, e: Input, now: float) -> list[Command]:
+    s.runtime_gone = True  # the caller waits for the transfer target
+    return []
+
+
+# ---- refusals (requests a state does not take) -------------------------------------
+
+
+def _not_answered(s: CallSession, r: Request) -> Refused:
+    return Refused(Refusal.NOT_CONNECTED, "the call is not connected yet")
+
+
+def _transfer_ringing(s: CallSession, r: Request) -> Refused:
+    return Refused(Refusal.BUSY, f"a transfer to {s.transfer_target} is still ringing")
+
+
+def _already_transferred(s: CallSession, r: Request) -> Refused:
+    return Refused(Refusal.NOT_CONNECTED, "the call was transferred")
+
+
+def _over(s: CallSession, r: Request) -> Refused:
+    return Refused(Refusal.NOT_CONNECTED, "the call has ended")
+
+
+REFUSALS: dict[tuple[State, type], Refuser] = {
+    (State.DIALLING, TransferRequested): _not_answered,
+    (State.RINGING, TransferRequested): _not_answered,
+    (State.ANSWERING, TransferRequested): _not_answered,
+    (State.TRANSFERRING, TransferRequested): _transfer_ringing,
+    (State.TRANSFERRED, TransferRequested): _already_transferred,
+    (State.ENDED, TransferRequested): _over,
+    (State.ENDED, EndRequested): _over,
+}
+
+# ---- the table ------------------------------------------------------------------------
 
 _UNANSWERED: dict[type, Handler] = {
     RuntimeRinging: _ringing,
     RuntimeAnswered: _runtime_answered,
     RuntimeFailed: _runtime_failed,
-    TimerFired: _ring_timeout,
+    RingTimedOut: _ring_timeout,
     CallerCancelled: _cancelled,
     CallerHungUp: _cancelled,
     EndRequested: _end_before_answer,
+    Aborted: _abort_unanswered,
+}
+
+# While the caller is connected, to the assistant or (transferring) still to it.
+_CONNECTED: dict[type, Handler] = {
+    CallerHungUp: _caller_hangup,
+    CallerConfirmed: _ignore,
+    MaxDurationReached: _max_duration,
+    EndRequested: _end_connected,
+    Aborted: _abort_connected,
+    RuntimeRinging: _ignore,
+    RuntimeAnswered: _ignore,
 }
 
 TRANSITIONS: dict[tuple[State, type], Handler] = {
@@ -394,26 +605,33 @@ TRANSITIONS: dict[tuple[State, type], Handler] = {
     (State.ANSWERING, RuntimeHungUp): _runtime_hangup,
     (State.ANSWERING, RuntimeFailed): _runtime_hangup,
     (State.ANSWERING, EndRequested): _end_connected,
+    (State.ANSWERING, Aborted): _abort_connected,
     (State.ANSWERING, RuntimeRinging): _ignore,
     (State.ANSWERING, RuntimeAnswered): _ignore,
-    (State.ACTIVE, CallerHungUp): _caller_hangup,
+    **{(State.ACTIVE, t): h for t, h in _CONNECTED.items()},
     (State.ACTIVE, RuntimeHungUp): _runtime_hangup,
     (State.ACTIVE, RuntimeFailed): _runtime_hangup,
-    (State.ACTIVE, TimerFired): _max_duration,
-    (State.ACTIVE, EndRequested): _end_connected,
-    (State.ACTIVE, CallerConfirmed): _ignore,
-    (State.ACTIVE, RuntimeRinging): _ignore,
-    (State.ACTIVE, RuntimeAnswered): _ignore,
     (State.ACTIVE, TransferRequested): _transfer,
-    **{(State.TRANSFERRING, t): _transfer_leg for t in _LEG_EVENTS},
-    (State.TRANSFERRING, CallerHungUp): _caller_hangup,
-    (State.TRANSFERRING, TimerFired): _max_duration,
-    (State.TRANSFERRING, EndRequested): _end_connected,
-    (State.TRANSFERRING, CallerConfirmed): _ignore,
-    # Once ended, the legs we hung up report their own end: expected, ignored. A runtime
-    # whose 200 crossed our CANCEL is answered, though, and must be hung up.
-    (State.ENDED, RuntimeAnswered): lambda s, e, now: [HangupRuntime(s.attempt)],
+    **{(State.TRANSFERRING, t): h for t, h in _CONNECTED.items()},
+    (State.TRANSFERRING, RuntimeHungUp): _assistant_left,
+    (State.TRANSFERRING, RuntimeFailed): _assistant_left,
+    (State.TRANSFERRING, TargetRinging): _ignore,  # the caller talks to the assistant meanwhile
+    (State.TRANSFERRING, TargetAnswered): _target_answered,
+    (State.TRANSFERRING, TargetFailed): _target_failed,
+    (State.TRANSFERRING, TargetTimedOut): _target_timeout,
+    **{(State.TRANSFERRED, t): h for t, h in _CONNECTED.items()},
+    # The assistant's leg was hung up at the transfer: its own end is expected.
+    (State.TRANSFERRED, RuntimeHungUp): _ignore,
+    (State.TRANSFERRED, RuntimeFailed): _ignore,
+    (State.TRANSFERRED, RuntimeAnswered): _hangup_answered,
+    (State.TRANSFERRED, TargetHungUp): _target_hangup,
+    (State.TRANSFERRED, TargetRinging): _ignore,
+    (State.TRANSFERRED, TargetAnswered): _ignore,
+    # Once ended, the legs we hung up report their own end: expected, ignored. A leg whose
+    # 200 crossed our CANCEL is answered, though, and must be hung up.
+    (State.ENDED, RuntimeAnswered): _hangup_answered,
+    (State.ENDED, TargetAnswered): _hangup_answered,
     **{(State.ENDED, t): _ignore for t in (
-        TransferRequested, RuntimeRinging, RuntimeFailed, RuntimeHungUp, CallerConfirmed,
-        CallerHungUp, CallerCancelled, TimerFired, EndRequested)},
+        RuntimeRinging, RuntimeFailed, RuntimeHungUp, TargetRinging, TargetFailed,
+        TargetHungUp, CallerConfirmed, CallerHungUp, CallerCancelled, Aborted)},
 }

@@ -1,7 +1,9 @@
 """``create_app``: the FastAPI application serving the management API.
 
 Layers, outermost first: ``Observe`` (timing per route template) -> ``Guard`` (bearer
-key, per-key rate limit, read-only keys) -> FastAPI's exception handlers
+key, per-key rate limit, read-only keys) -> ``BodyLimit`` (413 over
+``http.max_body_bytes``; after the key check, so an anonymous caller learns no limit)
+-> FastAPI's exception handlers
 (``http.failures``) -> the routes (``http.routes``). ``/api/v1/health``,
 ``/api/v1/ready``, ``/metrics`` and the OpenAPI document (``/openapi.json``, ``/docs``)
 need no key.
@@ -15,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from callrouter.http import failures, routes
 from callrouter.http.deps import ApiDeps
-from callrouter.http.guard import Guard, Observe
+from callrouter.http.guard import BodyLimit, Guard, Observe
 from callrouter.http.ratelimit import FixedWindowLimiter
 
 
@@ -40,6 +42,7 @@ def create_app(deps: ApiDeps) -> FastAPI:
         Route("/metrics", _Mounted(deps.metrics_app), include_in_schema=False)]
     app.router.routes.extend(extra)
     failures.install(app)
+    app.add_middleware(BodyLimit, limit=deps.max_body_bytes)
     app.add_middleware(
         Guard, authenticate=deps.management.authenticate, open_paths=routes.OPEN_PATHS,
         limiter=FixedWindowLimiter(deps.rate_limit_per_minute, clock=deps.clock))

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from callrouter.management import Management
-from callrouter.ports import Store
+from callrouter.ports import ControlCommand, Store
 
 
 def _ignore_request(route: str, method: str, status: int, seconds: float) -> None:
@@ -23,12 +23,15 @@ class ApiDeps:
     """The API's collaborators.
 
     ``health`` returns the checks dict (``{"database": {"status": "ok", ...}, ...}``);
-    ``ready`` answers (ready?, reason); ``control`` performs a validated call-control
-    command (``{"type": "transfer", "destination": ..., "message": ...}`` or
-    ``{"type": "end-call"}``) and raises ``NotFound`` for an unknown call and
-    ``ValidationError`` when the call cannot take it (answered 400); ``on_request`` receives
+    ``ready`` answers (ready?, reason); ``control`` carries a validated call-control
+    command (``ports.EndCall`` or ``ports.TransferCall``) to the call and returns what was
+    done once the call's session accepted it; it raises ``NotFound`` for an unknown call,
+    ``ValidationError`` when the call is not in progress (answered 400), ``CommandRefused``
+    when its state refuses the command now (409), ``EngineUnavailable`` (503) and
+    ``EngineTimeout`` (504) when the SIP side gives no verdict; ``on_request`` receives
     (route template, method, status, seconds) for every request; ``metrics_app``, if
     given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits.
+    ``max_body_bytes``: larger request bodies get 413.
     """
 
     management: Management
@@ -36,9 +39,10 @@ class ApiDeps:
     version: str
     health: Callable[[], Awaitable[dict[str, dict[str, Any]]]]
     ready: Callable[[], tuple[bool, str]]
-    control: Callable[[uuid.UUID, dict[str, Any]], Awaitable[dict[str, Any]]]
+    control: Callable[[uuid.UUID, ControlCommand], Awaitable[str]]
     on_request: Callable[[str, str, int, float], None] = _ignore_request
     rate_limit_per_minute: int = 100
     control_limit_per_minute: int = 10
+    max_body_bytes: int = 1024 * 1024
     metrics_app: ASGIApp | None = None
     clock: Callable[[], float] = time.monotonic

@@ -55,7 +55,7 @@ def _code(status: int) -> str:
 
 async def on_router_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CallrouterError)
-    if exc.status >= 500:
+    if exc.status >= 500 and not exc.public:
         return error_response(exc.status, exc.code, "the router could not complete the request")
     headers = exc.headers if isinstance(exc, TooManyRequests) else None
     return error_response(exc.status, exc.code, exc.message, exc.details, headers)
@@ -78,10 +78,22 @@ def _field(loc: Sequence[object]) -> str:
     return ".".join(str(part) for part in (loc[1:] or loc))
 
 
-async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
+class BodyTooLarge(HTTPException):
+    """The request body passed ``http.max_body_bytes`` (``guard.BodyLimit``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes "
+                              "(http.max_body_bytes)")
+
+
+def http_error_response(exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, _code(exc.status_code), str(exc.detail),
                           headers=exc.headers)
+
+
+async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return http_error_response(exc)
 
 
 async def on_unexpected(_: Request, __: Exception) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The API's front door, as two small ASGI middlewares.
+"""The API's front door, as three small ASGI middlewares.
 
 ``Guard`` checks every request under ``/api/`` except the open paths (health, ready):
 a missing or unknown bearer key is 401 (with ``WWW-Authenticate: Bearer``), a key over its
@@ -6,6 +6,12 @@ per-minute budget is 429, a read-only key on anything but GET/HEAD/OPTIONS is 40
 before routing and body parsing, so an anonymous caller learns nothing about routes or
 payloads. The ``X-RateLimit-*`` headers are added to every response to an authenticated
 request, errors included; the key is left in ``scope["state"]["api_key"]``.
+
+``BodyLimit`` refuses a request body over ``http.max_body_bytes`` with 413 (JSON naming the
+limit): at once when its Content-Length says so, before a byte of it is read; otherwise (a
+chunked body) as soon as the bytes read pass the limit, without reading on. The body is
+read inside the app, so the second case is ``BodyTooLarge`` raised from ``receive``, which
+FastAPI hands to the error handlers like any ``HTTPException``.
 
 ``Observe`` times each request and reports (route template, method, status, seconds) to a
 callback; the template comes from matching the app's routes, so label values stay
@@ -21,7 +27,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from callrouter.domain.models import ApiKey
-from callrouter.http.failures import error_response
+from callrouter.http.failures import BodyTooLarge, error_response, http_error_response
 from callrouter.http.ratelimit import FixedWindowLimiter
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -95,6 +101,42 @@ def _with_headers(send: Send, headers: Mapping[str, str]) -> Send:
         await send(message)
 
     return sending
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self._limit:
+            await http_error_response(BodyTooLarge(self._limit))(scope, receive, send)
+            return
+        await self._app(scope, self._counting(receive), send)
+
+    def _counting(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def receiving() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self._limit:
+                raise BodyTooLarge(self._limit)  # and read no further
+            return message
+
+        return receiving
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 class Observe:

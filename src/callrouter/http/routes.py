@@ -22,7 +22,7 @@ from callrouter.http import views as v
 from callrouter.http.deps import ApiDeps
 from callrouter.http.failures import CallNotControllable, TooManyRequests
 from callrouter.http.ratelimit import FixedWindowLimiter
-from callrouter.ports import CallQuery
+from callrouter.ports import CallQuery, ControlCommand, EndCall, TransferCall
 
 OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/ready"})
 _T = TypeVar("_T")
@@ -181,30 +181,31 @@ async def get_call(call_id: uuid.UUID, deps: Deps) -> v.CallDetail:
     return v.CallDetail.of(_found(await deps.store.get_call(call_id), "call"))
 
 
-@router.post("/calls/{call_id}/control", tags=["calls"])
+@router.post("/calls/{call_id}/control", tags=["calls"],
+             responses={status: {"model": v.ErrorBody} for status in (503, 504)})
 async def control_call(
     call_id: uuid.UUID, body: schemas.ControlCommand, deps: Deps, limiter: ControlLimiter
 ) -> v.ControlResult:
+    """200 once the call's session accepted the command; 409 when its state refuses it
+    now (a transfer still ringing), 400 when the call is not in progress."""
     command = _command(body, deps)
     verdict = limiter.hit(call_id)
     if not verdict.allowed:
         raise TooManyRequests(f"at most {verdict.limit} control commands per minute per call",
                               verdict.headers())
     try:
-        result = await deps.control(call_id, command)
+        message = await deps.control(call_id, command)
     except ValidationError as exc:
         raise CallNotControllable(exc.message, details=exc.details) from exc
-    return v.ControlResult(success=bool(result.get("success", True)),
-                           message=str(result.get("message", "ok")))
+    return v.ControlResult(success=True, message=message)
 
 
-def _command(body: schemas.ControlCommand, deps: ApiDeps) -> dict[str, Any]:
+def _command(body: schemas.ControlCommand, deps: ApiDeps) -> ControlCommand:
     if body.type == "end-call":
-        return {"type": "end-call"}
+        return EndCall()
     if not body.destination:
         raise schemas.invalid("destination", "is required for a transfer")
-    destination = deps.management.control_destination(body.destination)
-    return {"type": "transfer", "destination": destination, "message": body.message}
+    return TransferCall(deps.management.control_destination(body.destination), body.message)
 
 
 # -- health (open) ---------------------------------------------------------------------

@@ -4,36 +4,29 @@ How it works: ``SipEngine.start()`` spawns the SIP thread, which creates the
 endpoint (``threadCnt = 0``: no pjsua worker threads), the UDP and TCP transports,
 one account, the router's guard module, and then loops::
 
-    libHandleEvents(10 ms) -> run work queued by other threads -> fire due timers
-    -> drop released Call objects
+    libHandleEvents(10 ms) -> CallAdapter.tick(): run work queued by other threads,
+    fire due timers, drop released Call objects
 
-pjsua2 callbacks become domain events (``legs``); each event goes to the
-``CallHandler`` (the service), whose ``Reaction`` lists SIP commands that this
-module carries out, and the call's next deadline, kept in a heap here: the one
-real timer. Events raised while a command runs (pjsua reports some state changes
-synchronously) are queued and handled after it, never re-entrantly.
-
-Other threads reach the engine only through ``deliver`` and ``call_soon``, which
-queue work for the SIP thread. Call objects stay referenced until their leg is
-DISCONNECTED and are dropped outside the callback (docs/engine.md pitfalls).
-pjsua2 errors are translated in ``_translate`` only.
+This module and the modules it brings in (``pjstack``, ``legs``) are the part bound to
+pjsua2: the endpoint, its thread and the Call objects. What calls do (the pump, timers,
+leg lifecycle, the callback guard) is ``adapter.CallAdapter``, which reaches pjsua2 only
+through the ``stack.SipStack`` seam (``pjstack.PjStack`` here) and is unit-tested on a
+fake. Other threads reach the engine only through ``submit`` and ``call_soon``, which
+queue work for the SIP thread. pjsua2 errors are translated in ``_translate`` only.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
-import heapq
-import itertools
 import os
-import queue
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import pjsua2 as pj
@@ -41,15 +34,10 @@ import structlog
 
 from callrouter.domain import session as s
 from callrouter.errors import EngineError
-from callrouter.ports import (
-    Accepted,
-    CallHandler,
-    EngineStatus,
-    InboundInvite,
-    Reaction,
-    Rejected,
-)
-from callrouter.sip.legs import CallerLeg, RuntimeLeg
+from callrouter.ports import CallHandler, EngineStatus
+from callrouter.sip.adapter import CallAdapter
+from callrouter.sip.heap import HeapTrimmer, malloc_trim
+from callrouter.sip.pjstack import PjStack
 
 log = structlog.get_logger("callrouter.sip")
 
@@ -67,24 +55,29 @@ class EngineSettings:
     allowed_networks: tuple[tuple[str, int], ...]  # (address, prefix length)
     forbidden_reject_code: int  # 0: drop silently
     slot_reserve: int
+    max_message_bytes: int = 16384
+    flood_limit: int = 0  # new requests per second per source; 0 = off
+    flood_ban_seconds: int = 60
     log_level: int = 1
 
 
-@dataclass
-class BridgedCall:
-    """The engine's side of one routed call: its legs and media wiring."""
-
-    call_id: uuid.UUID
-    caller: CallerLeg
-    headers: tuple[tuple[str, str], ...]
-    runtimes: dict[int, RuntimeLeg] = field(default_factory=dict)
-    deadline: float | None = None
-    bridged: int | None = None  # the runtime attempt whose audio is joined to the caller's
-    ended: bool = False
-
-
-def _translate(exc: pj.Error) -> EngineError:
+def _translate(exc: pj.Error, doing: str = "") -> EngineError:
+    # str() of a pjsua2.Error (a SWIG proxy) is empty: its text is in title/reason/status.
+    if doing:  # say what failed with pjlib's reason, e.g. "address already in use"
+        reason = exc.reason or exc.title or f"status {exc.status}"
+        return EngineError(f"{doing}: {reason[:1].lower()}{reason[1:]}")
     return EngineError(f"pjsua2: {exc.title or exc.reason} ({exc.status})")
+
+
+def _start_failure(exc: BaseException) -> EngineError:
+    """What ``start()`` raises for a failure on the SIP thread: as translated there, else
+    with a reason that is never empty."""
+    if isinstance(exc, EngineError):
+        return exc
+    reason = _translate(exc).message if isinstance(exc, pj.Error) else str(exc) or repr(exc)
+    failure = EngineError(f"the SIP engine failed to start: {reason}")
+    failure.__cause__ = exc
+    return failure
 
 
 class _Account(pj.Account):  # type: ignore[misc]
@@ -97,8 +90,22 @@ class _Account(pj.Account):  # type: ignore[misc]
 
 
 class _LogWriter(pj.LogWriter):  # type: ignore[misc]
+    """pjlib's log lines, through the router's logger. pjlib is built with NDEBUG: a
+    failed internal assertion is logged at level 1 ("Assert failed: ...") and the
+    operation fails instead of aborting the process; those are counted and logged as
+    errors (docs/engine.md, "Assertions"). Called on whichever thread logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assertions = 0
+
     def write(self, entry: pj.LogEntry) -> None:
-        log.debug("engine.log", level=entry.level, msg=entry.msg.rstrip())
+        msg = entry.msg.rstrip()
+        if "Assert failed" in msg:
+            self.assertions += 1
+            log.error("engine.assertion", msg=msg)
+        else:
+            log.debug("engine.log", level=entry.level, msg=msg)
 
 
 class SipEngine:
@@ -109,23 +116,19 @@ class SipEngine:
         self.settings = settings
         self.handler = handler
         self.clock = clock
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._events: collections.deque[tuple[uuid.UUID, s.Event]] = collections.deque()
-        self._timers: list[tuple[float, int, uuid.UUID]] = []
-        self._seq = itertools.count()
-        self._calls: dict[uuid.UUID, BridgedCall] = {}
-        self._legs: set[pj.Call] = set()  # every live leg: keeps Call objects referenced
-        self._released: list[pj.Call] = []
+        self.stack = PjStack(account=lambda: self.account, account_config=self._account_config,
+                             new_account=lambda: _Account(self), translate=_translate)
+        self.adapter = CallAdapter(handler, self.stack, clock)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._failure: BaseException | None = None
-        self._pumping = False
         self._version = "unknown"
         self._max_calls = 0
         self.ep: Any = None
         self.account: Any = None
-        self._trunk_accounts: dict[tuple[str, str], Any] = {}
+        self._log_writer = _LogWriter()
+        self._heap = HeapTrimmer(malloc_trim())  # memory back to the OS after a burst
 
     # ---- lifecycle (any thread) ----------------------------------------------------
 
@@ -135,7 +138,7 @@ class SipEngine:
         if not self._ready.wait(timeout):
             raise EngineError("the SIP engine did not start in time")
         if self._failure is not None:
-            raise EngineError(f"the SIP engine failed to start: {self._failure}") from self._failure
+            raise _start_failure(self._failure)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -147,16 +150,17 @@ class SipEngine:
         return self._ready.is_set() and self._failure is None and not self._stop.is_set()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        self._inbox.put(fn)
+        self.adapter.call_soon(fn)
 
-    def deliver(self, call_id: uuid.UUID, event: s.Event) -> None:
-        self.call_soon(lambda: self._queue_event(call_id, event))
+    def submit(self, call_id: uuid.UUID, request: s.Request) -> Future[s.Refused | None]:
+        return self.adapter.submit(call_id, request)
 
     def status(self) -> EngineStatus:
         return EngineStatus(
             running=self.running,
             max_calls=self._max_calls,
-            calls_in_use=len(self._legs),
+            calls_in_use=self.adapter.legs_in_use,
+            assertions=self._log_writer.assertions,
             guard={
                 "dropped_source": int(pj.crGuardDroppedSources()),
                 "refused_method": int(pj.crGuardRefusedMethods()),
@@ -164,6 +168,10 @@ class SipEngine:
                 "engine_full": int(pj.crGuardEngineFull()),
                 "malformed": int(pj.crGuardMalformed()),
                 "unparsable": int(pj.crGuardUnparsable()),
+                "too_large": int(pj.crGuardTooLarge()),
+                "keepalive_pong": int(pj.crGuardKeepalivePongs()),
+                "flood_dropped": int(pj.crGuardFloodDropped()),
+                "flood_ban": int(pj.crGuardFloodBans()),
             },
             version=self._version,
         )
@@ -175,6 +183,7 @@ class SipEngine:
             self._create_endpoint()
         except BaseException as exc:  # reported to start(), which raises EngineError
             self._failure = exc
+            self._abandon_endpoint()
             self._ready.set()
             return
         self._ready.set()
@@ -185,21 +194,18 @@ class SipEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.ep.libHandleEvents(POLL_MS)
-            self._run_inbox()
-            self._fire_timers(self.clock())
-            self._released.clear()  # drop Call objects outside their callbacks
+            events = self.ep.libHandleEvents(POLL_MS)
+            self.adapter.tick()  # queued work, due timers, Call objects dropped outside callbacks
+            self._report_flood_bans()
+            self._heap.after(max(events, 0), self.clock())  # trims once a burst is over
 
-    def _run_inbox(self) -> None:
-        while True:
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fn()
-            except Exception:
-                log.exception("sip.task_failed")
+    def _report_flood_bans(self) -> None:
+        """One log line per ban the guard started (it queues the source addresses)."""
+        banned = pj.crGuardTakeNewBans()
+        for source in banned.split():
+            log.warning("sip.flood_ban", source=source,
+                        limit_per_second=self.settings.flood_limit,
+                        ban_seconds=self.settings.flood_ban_seconds)
 
     def _create_endpoint(self) -> None:
         self.ep = pj.Endpoint()
@@ -221,10 +227,10 @@ class SipEngine:
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = False
         cfg.uaConfig.userAgent = ""  # no User-Agent/Server header naming the stack
-        cfg.logConfig.level = self.settings.log_level
-        cfg.logConfig.consoleLevel = self.settings.log_level
+        # Level 1 at least: assertion failures are logged there.
+        cfg.logConfig.level = max(self.settings.log_level, 1)
+        cfg.logConfig.consoleLevel = max(self.settings.log_level, 1)
         cfg.logConfig.msgLogging = 0
-        self._log_writer = _LogWriter()
         cfg.logConfig.writer = self._log_writer
         cfg.medConfig.clockRate = 8000
         cfg.medConfig.sndClockRate = 8000
@@ -237,13 +243,18 @@ class SipEngine:
         v6 = ":" in self.settings.listen_host
         kinds = ((pj.PJSIP_TRANSPORT_UDP6, pj.PJSIP_TRANSPORT_TCP6) if v6
                  else (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP))
-        for kind in kinds:
+        host, port = self.settings.listen_host, self.settings.listen_port
+        listen = f"[{host}]:{port}" if v6 else f"{host}:{port}"
+        for kind, name in zip(kinds, ("udp", "tcp"), strict=True):
             tcfg = pj.TransportConfig()
-            tcfg.port = self.settings.listen_port
-            if self.settings.listen_host not in ("0.0.0.0", "::"):
-                tcfg.boundAddress = self.settings.listen_host
+            tcfg.port = port
+            if host not in ("0.0.0.0", "::"):
+                tcfg.boundAddress = host
             tcfg.publicAddress = self.settings.advertise
-            self.ep.transportCreate(kind, tcfg)
+            try:
+                self.ep.transportCreate(kind, tcfg)
+            except pj.Error as exc:
+                raise _translate(exc, f"cannot listen for SIP on {listen}/{name}") from exc
 
     def _set_codecs(self) -> None:
         wanted = [c.upper() for c in self.settings.codecs]
@@ -262,6 +273,8 @@ class SipEngine:
                 raise EngineError(f"guard rejected network {address}/{prefix}")
         pj.crGuardSetSourceRejectCode(self.settings.forbidden_reject_code)
         pj.crGuardSetSlotReserve(self.settings.slot_reserve)
+        pj.crGuardSetMaxMessageBytes(self.settings.max_message_bytes)
+        pj.crGuardSetFloodControl(self.settings.flood_limit, self.settings.flood_ban_seconds)
 
     def _account_config(self) -> Any:
         acfg = pj.AccountConfig()
@@ -275,7 +288,11 @@ class SipEngine:
         if self.settings.listen_host not in ("0.0.0.0", "::"):
             media.boundAddress = self.settings.listen_host
         if ":" in self.settings.listen_host:  # an IPv6 listener gets IPv6 media (RFC 5118)
-            acfg.mediaConfig.ipv6Use = pj.PJSUA_IPV6_ENABLED
+            # IPv6 only: from 2.15, "enabled" means dual stack, and an IPv4 media socket
+            # cannot bind the IPv6 listen address (PJ_EAFNOTSUP). 2.12.1 has no _ONLY.
+            ipv6 = getattr(pj, "PJSUA_IPV6_ENABLED_USE_IPV6_ONLY", pj.PJSUA_IPV6_ENABLED)
+            acfg.mediaConfig.ipv6Use = ipv6
+            acfg.sipConfig.ipv6Use = ipv6
         # One codec per answer is enough; pjsua's "lock codec" re-INVITE is not wanted.
         acfg.mediaConfig.lockCodecEnabled = False
         acfg.natConfig.contactRewriteUse = 0
@@ -283,16 +300,25 @@ class SipEngine:
         acfg.natConfig.sdpNatRewriteUse = 0
         return acfg
 
+    def _abandon_endpoint(self) -> None:
+        """After a failed start: free what was created (transports, pjlib's threads), so
+        nothing answers SIP and nothing keeps the process alive."""
+        if self.ep is None:
+            return
+        with contextlib.suppress(pj.Error):
+            if self.account is not None:
+                self.account.shutdown()
+            # Nothing is on the network to finish: skip pjsua's one-second wait for it.
+            self.ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
+
     def _shutdown(self) -> None:
         try:
             self.ep.hangupAllCalls()
             deadline = time.monotonic() + 1.0
-            while self._legs and time.monotonic() < deadline:
+            while self.adapter.legs_in_use and time.monotonic() < deadline:
                 self.ep.libHandleEvents(POLL_MS)
-            self._calls.clear()
-            self._legs.clear()
-            self._released.clear()
-            for account in [self.account, *self._trunk_accounts.values()]:
+            self.adapter.close()
+            for account in [self.account, *self.stack.trunk_accounts()]:
                 account.shutdown()
             self.ep.libDestroy()
         except pj.Error as exc:
@@ -301,193 +327,7 @@ class SipEngine:
     # ---- incoming INVITEs ----------------------------------------------------------
 
     def _on_incoming(self, prm: Any) -> None:
-        received = self.clock()
-        leg = CallerLeg(self.account, prm.callId, self)
-        self._legs.add(leg)
-        rdata = prm.rdata
-        request_uri, headers = _request_line_and_headers(rdata.wholeMsg)
-        invite = InboundInvite(
-            sip_call_id=headers.get("call-id", ""),
-            request_uri=request_uri,
-            to_header=headers.get("to", ""),
-            from_header=headers.get("from", ""),
-            source=rdata.srcAddress,
-            received_at=received,
-        )
-        answer = self.handler.on_invite(invite)
-        if isinstance(answer, Rejected):
-            self._reject(leg, answer.code, answer.reason, answer.retry_after)
-        else:
-            self._accept(leg, answer)
-        self._pump()
-
-    def _reject(self, leg: CallerLeg, code: int, reason: str, retry_after: int | None) -> None:
-        prm = pj.CallOpParam()
-        prm.statusCode = code
-        if reason:
-            prm.reason = reason
-        if retry_after is not None:
-            _add_header(prm, "Retry-After", str(retry_after))
-        try:
-            leg.answer(prm)
-        except pj.Error as exc:
-            log.warning("sip.answer_failed", code=code, error=str(_translate(exc)))
-
-    def _accept(self, leg: CallerLeg, accepted: Accepted) -> None:
-        leg.call_id = accepted.call_id
-        call = BridgedCall(accepted.call_id, leg, accepted.runtime_headers)
-        self._calls[accepted.call_id] = call
-        self._apply(call, accepted.reaction)
-
-    # ---- events and commands -------------------------------------------------------
-
-    def leg_event(self, call_id: uuid.UUID, event: s.Event) -> None:
-        self._queue_event(call_id, event)
-
-    def _queue_event(self, call_id: uuid.UUID, event: s.Event) -> None:
-        self._events.append((call_id, event))
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._pumping:
-            return  # the outer _pump picks the event up
-        self._pumping = True
-        try:
-            while self._events:
-                call_id, event = self._events.popleft()
-                call = self._calls.get(call_id)
-                if call is not None:
-                    self._apply(call, self.handler.on_event(call_id, event, self.clock()))
-        finally:
-            self._pumping = False
-
-    def _apply(self, call: BridgedCall, reaction: Reaction) -> None:
-        for command in reaction.commands:
-            try:
-                self._execute(call, command)
-            except pj.Error as exc:
-                log.warning("sip.command_failed", call_id=str(call.call_id),
-                            command=type(command).__name__, error=str(_translate(exc)))
-        if reaction.deadline is not None and reaction.deadline != call.deadline:
-            heapq.heappush(self._timers, (reaction.deadline, next(self._seq), call.call_id))
-        call.deadline = reaction.deadline
-        self._maybe_forget(call)
-
-    def _execute(self, call: BridgedCall, command: s.Command) -> None:
-        match command:
-            case s.DialRuntime(attempt, target, credentials):
-                self._dial(call, attempt, target, credentials)
-            case s.HangupRuntime(attempt):
-                self._hangup(call.runtimes.get(attempt))
-            case s.RingCaller():
-                self._answer(call.caller, 180)
-            case s.AnswerCaller():
-                self._answer(call.caller, 200)
-            case s.RejectCaller(code, retry_after):
-                if not call.caller.ended:
-                    self._reject(call.caller, code, "", retry_after)
-            case s.HangupCaller():
-                self._hangup(call.caller)
-            case s.BridgeMedia(attempt):
-                call.bridged = attempt
-                self._bridge(call)
-            case s.Finish():
-                call.ended = True
-
-    def _dial(self, call: BridgedCall, attempt: int, target: str,
-              credentials: tuple[str, str] | None = None) -> None:
-        account = self._trunk_account(target, credentials) if credentials else self.account
-        leg = RuntimeLeg(account, call.call_id, attempt, self)
-        call.runtimes[attempt] = leg
-        prm = pj.CallOpParam(True)
-        for name, value in call.headers:
-            _add_header(prm, name, value)
-        try:
-            leg.makeCall(target, prm)
-        except pj.Error as exc:
-            error = _translate(exc)
-            self._queue_event(call.call_id, s.RuntimeFailed(attempt, 500, error.message))
-            return
-        self._legs.add(leg)
-
-    def _answer(self, leg: CallerLeg, code: int) -> None:
-        if leg.ended:
-            return
-        prm = pj.CallOpParam(True)
-        prm.statusCode = code
-        leg.answer(prm)
-
-    def _hangup(self, leg: CallerLeg | RuntimeLeg | None) -> None:
-        if leg is None or leg.ended or leg not in self._legs:
-            return
-        leg.hangup(pj.CallOpParam(True))
-
-    def _trunk_account(self, target: str, credentials: tuple[str, str]) -> Any:
-        """A pjsua account that answers digest challenges for one trunk user (no
-        registration); created on first use and kept for the engine's lifetime."""
-        username, password = credentials
-        host = target.split("@")[-1].split(";")[0]
-        key = (host, username)
-        if key not in self._trunk_accounts:
-            acfg = self._account_config()
-            acfg.idUri = f"sip:{username}@{host}"
-            cred = pj.AuthCredInfo("digest", "*", username, 0, password)
-            acfg.sipConfig.authCreds.append(cred)
-            account = _Account(self)  # an INVITE matched to it is routed like any other
-            account.create(acfg, False)
-            self._trunk_accounts[key] = account
-        return self._trunk_accounts[key]
-
-    def _bridge(self, call: BridgedCall) -> None:
-        runtime = call.runtimes.get(call.bridged) if call.bridged is not None else None
-        if runtime is None or call.caller.ended or runtime.ended:
-            return
-        a, b = _audio(call.caller), _audio(runtime)
-        if a is not None and b is not None:
-            a.startTransmit(b)
-            b.startTransmit(a)
-
-    def _fire_timers(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now:
-            deadline, _, call_id = heapq.heappop(self._timers)
-            call = self._calls.get(call_id)
-            if call is not None and call.deadline == deadline:
-                self._queue_event(call_id, s.TimerFired())
-
-    def _maybe_forget(self, call: BridgedCall) -> None:
-        legs: list[CallerLeg | RuntimeLeg] = [call.caller, *call.runtimes.values()]
-        if call.ended and all(leg.ended or leg not in self._legs for leg in legs):
-            self._calls.pop(call.call_id, None)
-
-    # ---- callbacks from legs (LegOwner) ---------------------------------------------
-
-    def leg_disconnected(self, leg: Any) -> None:
-        self._legs.discard(leg)
-        self._released.append(leg)
-        call = self._calls.get(leg.call_id) if leg.call_id is not None else None
-        if call is not None:
-            self._maybe_forget(call)
-
-    def leg_media(self, call_id: uuid.UUID) -> None:
-        call = self._calls.get(call_id)
-        if call is not None:
-            try:
-                self._bridge(call)
-            except pj.Error as exc:
-                log.warning("sip.bridge_failed", call_id=str(call_id), error=str(_translate(exc)))
-
-    def leg_dtmf(self, call_id: uuid.UUID, digit: str) -> None:
-        # Called on pjmedia's thread: hop to the SIP thread before touching pjsua2.
-        self.call_soon(lambda: self._forward_dtmf(call_id, digit))
-
-    def _forward_dtmf(self, call_id: uuid.UUID, digit: str) -> None:
-        call = self._calls.get(call_id)
-        runtime = call.runtimes.get(call.bridged) if call and call.bridged is not None else None
-        if runtime is not None and runtime.confirmed and not runtime.ended:
-            try:
-                runtime.dialDtmf(digit)  # RFC 4733 towards the runtime
-            except pj.Error as exc:
-                log.warning("sip.dtmf_failed", call_id=str(call_id), error=str(_translate(exc)))
+        self.stack.incoming(self.account, prm)
 
 
 @contextlib.contextmanager
@@ -505,45 +345,3 @@ def _stdout_silenced() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
-
-
-_COMPACT = {"i": "call-id", "f": "from", "t": "to"}
-_WANTED = frozenset({"call-id", "from", "to"})
-
-
-def _request_line_and_headers(message: str) -> tuple[str, dict[str, str]]:
-    """The Request-URI and the Call-ID/From/To values of a raw request (pjsip has
-    already parsed and validated it; this is only cheaper than ``Call.getInfo()``)."""
-    head = message.split("\r\n\r\n", 1)[0]
-    lines = head.split("\r\n")
-    parts = lines[0].split(" ")
-    found: dict[str, str] = {}
-    last = ""
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t"):  # a folded continuation (RFC 3261 s7.3.1)
-            if last in found:
-                found[last] += " " + line.strip()
-            continue
-        name, _, value = line.partition(":")
-        last = _COMPACT.get(name.strip().lower(), name.strip().lower())
-        if last in _WANTED and last not in found:
-            found[last] = value.strip()
-    return (parts[1] if len(parts) > 2 else ""), found
-
-
-def _add_header(prm: Any, name: str, value: str) -> None:
-    header = pj.SipHeader()
-    header.hName = name
-    header.hValue = value
-    prm.txOption.headers.append(header)
-
-
-def _audio(leg: pj.Call) -> Any:
-    """The leg's active audio media, or None while it has none."""
-    info = leg.getInfo()
-    for index, media in enumerate(info.media):
-        if media.type == pj.PJMEDIA_TYPE_AUDIO and media.status in (
-            pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD
-        ):
-            return pj.AudioMedia.typecastFromMedia(leg.getMedia(index))
-    return None

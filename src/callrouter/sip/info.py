@@ -24,6 +24,23 @@ class EngineInfo:
         return self.values.get("pjproject_version", "unknown")
 
     @property
+    def source(self) -> str:
+        return self.values.get("source", "unknown")
+
+    @property
+    def source_version(self) -> str:
+        return self.values.get("source_version", "unknown")
+
+    @property
+    def source_sha256(self) -> str:
+        return self.values.get("source_sha256", "unknown")
+
+    @property
+    def fallback(self) -> bool:
+        """Built from a pjproject older than the supported minimum, on explicit request."""
+        return "fallback" in self.values
+
+    @property
     def max_calls(self) -> int:
         return int(self.values.get("PJSUA_MAX_CALLS", "4"))
 

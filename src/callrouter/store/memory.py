@@ -29,6 +29,7 @@ class MemoryStore:
         self._assistants: dict[uuid.UUID, Assistant] = {}
         self._calls: dict[uuid.UUID, CallRecord] = {}
         self._keys: dict[bytes, ApiKey] = {}
+        self._heartbeat: datetime | None = None
 
     async def open(self) -> None:
         return None
@@ -164,8 +165,19 @@ class MemoryStore:
     async def close_open_calls(self, now: datetime) -> int:
         open_ids = [i for i, c in self._calls.items() if c.status in rules.OPEN_STATUSES]
         for call_id in open_ids:
-            self._calls[call_id] = rules.closed_after_restart(self._calls[call_id], now)
+            self._calls[call_id] = rules.closed_after_restart(
+                self._calls[call_id], self._heartbeat or now, now)
         return len(open_ids)
+
+    async def heartbeat(self, at: datetime) -> None:
+        self._heartbeat = at
+
+    async def delete_calls_before(self, before: datetime, limit: int) -> int:
+        expired = [c for c in self._calls.values()
+                   if c.created_at < before and c.status not in rules.OPEN_STATUSES]
+        for record in rules.newest_first(expired)[::-1][:limit]:
+            del self._calls[record.id]
+        return min(len(expired), limit)
 
     # -- API keys --------------------------------------------------------------------
 

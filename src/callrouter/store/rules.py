@@ -34,10 +34,12 @@ def not_found(what: str) -> NotFound:
     return NotFound(f"{what} not found")
 
 
-def closed_after_restart(record: CallRecord, now: datetime) -> CallRecord:
-    """What ``close_open_calls`` makes of a call the router was handling when it stopped."""
+def closed_after_restart(record: CallRecord, last_alive: datetime, now: datetime) -> CallRecord:
+    """What ``close_open_calls`` makes of a call the router was handling when it stopped:
+    it ended when the router was last known alive (its last heartbeat), or at the call's
+    own last update if that is later; the downtime is not call time."""
     return replace(record, status=CallStatus.FAILED, end_reason=EndReason.ROUTER_RESTART,
-                   ended_at=now, updated_at=now)
+                   ended_at=max(record.updated_at, last_alive), updated_at=now)
 
 
 def newest_first(records: Sequence[CallRecord]) -> list[CallRecord]:

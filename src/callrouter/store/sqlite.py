@@ -87,6 +87,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             read_only INTEGER NOT NULL, key_hash BLOB NOT NULL UNIQUE,
             created_at TEXT NOT NULL)""",
     ),
+    (  # one row: the running router's last sign of life (close_open_calls after a crash)
+        "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)",
+    ),
 )
 
 _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
@@ -94,7 +97,8 @@ _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT(id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 
 
-def _translate(exc: sqlite3.Error, *, in_use: str = rules.IN_USE) -> Exception:
+def _translate(exc: sqlite3.Error, *, in_use: str = rules.IN_USE,
+               doing: str = "database error") -> Exception:
     """The one place sqlite3 errors become router errors (callers ``raise ... from exc``)."""
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
@@ -104,7 +108,7 @@ def _translate(exc: sqlite3.Error, *, in_use: str = rules.IN_USE) -> Exception:
             return rules.duplicate_id()
         if "FOREIGN KEY" in text:
             return Conflict(in_use)
-    return StoreError(f"database error: {text}")
+    return StoreError(f"{doing}: {text}")
 
 
 class SqliteStore:
@@ -121,16 +125,26 @@ class SqliteStore:
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            self._db = await self._connect()
             for pragma in ("journal_mode=WAL", "foreign_keys=ON", "synchronous=NORMAL",
                            f"busy_timeout={self._busy_timeout_ms}"):
                 await self._db.execute(f"PRAGMA {pragma}")
             await self._migrate()
         except sqlite3.Error as exc:
             await self.close()
-            raise _translate(exc) from exc
+            raise _translate(exc, doing=f"cannot open the database {self._path}") from exc
         except BaseException:
             await self.close()
+            raise
+
+    async def _connect(self) -> aiosqlite.Connection:
+        connection = aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            return await connection
+        except BaseException:
+            # After a failed connect aiosqlite stops its worker thread without waiting for
+            # it; wait here, or the thread reports to an event loop that is gone by then.
+            await asyncio.to_thread(connection._thread.join)
             raise
 
     async def close(self) -> None:
@@ -150,8 +164,8 @@ class SqliteStore:
             found = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
             current = int(found[0]) if found and found[0] is not None else 0
             if current > len(MIGRATIONS):
-                raise StoreError(f"database schema {current} is newer than this router "
-                                 f"supports ({len(MIGRATIONS)})")
+                raise StoreError(f"the database {self._path} has schema {current}, newer "
+                                 f"than this router supports ({len(MIGRATIONS)})")
             for version in range(current + 1, len(MIGRATIONS) + 1):
                 for statement in MIGRATIONS[version - 1]:
                     await db.execute(statement)
@@ -300,13 +314,25 @@ class SqliteStore:
         return [rows.call_from_row(r) for r in found], int(total[0]) if total else 0
 
     async def close_open_calls(self, now: datetime) -> int:
-        at = to_text(now)
         return await self._change(
-            "UPDATE calls SET status=:status, end_reason=:reason, ended_at=:at, updated_at=:at "
+            "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
+            "ended_at=MAX(updated_at, COALESCE((SELECT at FROM heartbeat), :now)) "
             "WHERE status IN (:open1, :open2)",
             {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
-             "at": at, "open1": rules.OPEN_STATUSES[0].value,
+             "now": to_text(now), "open1": rules.OPEN_STATUSES[0].value,
              "open2": rules.OPEN_STATUSES[1].value})
+
+    async def heartbeat(self, at: datetime) -> None:
+        await self._change("INSERT INTO heartbeat (id, at) VALUES (1, :at) "
+                           "ON CONFLICT(id) DO UPDATE SET at=excluded.at", {"at": to_text(at)})
+
+    async def delete_calls_before(self, before: datetime, limit: int) -> int:
+        # The calls_newest index (created_at, id) finds the oldest rows without a scan.
+        return await self._change(
+            "DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE created_at < :before "
+            "AND status NOT IN (:open1, :open2) ORDER BY created_at, id LIMIT :limit)",
+            {"before": to_text(before), "limit": limit,
+             "open1": rules.OPEN_STATUSES[0].value, "open2": rules.OPEN_STATUSES[1].value})
 
     # -- API keys --------------------------------------------------------------------
 
