@@ -257,6 +257,7 @@ class Concurrency:
     failed: int
     cpu_per_call_pct: float  # percent of one core per held call
     rss_per_call_kib: float
+    idle_rss_mib: float  # the system under test just started, before the calls
     # UDP datagrams that reached a socket (InDatagrams + RcvbufErrors) / expected; None
     # outside a private netns, where other traffic shares the counters.
     packets_ratio: float | None
@@ -313,6 +314,7 @@ def hold_calls(start: Starter, n: int, plan: Plan, workdir: Path) -> Concurrency
         calls=n, successful=result.successful, failed=result.failed,
         cpu_per_call_pct=100 * (cpu1 - cpu0) / (t1 - t0) / n,
         rss_per_call_kib=(rss - idle_rss) / 1024 / n,
+        idle_rss_mib=idle_rss / 1024 / 1024,
         packets_ratio=(udp1 - udp0) / expected if private else None,
         dropped_by_target=drops,
     )  # fmt: skip
@@ -561,12 +563,13 @@ def target_section(result: TargetResults) -> list[str]:
         lines += [
             "Calls held with G.711 flowing:",
             "",
-            "| calls | ok | failed | CPU per call (% of a core) | RSS per call | "
+            "| calls | ok | failed | CPU per call (% of a core) | idle RSS | RSS per call | "
             "packets arrived / expected | dropped by target | audio flows |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [f"| {c.calls} | {c.successful} | {c.failed} | {c.cpu_per_call_pct:.3f} | "
-                  f"{c.rss_per_call_kib:.0f} KiB | {_ratio(c.packets_ratio)} | "
+                  f"{c.idle_rss_mib:.0f} MiB | {c.rss_per_call_kib:.0f} KiB | "
+                  f"{_ratio(c.packets_ratio)} | "
                   f"{c.dropped_by_target} | {_yes(c.audio_flows)} |"
                   for c in result.concurrent]  # fmt: skip
         lines.append("")
@@ -721,7 +724,17 @@ def machine() -> dict[str, str]:
         "sipp": next((ln.strip() for ln in sipp.splitlines() if "SIPp" in ln), "unknown"),
         "network": "private namespace (unshare -rn), loopback only"
         if os.environ.get(NETNS_FLAG) == "1" else "host namespace, loopback only",
+        "engine": engine_version(),
     }  # fmt: skip
+
+
+def engine_version() -> str:
+    """The pjproject and source of the engine measured (its ENGINE-INFO)."""
+    probe = ("from callrouter.sip.info import read_engine_info as r; i = r(); "
+             "print(f'pjproject {i.version} ({i.source} {i.source_version})')")
+    done = subprocess.run([sys.executable, "-c", probe], env=h.engine_env(),
+                          capture_output=True, text=True, timeout=60)
+    return done.stdout.strip() or "unknown"
 
 
 def _cpu(value: float | None) -> str:
