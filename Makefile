@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-.PHONY: run test deps venv engine lint unit integration bench bench-quick clean fuzz
+.PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick clean fuzz
 
 run: deps venv engine
 	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
@@ -41,6 +41,11 @@ integration: deps venv engine
 
 bench: deps venv engine
 	$(PY) bench/run.py
+	$(PY) bench/number_table.py
+
+# The number table alone (issue 14): 100,000 and 1,000,000 numbers.
+bench-numbers: deps venv engine
+	$(PY) bench/number_table.py
 
 bench-quick: deps venv engine
 	$(PY) bench/run.py --quick

@@ -39,7 +39,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,7 +53,7 @@ from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import KEY_FILE, SecretBox
 from callrouter.domain import session as s
 from callrouter.domain.models import EndReason
-from callrouter.domain.routing import Policy, RuntimePool
+from callrouter.domain.routing import Policy, RouteChange, RuntimePool
 from callrouter.errors import StartupError, StoreError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
@@ -130,11 +130,13 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
                       failure_code=inbound.runtime_failure_code,
                       retry_after=inbound.retry_after_seconds,
                       transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds)
-    return CallService(policy=policy, timing=timing,
-                       pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
-                       default_region=cfg.default_region, metrics=metrics,
-                       record=recorder.submit,
-                       rejected_records_per_second=cfg.calls.rejected_records_per_second)
+    service = CallService(policy=policy, timing=timing,
+                          pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
+                          default_region=cfg.default_region, metrics=metrics,
+                          record=recorder.submit,
+                          rejected_records_per_second=cfg.calls.rejected_records_per_second)
+    service.compact_routes_at = cfg.route_compaction_at
+    return service
 
 
 def _raise_open_files_limit(max_calls: int) -> None:
@@ -262,7 +264,7 @@ class Router:
                  engine_source=self.engine_info.values.get("source"),
                  engine_limits={k: v for k, v in self.engine_info.values.items()
                                 if k.startswith("PJ")},
-                 max_calls=cfg.sip.max_calls, routes=len(self.service.routes.by_e164))
+                 max_calls=cfg.sip.max_calls, routes=len(self.service.routes))
 
     async def _first_key(self) -> None:
         """On a first start with no API key, make one and show it once, with the URL."""
@@ -305,8 +307,8 @@ class Router:
         stack.push_async_callback(self._stop_http)
 
     def _api_deps(self) -> ApiDeps:
-        async def routing_changed() -> None:
-            await self.service.reload_routes(self.store)
+        async def routing_changed(changes: Sequence[RouteChange]) -> None:
+            await self.service.apply_route_changes(changes, self.store)
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
                                 routing_changed, _utcnow)
@@ -316,6 +318,7 @@ class Router:
             on_request=self.metrics.http_request,
             rate_limit_per_minute=self.cfg.http.rate_limit_per_minute,
             max_body_bytes=self.cfg.http.max_body_bytes,
+            import_max_bytes=self.cfg.import_max_bytes,
             metrics_app=self.metrics.asgi_app(),
         )
 

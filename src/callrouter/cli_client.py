@@ -1,5 +1,5 @@
-"""The operator's subcommands: ``numbers|trunks|assistants list|add|update|delete`` and
-``keys create``.
+"""The operator's subcommands: ``numbers|trunks|assistants list|add|update|delete``,
+``numbers import|export`` (CSV, see ``domain.numbercsv``) and ``keys create``.
 
 How it works: the resource subcommands are data, not code. Each resource is a
 ``Resource`` (API path, envelope names, table columns, flags); every flag maps to one body
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, TextIO, TypeAlias
 
 import httpx
 
+from callrouter.domain import numbercsv
 from callrouter.management import issue_api_key
 from callrouter.ports import Store
 from callrouter.store.sqlite import SqliteStore
@@ -140,7 +142,22 @@ def _register_resource(
         _add_flags(leaf, resource, is_add)
     delete = actions.add_parser("delete", parents=[connection], help="delete by id")
     delete.add_argument("id")
+    if resource.command == "numbers":
+        _register_bulk(actions, connection)
     parser.set_defaults(func=run_api, resource=resource.command)
+
+
+def _register_bulk(actions: SubParsers, connection: argparse.ArgumentParser) -> None:
+    imports = actions.add_parser(
+        "import", parents=[connection], help="register every number of a CSV file "
+        f"(header: {', '.join(numbercsv.COLUMNS)}; only phone_number is required)")
+    imports.add_argument("file", type=Path)
+    imports.add_argument("--skip-invalid", action="store_true",
+                         help="register the good rows and list the bad ones (default: "
+                              "any bad row means none is registered)")
+    exports = actions.add_parser("export", parents=[connection],
+                                 help="write every number as CSV (the import format)")
+    exports.add_argument("file", nargs="?", type=Path, help="default: standard output")
 
 
 def _add_flags(parser: argparse.ArgumentParser, resource: Resource, is_add: bool) -> None:
@@ -183,6 +200,13 @@ async def call_api(
 ) -> int:
     """Run one resource subcommand against the API; returns the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
+    if args.action in ("import", "export"):
+        bulk = import_numbers if args.action == "import" else export_numbers
+        try:
+            return await bulk(args, _client(args, transport), out, err)
+        except httpx.HTTPError as exc:
+            print(f"error: cannot reach the router at {args.url}: {exc}", file=err)
+            return 1
     resource = _BY_COMMAND[args.resource]
     method, path, body = request_for(args, resource)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -198,6 +222,105 @@ async def call_api(
         return 1
     print(render(args, resource, response.json()), file=out)
     return 0
+
+
+# -- bulk import and export of numbers ---------------------------------------------------
+
+IMPORT_PATH = "/api/v1/numbers/import"
+EXPORT_PAGE = 10_000
+
+
+def _client(args: argparse.Namespace,
+            transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    # An import of a million rows is checked and stored for about a minute after the upload.
+    return httpx.AsyncClient(base_url=args.url, headers=headers, transport=transport,
+                             timeout=httpx.Timeout(10.0, read=900.0))
+
+
+async def import_numbers(args: argparse.Namespace, client: httpx.AsyncClient, out: TextIO,
+                         err: TextIO) -> int:
+    """Stream FILE to the router with a progress bar on ``err``; print what was done."""
+    path: Path = args.file
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc.strerror}", file=err)
+        return 1
+    bar = ProgressBar(size, err)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 16):
+                bar.advance(len(chunk))
+                yield chunk
+        bar.finish("uploaded; the router is checking and storing the rows")
+
+    params = {"skip_invalid": "true"} if args.skip_invalid else {}
+    async with client:
+        response = await client.post(IMPORT_PATH, content=chunks(), params=params,
+                                     headers={"Content-Type": "text/csv"})
+    if response.is_error:
+        print(describe_error(response), file=err)
+        return 1
+    payload = response.json()
+    if args.json:
+        print(json.dumps(payload, indent=2), file=out)
+        return 0
+    for row in payload["skipped"]:
+        print(f"skipped line {row['line']}: {row['message']}", file=err)
+    print(f"imported {payload['imported']} numbers, skipped {len(payload['skipped'])} rows",
+          file=out)
+    return 0
+
+
+async def export_numbers(args: argparse.Namespace, client: httpx.AsyncClient, out: TextIO,
+                         err: TextIO) -> int:
+    """Every number as CSV (``numbercsv.COLUMNS``), read a page at a time."""
+    target = args.file.open("w", newline="") if args.file else out
+    try:
+        writer = csv.writer(target)
+        writer.writerow(numbercsv.COLUMNS)
+        async with client:
+            offset = 0
+            while True:
+                response = await client.get("/api/v1/numbers",
+                                            params={"limit": EXPORT_PAGE, "offset": offset})
+                if response.is_error:
+                    print(describe_error(response), file=err)
+                    return 1
+                page = response.json()["numbers"]
+                writer.writerows([n["phone_number"], n["name"], n["assistant_id"] or "",
+                                  n["transfer_trunk_id"] or "",
+                                  "true" if n["is_active"] else "false"] for n in page)
+                offset += len(page)
+                if len(page) < EXPORT_PAGE:
+                    return 0
+    finally:
+        if target is not out:
+            target.close()
+
+
+class ProgressBar:
+    """``[#####-----]  50%  12.0/24.0 MB`` on one line of ``err``, redrawn per percent."""
+
+    def __init__(self, total: int, err: TextIO, width: int = 30) -> None:
+        self._total, self._err, self._width = max(total, 1), err, width
+        self._done = 0
+        self._shown = -1
+
+    def advance(self, count: int) -> None:
+        self._done += count
+        percent = min(100, self._done * 100 // self._total)
+        if percent != self._shown:
+            self._shown = percent
+            filled = self._width * percent // 100
+            print(f"\r[{'#' * filled}{'-' * (self._width - filled)}] {percent:3d}%  "
+                  f"{self._done / 1e6:.1f}/{self._total / 1e6:.1f} MB", end="", file=self._err,
+                  flush=True)
+
+    def finish(self, message: str) -> None:
+        print(f"\n{message}", file=self._err, flush=True)
 
 
 def request_for(

@@ -122,6 +122,8 @@ class Config:
     default_region: str
     drain_timeout_seconds: float
     calls: CallsConfig = CallsConfig()
+    import_max_bytes: int = 256 * 1024 * 1024  # POST /api/v1/numbers/import body limit
+    route_compaction_at: int = 4096  # route changes held before they are merged
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -303,6 +305,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.level", "info", _choice("debug", "info", "warning", "error")),
     Setting("log.engine_level", 1, _int),
     Setting("numbers.default_region", "NL", _region),
+    Setting("numbers.import_max_bytes", 256 * 1024 * 1024, _positive_int),
+    Setting("numbers.route_compaction_at", 4096, _positive_int),
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
@@ -424,4 +428,6 @@ def _build(v: Mapping[str, Any]) -> Config:
         drain_timeout_seconds=v["drain.timeout_seconds"],
         calls=CallsConfig(retention_days=v["calls.retention_days"],
                           rejected_records_per_second=v["calls.rejected_records_per_second"]),
+        import_max_bytes=v["numbers.import_max_bytes"],
+        route_compaction_at=v["numbers.route_compaction_at"],
     )

@@ -7,25 +7,38 @@ once in one ``ValidationError`` — builds the domain object with an id and time
 from the injected clock, and calls the store. Mutations are serialised by one lock so a
 check ("does this assistant exist?") and the write that relies on it are not interleaved
 with another API change; the store's own constraints still backstop races with other
-processes. After every successful change it awaits ``on_routing_change`` so the router's
-routing snapshot is rebuilt before the API answers: the very next INVITE sees the change.
+processes. After every successful change to a number or an assistant it hands the
+``RouteChange`` to ``on_routing_change``, which applies it to the router's route table
+before the API answers: the very next INVITE sees the change, at the cost of the change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
 import enum
+import gc
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 from callrouter.crypto import SecretBox, generate_api_key, hash_api_key
+from callrouter.domain import numbercsv
 from callrouter.domain.models import ApiKey, Assistant, PhoneNumber, Trunk, TrunkTransport
+from callrouter.domain.numbercsv import CsvNumber, RowProblem
 from callrouter.domain.numbers import normalise
-from callrouter.errors import FieldProblem, InvalidNumber, NotFound, ValidationError
+from callrouter.domain.routing import (
+    AssistantRemoved,
+    AssistantUpserted,
+    NumberRemoved,
+    NumberUpserted,
+    RouteChange,
+)
+from callrouter.errors import Conflict, FieldProblem, InvalidNumber, NotFound, ValidationError
 from callrouter.ports import Store
 
 if TYPE_CHECKING:
@@ -124,7 +137,7 @@ class Management:
         store: Store,
         secrets: SecretBox,
         default_region: str,
-        on_routing_change: Callable[[], Awaitable[None]],
+        on_routing_change: Callable[[Sequence[RouteChange]], Awaitable[None]],
         now: Callable[[], datetime],
     ) -> None:
         self._store = store
@@ -133,6 +146,7 @@ class Management:
         self._on_routing_change = on_routing_change
         self._now = now
         self._lock = asyncio.Lock()
+        self._importing = asyncio.Lock()  # one bulk import at a time
 
     # -- numbers ---------------------------------------------------------------------
 
@@ -159,7 +173,62 @@ class Management:
 
     async def delete_number(self, number_id: uuid.UUID) -> None:
         async with self._lock:
-            await self._deleted(await self._store.delete_number(number_id), "number")
+            number = _found(await self._store.get_number(number_id), "number")
+            await self._deleted(await self._store.delete_number(number_id), "number",
+                                NumberRemoved(number.phone_number))
+
+    async def import_numbers(self, lines: Iterable[str], *,
+                             skip_invalid: bool = False) -> ImportReport:
+        """Register every number of a CSV (``domain.numbercsv``): all or nothing, or with
+        ``skip_invalid`` every good row. Bad rows are reported with their line and every
+        reason: unparseable, unknown assistant/trunk, taken, repeated in the file. Parsing
+        (``normalise`` for each row) runs in a worker thread so the API stays responsive;
+        the checks and the one-transaction insert hold the management lock."""
+        if self._importing.locked():
+            raise Conflict("a number import is already running")
+        async with self._importing:
+            with _collector_paused():
+                return await self._import(lines, skip_invalid)
+
+    async def _import(self, lines: Iterable[str], skip_invalid: bool) -> ImportReport:
+        good, problems = await asyncio.to_thread(_parse_csv, lines, self._region)
+        async with self._lock:
+            rows, more = await self._importable(good)
+            problems = sorted([*problems, *more], key=lambda p: p.line)
+            if problems and not skip_invalid:
+                raise _import_refused(problems)
+            now = self._now()
+            numbers = [PhoneNumber(
+                id=uuid.uuid4(), phone_number=r.phone_number, name=r.name,
+                assistant_id=r.assistant_id, transfer_trunk_id=r.transfer_trunk_id,
+                is_active=r.is_active, created_at=now, updated_at=now) for r in rows]
+            if numbers:
+                await self._store.create_numbers(numbers)
+                changes: list[RouteChange] = [
+                    NumberUpserted(n.id, n.phone_number, n.assistant_id, n.is_active)
+                    for n in numbers]
+                await self._on_routing_change(changes)
+                await _release(good, changes, rows)
+        imported = len(numbers)
+        await _release(numbers)
+        return ImportReport(imported, tuple(problems))
+
+    async def _importable(self, rows: list[CsvNumber]) -> tuple[list[CsvNumber],
+                                                                 list[RowProblem]]:
+        assistants = {a.id for a in await self._store.list_assistants()}
+        trunks = {t.id for t in await self._store.list_trunks()}
+        taken = await self._store.existing_numbers([r.phone_number for r in rows])
+        first: dict[str, int] = {}
+        good: list[CsvNumber] = []
+        problems: list[RowProblem] = []
+        for row in rows:
+            reasons = _row_reasons(row, assistants, trunks, taken, first)
+            first.setdefault(row.phone_number, row.line)
+            if reasons:
+                problems.append(RowProblem(row.line, "; ".join(reasons)))
+            else:
+                good.append(row)
+        return good, problems
 
     async def _check_refs(self, assistant_id: object, trunk_id: object) -> None:
         problems: list[FieldProblem] = []
@@ -197,7 +266,7 @@ class Management:
 
     async def delete_trunk(self, trunk_id: uuid.UUID) -> None:
         async with self._lock:
-            await self._deleted(await self._store.delete_trunk(trunk_id), "SIP trunk")
+            await self._deleted(await self._store.delete_trunk(trunk_id), "SIP trunk", None)
 
     def _encrypted(self, password: str | None) -> bytes | None:
         return None if password is None else self._secrets.encrypt(password)
@@ -225,7 +294,8 @@ class Management:
 
     async def delete_assistant(self, assistant_id: uuid.UUID) -> None:
         async with self._lock:
-            await self._deleted(await self._store.delete_assistant(assistant_id), "assistant")
+            await self._deleted(await self._store.delete_assistant(assistant_id), "assistant",
+                                AssistantRemoved(assistant_id))
 
     # -- calls and keys ----------------------------------------------------------------
 
@@ -250,13 +320,16 @@ class Management:
         return replace(obj, **updates, updated_at=self._now())
 
     async def _changed(self, obj: _Obj) -> _Obj:
-        await self._on_routing_change()
+        change = route_change(obj)
+        if change is not None:
+            await self._on_routing_change([change])
         return obj
 
-    async def _deleted(self, existed: bool, what: str) -> None:
+    async def _deleted(self, existed: bool, what: str, change: RouteChange | None) -> None:
         if not existed:
             raise NotFound(f"{what} not found")
-        await self._on_routing_change()
+        if change is not None:
+            await self._on_routing_change([change])
 
 
 async def issue_api_key(
@@ -265,6 +338,88 @@ async def issue_api_key(
     """Create and store a new API key; returns the token (shown once) and its record."""
     issued = generate_api_key(name, read_only, now)
     return issued.token, await store.create_api_key(issued.record, issued.key_hash)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    imported: int
+    problems: tuple[RowProblem, ...]  # the rows left out (only with skip_invalid)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A bulk import allocates millions of GC-tracked objects (rows, numbers, changes); the
+    cyclic collector's full passes over them hold the GIL for hundreds of milliseconds,
+    which stalls the SIP thread. They form no cycles (reference counting frees them), so
+    the collector rests while an import runs."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def _release(*lists: list[Any]) -> None:
+    """Free big lists a slice per loop turn: a million objects freed at once hold the GIL
+    (and so the SIP thread) for hundreds of milliseconds."""
+    for items in lists:
+        while items:
+            del items[-_RELEASE_SLICE:]
+            await asyncio.sleep(0)
+
+
+_RELEASE_SLICE = 5000
+
+
+def _parse_csv(lines: Iterable[str], region: str) -> tuple[list[CsvNumber], list[RowProblem]]:
+    good: list[CsvNumber] = []
+    problems: list[RowProblem] = []
+    try:
+        for row in numbercsv.parse(lines, region):
+            if isinstance(row, CsvNumber):
+                good.append(row)
+            else:
+                problems.append(row)
+    except numbercsv.BadHeader as exc:
+        raise _invalid("header", str(exc)) from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _invalid("file", f"is not UTF-8 CSV: {exc}") from exc
+    return good, problems
+
+
+def _row_reasons(row: CsvNumber, assistants: set[uuid.UUID], trunks: set[uuid.UUID],
+                 taken: set[str], first: dict[str, int]) -> list[str]:
+    reasons = []
+    if row.phone_number in taken:
+        reasons.append(f"phone_number {row.phone_number} is already registered")
+    elif row.phone_number in first:
+        reasons.append(f"phone_number {row.phone_number} repeats line {first[row.phone_number]}")
+    if row.assistant_id is not None and row.assistant_id not in assistants:
+        reasons.append(f"no assistant with id {row.assistant_id}")
+    if row.transfer_trunk_id is not None and row.transfer_trunk_id not in trunks:
+        reasons.append(f"no SIP trunk with id {row.transfer_trunk_id}")
+    return reasons
+
+
+def _import_refused(problems: Sequence[RowProblem]) -> ValidationError:
+    return ValidationError(
+        f"{len(problems)} row(s) are invalid; nothing was imported (skip_invalid imports "
+        "the others)", details=[FieldProblem(f"line {p.line}", p.reason) for p in problems])
+
+
+def route_change(obj: PhoneNumber | Trunk | Assistant) -> RouteChange | None:
+    """What a stored number or assistant means for the route table (a trunk: nothing)."""
+    match obj:
+        case PhoneNumber():
+            return NumberUpserted(obj.id, obj.phone_number, obj.assistant_id, obj.is_active)
+        case Assistant():
+            return AssistantUpserted(obj.id, obj.runtime_uri)
+        case Trunk():
+            return None
+        case _:
+            assert_never(obj)
 
 
 def _found(obj: _Obj | None, what: str) -> _Obj:

@@ -16,7 +16,7 @@ from typing import Any, cast
 from callrouter.metrics import Metrics, StoreOperation
 from callrouter.ports import Store
 
-_READS = ("get_", "list_", "find_", "count_")
+_READS = ("get_", "list_", "find_", "count_", "page_", "route_")
 
 
 def _operation(name: str) -> StoreOperation:

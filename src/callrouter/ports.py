@@ -35,6 +35,22 @@ class CallQuery:
     end_date: datetime | None = None
 
 
+# One number as the route table's full rebuild reads it: (E.164, number id, assistant id,
+# is_active), ids as UUID text (see ``domain.routetable.RouteTableBuilder.add_rows``).
+RouteRow = tuple[str, str, str | None, bool]
+
+
+@dataclass(frozen=True)
+class NumberQuery:
+    """A page of the number table in ``phone_number`` (text) order: numbers starting with
+    ``prefix``, after the number ``after`` (keyset paging), skipping ``offset``."""
+
+    limit: int = 1000
+    offset: int = 0
+    prefix: str = ""
+    after: str = ""
+
+
 class Store(Protocol):
     """Everything the router keeps. All methods may raise ``errors.StoreError``."""
 
@@ -50,6 +66,17 @@ class Store(Protocol):
     async def create_number(self, number: PhoneNumber) -> PhoneNumber: ...
     async def update_number(self, number: PhoneNumber) -> PhoneNumber: ...
     async def delete_number(self, number_id: uuid.UUID) -> bool: ...
+    async def page_numbers(self, query: NumberQuery) -> Sequence[PhoneNumber]: ...
+    async def existing_numbers(self, e164s: Sequence[str]) -> set[str]:
+        """Which of ``e164s`` are registered already."""
+        ...
+    async def create_numbers(self, numbers: Sequence[PhoneNumber]) -> None:
+        """All of ``numbers`` in one transaction, or none (``Conflict`` as create_number)."""
+        ...
+    async def route_rows(self, after: str, limit: int) -> Sequence[RouteRow]:
+        """At most ``limit`` numbers after the number ``after`` in ``phone_number`` order
+        (the route table's key order), as ``RouteRow``; one short read each."""
+        ...
 
     # trunks: the password is passed and returned encrypted (bytes) or None
     async def list_trunks(self) -> Sequence[Trunk]: ...

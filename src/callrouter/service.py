@@ -10,9 +10,11 @@ call. ``on_event`` feeds the session and turns its bookkeeping commands
 the SIP commands go back to the adapter.
 
 Nothing here blocks the SIP thread: call records go to ``CallRecorder``, which
-hands them to the asyncio loop thread-safely and writes them in batches. The
-route table is rebuilt from the store after every change (``reload_routes``) and
-swapped in with one assignment, so the very next INVITE sees it.
+hands them to the asyncio loop thread-safely and writes them in batches. Each
+change to the number table is applied to the route table as a delta
+(``apply_route_changes``) and swapped in with one assignment, so the very next INVITE
+sees it; ``reload_routes`` rebuilds it whole at start (see docs/architecture.md, "The
+route table").
 
 A flood is survived, not absorbed: every rejected INVITE is counted in the metrics, but
 only ``calls.rejected_records_per_second`` of each outcome per second become a record
@@ -30,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
@@ -40,12 +42,19 @@ import structlog
 from callrouter.domain import session as s
 from callrouter.domain.models import CallRecord, CallStatus, EndReason, Trunk
 from callrouter.domain.numbers import mask, normalise
+from callrouter.domain.routetable import (
+    COMPACT_AT,
+    AssistantUpserted,
+    Compaction,
+    RouteTableBuilder,
+)
 from callrouter.domain.routing import (
     Bridge,
     CallContext,
     Outcome,
     Policy,
     Reject,
+    RouteChange,
     RouteTable,
     RuntimePool,
     decide,
@@ -196,6 +205,9 @@ class CallPruner:
             await asyncio.sleep(0)  # let the record writer and the API in between batches
 
 
+BULK_REBUILD_AT = 10_000  # route changes in one batch from which a full rebuild is cheaper
+
+
 class CallService:
     """Implements ``ports.CallHandler``; see the module docstring."""
 
@@ -213,6 +225,9 @@ class CallService:
         self.wall = wall
         self.clock = clock
         self.routes = RouteTable()
+        self._rebuilding: list[list[RouteChange]] = []  # changes to replay after a rebuild
+        self._compacting: asyncio.Task[None] | None = None
+        self.compact_routes_at = COMPACT_AT  # config numbers.route_compaction_at
         self.draining = False
         self.active: dict[uuid.UUID, ActiveCall] = {}
         # Ended calls whose legs the engine still holds: a late answer must reach the session.
@@ -223,9 +238,66 @@ class CallService:
 
     # ---- routes -------------------------------------------------------------------
 
-    async def reload_routes(self, store: Store) -> None:
-        numbers, assistants = await store.list_numbers(), await store.list_assistants()
-        self.routes = RouteTable.build(list(numbers), list(assistants))
+    async def apply_route_changes(self, changes: Sequence[RouteChange], store: Store) -> None:
+        """Changes (an API write, a bulk import, later a cluster notification), applied as
+        a delta and swapped in with one assignment: the SIP thread's next INVITE sees them.
+        A bulk import of more than ``BULK_REBUILD_AT`` is a full rebuild from ``store``
+        (already holding them) instead: cheaper than that many deltas, read in batches
+        that let the loop breathe, and never on the SIP thread."""
+        if len(changes) > BULK_REBUILD_AT:
+            await self.reload_routes(store)
+            return
+        if len(changes) == 1:
+            self.apply_route_change(changes[0])
+        else:
+            self._apply_all(changes)
+
+    def apply_route_change(self, change: RouteChange) -> None:
+        self.routes = self.routes.apply(change)
+        self._after_change([change])
+
+    def _apply_all(self, changes: Sequence[RouteChange]) -> None:
+        self.routes = self.routes.apply_all(changes)
+        self._after_change(changes)
+
+    def _after_change(self, changes: Sequence[RouteChange]) -> None:
+        for replay in self._rebuilding:
+            replay.extend(changes)
+        if self.routes.pending >= self.compact_routes_at and self._compacting is None:
+            self._compacting = asyncio.get_running_loop().create_task(
+                self._compact_routes(), name="route-compaction")
+
+    async def _compact_routes(self) -> None:
+        """Merge the route table's overlay of recent changes into its arrays, a slice per
+        loop iteration, so neither the API nor the SIP thread waits for all of it."""
+        try:
+            compaction = Compaction(self.routes)
+            while not compaction.step(16_384):
+                await asyncio.sleep(0)
+            self.routes = compaction.finish(self.routes)
+        finally:
+            self._compacting = None
+
+    async def reload_routes(self, store: Store, batch: int = 20_000) -> None:
+        """The full rebuild (start, safety net): read in short batches on the asyncio loop,
+        never on the SIP thread, which keeps routing on the old table until the swap.
+        Changes applied meanwhile are applied again to the new table (they are idempotent),
+        so a change made during a rebuild is never lost."""
+        replay: list[RouteChange] = []
+        self._rebuilding.append(replay)
+        try:
+            builder = RouteTableBuilder(
+                AssistantUpserted(a.id, a.runtime_uri) for a in await store.list_assistants())
+            after = ""
+            while rows := await store.route_rows(after, batch):
+                builder.add_rows(rows)
+                after = rows[-1][0]
+            table = builder.table()
+            for change in replay:
+                table = table.apply(change)
+            self.routes = table
+        finally:
+            self._rebuilding.remove(replay)
 
     # ---- CallHandler: the SIP thread -------------------------------------------------
 

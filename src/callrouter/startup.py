@@ -31,10 +31,15 @@ def http_listener(listen: HostPort) -> socket.socket:
     """The API's listening socket, bound now; uvicorn serves on it once the rest is up."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     try:
-        return socket.create_server((listen.host, listen.port), family=family,
+        sock = socket.create_server((listen.host, listen.port), family=family,
                                     backlog=BACKLOG)
     except OSError as exc:
         raise StartupError(f"cannot listen for HTTP on {listen}/tcp: {reason(exc)}") from exc
+    # Accepted sockets inherit this. asyncio sets it only when the socket's proto is
+    # IPPROTO_TCP, which create_server's is not (0): without it a response written in two
+    # parts waits for the client's delayed ACK, 40 ms on every keep-alive request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def writable_dir(path: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,8 +22,9 @@ import pytest
 
 from callrouter.crypto import SecretBox
 from callrouter.domain.models import CallRecord, CallStatus, EndReason
+from callrouter.domain.routing import NumberRemoved, NumberUpserted, RouteChange
 from callrouter.errors import CommandRefused, EngineTimeout, NotFound, ValidationError
-from callrouter.http import ApiDeps, create_app
+from callrouter.http import ApiDeps, create_app, routes
 from callrouter.management import Management, issue_api_key
 from callrouter.ports import ControlCommand, EndCall, TransferCall
 from callrouter.store import SqliteStore
@@ -52,7 +53,7 @@ class Env:
     store: SqliteStore
     read_only: dict[str, str]
     clock: Clock
-    routing_changes: list[int] = field(default_factory=list)
+    routing_changes: list[RouteChange] = field(default_factory=list)
     controls: list[tuple[uuid.UUID, ControlCommand]] = field(default_factory=list)
     verdict: Exception | None = None  # what the call's session answers, when not "accepted"
     requests: list[tuple[str, str, int]] = field(default_factory=list)
@@ -61,14 +62,15 @@ class Env:
         return await self.client.post(path, json=body)
 
 
-async def build(tmp_path: Path, rate_limit: int = 1000) -> tuple[Env, Management]:
+async def build(tmp_path: Path, rate_limit: int = 1000,
+                import_max_bytes: int = 256 * 1024 * 1024) -> tuple[Env, Management]:
     store = SqliteStore(tmp_path / "callrouter.db")
     await store.open()
     clock = Clock()
     env = Env(client=httpx.AsyncClient(), store=store, read_only={}, clock=clock)
 
-    async def on_change() -> None:
-        env.routing_changes.append(1)
+    async def on_change(changes: Sequence[RouteChange]) -> None:
+        env.routing_changes.extend(changes)
 
     management = Management(store, SecretBox.load(tmp_path, {}), "NL", on_change,
                             now=lambda: T0)
@@ -79,7 +81,8 @@ async def build(tmp_path: Path, rate_limit: int = 1000) -> tuple[Env, Management
         management=management, store=store, version="9.9.9", health=_health,
         ready=lambda: (False, "sip engine starting"), control=_control(env),
         on_request=lambda route, method, status, _: env.requests.append((route, method, status)),
-        rate_limit_per_minute=rate_limit, clock=clock, metrics_app=_metrics))
+        rate_limit_per_minute=rate_limit, clock=clock, metrics_app=_metrics,
+        import_max_bytes=import_max_bytes))
     env.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                    headers={"Authorization": f"Bearer {rw}"})
     return env, management
@@ -214,6 +217,79 @@ async def test_get_patch_delete_number_and_null_detaches(env: Env) -> None:
     assert_error(await env.client.patch(url, json={"name": "x"}), 404)
 
 
+async def test_listing_streams_every_number_and_pages_by_prefix(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the streamed list: the whole table in store batches (here 2) keeps the
+    SDK's shape; limit/offset and a phone_number prefix page through it."""
+    monkeypatch.setattr(routes, "NUMBER_BATCH", 2)
+    numbers = ["+31850835037", "+31850835038", "+31201234567", "+442071234567", "+31850835039"]
+    for e164 in numbers:
+        assert (await env.post("/api/v1/numbers", {"phone_number": e164})).status_code == 201
+    listed = await env.client.get("/api/v1/numbers")
+    assert listed.headers["content-type"] == "application/json"
+    body = listed.json()
+    assert list(body) == ["numbers"]
+    assert [n["phone_number"] for n in body["numbers"]] == sorted(numbers)
+    assert set(body["numbers"][0]) >= {"id", "assistant_id", "agent_id", "created_at"}
+    page = (await env.client.get("/api/v1/numbers", params={
+        "phone_number": "3185", "limit": 2, "offset": 1})).json()["numbers"]
+    assert [n["phone_number"] for n in page] == ["+31850835038", "+31850835039"]
+    plus = await env.client.get("/api/v1/numbers?phone_number=%2B44")
+    assert [n["phone_number"] for n in plus.json()["numbers"]] == ["+442071234567"]
+    assert (await env.client.get("/api/v1/numbers?phone_number=+44")).json() == plus.json()
+    rest = (await env.client.get("/api/v1/numbers", params={"offset": 3})).json()["numbers"]
+    assert [n["phone_number"] for n in rest] == sorted(numbers)[3:]
+    assert_error(await env.client.get("/api/v1/numbers?phone_number=31x"), 422, "phone_number")
+    assert (await env.client.get("/api/v1/numbers?limit=0")).status_code in (400, 422)
+
+
+async def test_import_is_all_or_nothing_and_names_every_bad_line(env: Env) -> None:
+    assistant = await make_assistant(env)
+    await env.post("/api/v1/numbers", {"phone_number": "+31850835039"})
+    csv_text = (f"phone_number,name,assistant_id\n085 083 5037,a,{assistant}\n"
+                f"+31850835038,b,{uuid.uuid4()}\n+31850835039,c,\n0850835037,d,\n12,e,\n")
+    r = await env.client.post("/api/v1/numbers/import", content=csv_text.encode())
+    assert_error(r, 422)
+    assert [(d["field"], d["message"].split(" ")[0]) for d in r.json()["details"]] == [
+        ("line 3", "no"), ("line 4", "phone_number"), ("line 5", "phone_number"),
+        ("line 6", "phone_number")]
+    assert "repeats line 2" in r.json()["details"][2]["message"]
+    assert len((await env.client.get("/api/v1/numbers")).json()["numbers"]) == 1
+    r = await env.client.post("/api/v1/numbers/import?skip_invalid=true",
+                              content=csv_text.encode())
+    assert r.status_code == 200, r.text
+    assert r.json()["imported"] == 1
+    assert [row["line"] for row in r.json()["skipped"]] == [3, 4, 5, 6]
+    listed = (await env.client.get("/api/v1/numbers")).json()["numbers"]
+    assert {(n["phone_number"], n["assistant_id"]) for n in listed} == {
+        ("+31850835037", assistant), ("+31850835039", None)}
+    assert env.routing_changes[-1] == NumberUpserted(
+        uuid.UUID(listed[0]["id"]), "+31850835037", uuid.UUID(assistant), True)
+
+
+async def test_import_has_its_own_body_limit(env: Env) -> None:
+    """Guards the exemption from http.max_body_bytes (1 MB here): a larger CSV is read."""
+    big = b"phone_number\n+31850835037\n" + b"\n" * (1024 * 1024 + 10)
+    r = await env.client.post("/api/v1/numbers/import", content=big)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"imported": 1, "skipped": []}
+    assert_error(await env.client.post("/api/v1/numbers/import", content=b"name\nx\n"), 422,
+                 "header")
+    assert (await env.post("/api/v1/numbers", {"phone_number": "+31850835038",
+                                                "name": "x" * (1024 * 1024)})).status_code == 413
+
+
+async def test_an_import_over_its_limit_is_413(tmp_path: Path) -> None:
+    env, _ = await build(tmp_path, import_max_bytes=64)
+    try:
+        body = b"phone_number\n" + b"+31850835037\n" * 10
+        assert (await env.client.post("/api/v1/numbers/import", content=body)).status_code == 413
+        assert (await env.client.get("/api/v1/numbers")).json() == {"numbers": []}
+    finally:
+        await env.client.aclose()
+        await env.store.close()
+
+
 async def test_malformed_id_and_json(env: Env) -> None:
     assert_error(await env.client.get("/api/v1/numbers/not-a-uuid"), 404)
     r = await env.client.post("/api/v1/numbers", content=b"{not json",
@@ -222,12 +298,14 @@ async def test_malformed_id_and_json(env: Env) -> None:
 
 
 async def test_every_change_refreshes_routing(env: Env) -> None:
-    """Guards 'changes apply to the very next INVITE': the callback runs on each change."""
+    """Guards 'changes apply to the very next INVITE': each change hands its delta on."""
     assistant = await make_assistant(env)
     number = (await env.post("/api/v1/numbers", {"phone_number": NUMBER})).json()["number"]
     await env.client.patch(f"/api/v1/numbers/{number['id']}", json={"assistant_id": assistant})
     await env.client.delete(f"/api/v1/numbers/{number['id']}")
-    assert len(env.routing_changes) == 4
+    assert [type(c).__name__ for c in env.routing_changes] == [
+        "AssistantUpserted", "NumberUpserted", "NumberUpserted", "NumberRemoved"]
+    assert env.routing_changes[-1] == NumberRemoved(NUMBER)
     await env.post("/api/v1/numbers", {"phone_number": "12"})  # refused: no refresh
     assert len(env.routing_changes) == 4
 

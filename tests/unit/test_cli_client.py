@@ -60,7 +60,7 @@ class Cli:
         return Result(code, out.getvalue(), err.getvalue())
 
 
-async def _nothing() -> None:
+async def _nothing(_: object) -> None:
     return None
 
 
@@ -185,3 +185,38 @@ def test_keys_create_parses_read_only_and_data_dir(tmp_path: Path) -> None:
     args = parser.parse_args(["keys", "create", "--read-only", "--data-dir", str(tmp_path)])
     assert (args.read_only, args.data_dir, args.func) == (
         True, tmp_path, cli_client.run_keys_create)
+
+
+async def test_import_then_export_round_trips_with_a_progress_bar(cli: Cli,
+                                                                   tmp_path: Path) -> None:
+    assistant = (await cli("assistants", "add", "--name", "A", "--json")).json()["assistant"]
+    source = tmp_path / "in.csv"
+    source.write_text(f"phone_number,name,assistant_id,is_active\n"
+                      f"085 083 5037,Sales,{assistant['id']},true\n+31850835038,,,false\n")
+    imported = await cli("numbers", "import", str(source))
+    assert imported.code == 0, imported.err
+    assert imported.out.strip() == "imported 2 numbers, skipped 0 rows"
+    assert "100%" in imported.err and imported.err.startswith("\r[")
+    exported = tmp_path / "out.csv"
+    assert (await cli("numbers", "export", str(exported))).code == 0
+    assert exported.read_text().splitlines() == [
+        "phone_number,name,assistant_id,transfer_trunk_id,is_active",
+        f"+31850835037,Sales,{assistant['id']},,true", "+31850835038,,,,false"]
+    to_stdout = await cli("numbers", "export")
+    assert to_stdout.out.splitlines() == exported.read_text().splitlines()
+
+
+async def test_import_refusal_lists_every_bad_line_and_skip_invalid_goes_on(
+        cli: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("phone_number\n+31850835037\n12\n+31850835037\n")
+    refused = await cli("numbers", "import", str(source))
+    assert refused.code == 1
+    assert "line 3: phone_number" in refused.err and "line 4: phone_number" in refused.err
+    assert "nothing was imported" in refused.err
+    skipped = await cli("numbers", "import", str(source), "--skip-invalid")
+    assert skipped.code == 0, skipped.err
+    assert skipped.out.strip() == "imported 1 numbers, skipped 2 rows"
+    assert "skipped line 3:" in skipped.err
+    missing = await cli("numbers", "import", str(tmp_path / "nope.csv"))
+    assert missing.code == 1 and "cannot read" in missing.err

@@ -8,8 +8,10 @@ import pytest
 
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import (
+    AssistantUpserted,
     Bridge,
     CallContext,
+    NumberUpserted,
     Outcome,
     Policy,
     Reject,
@@ -19,12 +21,16 @@ from callrouter.domain.routing import (
     decide,
 )
 
-A = uuid.UUID(int=1)
+A = uuid.UUID(int=1)  # an assistant with its own runtime
+B = uuid.UUID(int=2)  # an assistant that uses the default pool
 ASSIGNED = Route(uuid.UUID(int=10), "+31850835037", A, "sip:own@rt", True)
-POOLED = Route(uuid.UUID(int=11), "+31850835038", A, None, True)
+POOLED = Route(uuid.UUID(int=11), "+31850835038", B, None, True)
 UNASSIGNED = Route(uuid.UUID(int=12), "+31850835039", None, None, True)
-INACTIVE = Route(uuid.UUID(int=13), "+31850835040", A, None, False)
-TABLE = RouteTable({r.e164: r for r in (ASSIGNED, POOLED, UNASSIGNED, INACTIVE)})
+INACTIVE = Route(uuid.UUID(int=13), "+31850835040", A, "sip:own@rt", False)
+TABLE = RouteTable.build(
+    [NumberUpserted(r.number_id, r.e164, r.assistant_id, r.is_active)
+     for r in (ASSIGNED, POOLED, UNASSIGNED, INACTIVE)],
+    [AssistantUpserted(A, "sip:own@rt"), AssistantUpserted(B, None)])
 POLICY = Policy(max_calls=2, unassigned_code=480, inactive_code=486, retry_after_seconds=7)
 
 

@@ -28,7 +28,7 @@ from callrouter.domain.models import (
     TrunkTransport,
 )
 from callrouter.errors import Conflict, NotFound, StoreError
-from callrouter.ports import CallQuery, Store
+from callrouter.ports import CallQuery, NumberQuery, Store
 from callrouter.store import MemoryStore, SqliteStore
 
 pytestmark = pytest.mark.anyio
@@ -84,6 +84,42 @@ async def test_number_round_trips_exactly(store: Store) -> None:
     await store.create_number(n)
     assert await store.get_number(n.id) == n
     assert list(await store.list_numbers()) == [n]
+
+
+async def test_number_pages_in_text_order_by_prefix_offset_and_keyset(store: Store) -> None:
+    made = [await store.create_number(number(e164)) for e164 in
+            ("+31850835038", "+4420", "+31850835037", "+3185", "+3120")]
+    by_text = sorted(made, key=lambda n: n.phone_number)
+    assert list(await store.page_numbers(NumberQuery())) == by_text
+    assert [n.phone_number for n in await store.page_numbers(NumberQuery(prefix="+3185"))] == [
+        "+3185", "+31850835037", "+31850835038"]
+    assert list(await store.page_numbers(NumberQuery(limit=2, offset=1))) == by_text[1:3]
+    after = await store.page_numbers(NumberQuery(limit=2, after="+31850835037"))
+    assert [n.phone_number for n in after] == ["+31850835038", "+4420"]
+
+
+async def test_route_rows_are_the_numbers_in_text_order(store: Store) -> None:
+    a = await store.create_assistant(assistant())
+    first = await store.create_number(number("+31850835038", assistant_id=a.id))
+    second = await store.create_number(number("+3185", is_active=False))
+    assert list(await store.route_rows("", 10)) == [
+        ("+3185", str(second.id), None, False), ("+31850835038", str(first.id), str(a.id), True)]
+    assert list(await store.route_rows("+3185", 1)) == [
+        ("+31850835038", str(first.id), str(a.id), True)]
+
+
+async def test_bulk_create_is_all_or_nothing_and_existing_numbers_are_found(
+        store: Store) -> None:
+    await store.create_number(number("+31850835037"))
+    batch = [number("+31850835038"), number("+31850835039"), number("+31850835037")]
+    with pytest.raises(Conflict):
+        await store.create_numbers(batch)
+    assert len(await store.list_numbers()) == 1
+    await store.create_numbers(batch[:2])
+    assert len(await store.list_numbers()) == 3
+    asked = [f"+318508350{i:02d}" for i in range(30, 60)] * 40  # more than one IN () chunk
+    assert await store.existing_numbers(asked) == {"+31850835037", "+31850835038",
+                                                   "+31850835039"}
 
 
 async def test_duplicate_number_is_a_conflict_naming_the_field(store: Store) -> None:

@@ -2,8 +2,8 @@
 
 ``decide`` is pure and fast: it runs on the SIP thread for every INVITE, against an
 immutable ``RouteTable`` snapshot that the service swaps in after every change to
-the number table (so the very next INVITE sees the change). The answer is one of
-a closed set: ``Bridge`` (dial the assistant's runtime) or ``Reject`` (a final SIP
+the number table (``RouteTable.apply(change)``, so the very next INVITE sees it). The
+answer is one of a closed set: ``Bridge`` (dial the assistant's runtime) or ``Reject`` (a final SIP
 status). Requests from sources outside the allowed networks never get here: the
 engine's guard module drops them before pjsua allocates anything (see
 docs/architecture.md).
@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import enum
 import itertools
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from callrouter.domain.models import Assistant, EndReason, PhoneNumber
+from callrouter.domain.models import EndReason
+from callrouter.domain.routetable import (
+    AssistantRemoved,
+    AssistantUpserted,
+    NumberRemoved,
+    NumberUpserted,
+    Route,
+    RouteChange,
+    RouteTable,
+)
+
+__all__ = [  # the route table and its changes live in domain.routetable
+    "AssistantRemoved", "AssistantUpserted", "NumberRemoved", "NumberUpserted", "Route",
+    "RouteChange", "RouteTable",
+]
 
 
 class Outcome(enum.StrEnum):
@@ -34,31 +46,6 @@ class Outcome(enum.StrEnum):
     OVER_CAPACITY = "over_capacity"
     DRAINING = "draining"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"  # the number's assistant has no runtime at all
-
-
-@dataclass(frozen=True)
-class Route:
-    number_id: uuid.UUID
-    e164: str
-    assistant_id: uuid.UUID | None
-    runtime_uri: str | None  # the assistant's own runtime, if it has one
-    is_active: bool
-
-
-@dataclass(frozen=True)
-class RouteTable:
-    by_e164: Mapping[str, Route] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, numbers: list[PhoneNumber], assistants: list[Assistant]) -> RouteTable:
-        runtime = {a.id: a.runtime_uri for a in assistants}
-        return cls({
-            n.phone_number: Route(
-                n.id, n.phone_number, n.assistant_id,
-                runtime.get(n.assistant_id) if n.assistant_id else None, n.is_active,
-            )
-            for n in numbers
-        })
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,7 @@ def decide(ctx: CallContext, table: RouteTable, policy: Policy, pool: RuntimePoo
     if ctx.dialled is None:
         return Reject(policy.not_a_number_code, Outcome.NOT_A_NUMBER,
                       EndReason.REJECTED_UNKNOWN_NUMBER)
-    route = table.by_e164.get(ctx.dialled)
+    route = table.get(ctx.dialled)
     if route is None:
         return Reject(policy.unknown_number_code, Outcome.UNKNOWN_NUMBER,
                       EndReason.REJECTED_UNKNOWN_NUMBER)

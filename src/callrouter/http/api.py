@@ -42,7 +42,8 @@ def create_app(deps: ApiDeps) -> FastAPI:
         Route("/metrics", _Mounted(deps.metrics_app), include_in_schema=False)]
     app.router.routes.extend(extra)
     failures.install(app)
-    app.add_middleware(BodyLimit, limit=deps.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=deps.max_body_bytes,
+                       per_path={routes.IMPORT_PATH: deps.import_max_bytes})
     app.add_middleware(
         Guard, authenticate=deps.management.authenticate, open_paths=routes.OPEN_PATHS,
         limiter=FixedWindowLimiter(deps.rate_limit_per_minute, clock=deps.clock))

@@ -31,7 +31,8 @@ class ApiDeps:
     ``EngineTimeout`` (504) when the SIP side gives no verdict; ``on_request`` receives
     (route template, method, status, seconds) for every request; ``metrics_app``, if
     given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits.
-    ``max_body_bytes``: larger request bodies get 413.
+    ``max_body_bytes``: larger request bodies get 413 (``import_max_bytes`` for the bulk
+    number import).
     """
 
     management: Management
@@ -44,5 +45,6 @@ class ApiDeps:
     rate_limit_per_minute: int = 100
     control_limit_per_minute: int = 10
     max_body_bytes: int = 1024 * 1024
+    import_max_bytes: int = 256 * 1024 * 1024  # the bulk import's own body limit
     metrics_app: ASGIApp | None = None
     clock: Callable[[], float] = time.monotonic

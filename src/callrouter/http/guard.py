@@ -104,29 +104,35 @@ def _with_headers(send: Send, headers: Mapping[str, str]) -> Send:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    """``limit`` for every path but those in ``per_path``, which have their own (the bulk
+    number import, ``numbers.import_max_bytes``)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int,
+                 per_path: Mapping[str, int] | None = None) -> None:
         self._app = app
         self._limit = limit
+        self._per_path = dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        limit = self._per_path.get(scope.get("path", ""), self._limit)
         declared = _content_length(scope)
-        if declared is not None and declared > self._limit:
-            await http_error_response(BodyTooLarge(self._limit))(scope, receive, send)
+        if declared is not None and declared > limit:
+            await http_error_response(BodyTooLarge(limit))(scope, receive, send)
             return
-        await self._app(scope, self._counting(receive), send)
+        await self._app(scope, self._counting(receive, limit), send)
 
-    def _counting(self, receive: Receive) -> Receive:
+    def _counting(self, receive: Receive, limit: int) -> Receive:
         received = 0
 
         async def receiving() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self._limit:
-                raise BodyTooLarge(self._limit)  # and read no further
+            if received > limit:
+                raise BodyTooLarge(limit)  # and read no further
             return message
 
         return receiving

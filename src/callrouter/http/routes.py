@@ -8,22 +8,31 @@ any of this, in ``http.guard``.
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import tempfile
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
-from callrouter.domain.models import CallStatus
+from callrouter.domain.models import CallStatus, PhoneNumber
 from callrouter.errors import NotFound, ValidationError
 from callrouter.http import schemas
 from callrouter.http import views as v
 from callrouter.http.deps import ApiDeps
 from callrouter.http.failures import CallNotControllable, TooManyRequests
 from callrouter.http.ratelimit import FixedWindowLimiter
-from callrouter.ports import CallQuery, ControlCommand, EndCall, TransferCall
+from callrouter.ports import CallQuery, ControlCommand, EndCall, NumberQuery, TransferCall
 
+IMPORT_PATH = "/api/v1/numbers/import"  # its own body limit (http.guard.BodyLimit)
+IMPORT_SPOOL_BYTES = 8 * 1024 * 1024  # an import body beyond this goes to a temporary file
+MAX_NUMBER_PAGE = 10_000
+NUMBER_BATCH = 2_000  # numbers per store read while streaming the list
 OPEN_PATHS = frozenset({"/api/v1/health", "/api/v1/ready"})
 _T = TypeVar("_T")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -54,15 +63,63 @@ def _found(obj: _T | None, what: str) -> _T:
 
 # -- numbers ---------------------------------------------------------------------------
 
-@router.get("/numbers", tags=["numbers"])
-async def list_numbers(deps: Deps) -> v.NumberList:
-    return v.NumberList(numbers=[v.NumberView.of(n) for n in await deps.store.list_numbers()])
+@router.get("/numbers", tags=["numbers"], response_class=StreamingResponse,
+            responses={200: {"model": v.NumberList}})
+async def list_numbers(
+    deps: Deps,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_NUMBER_PAGE)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    phone_number: Annotated[str | None, Query(max_length=16)] = None,
+) -> StreamingResponse:
+    """Every number (what the SDK expects) without parameters, or a page: ``limit`` and
+    ``offset``, numbers starting with ``phone_number``; in ``phone_number`` order. Streamed
+    a batch at a time, so a million numbers are never one response in memory."""
+    query = NumberQuery(limit=limit or NUMBER_BATCH, offset=offset,
+                        prefix=_number_prefix(phone_number))
+    return StreamingResponse(v.number_list_stream(_number_pages(deps, query, limit is None)),
+                             media_type="application/json")
+
+
+async def _number_pages(deps: ApiDeps, query: NumberQuery,
+                        every: bool) -> AsyncIterator[Sequence[PhoneNumber]]:
+    page = await deps.store.page_numbers(query)
+    yield page
+    # Without a limit: every number from the offset on, by keyset (never OFFSET again).
+    while every and len(page) == query.limit:
+        query = dataclasses.replace(query, offset=0, after=page[-1].phone_number)
+        page = await deps.store.page_numbers(query)
+        yield page
+
+
+def _number_prefix(raw: str | None) -> str:
+    """``+3185``, ``3185`` (a ``+`` left unencoded in a query string arrives as a space)."""
+    digits = (raw or "").strip().lstrip("+")
+    if digits and not digits.isdigit():
+        raise schemas.invalid("phone_number", "must be the digits an E.164 number starts with")
+    return "+" + digits if digits else ""
 
 
 @router.post("/numbers", status_code=201, tags=["numbers"])
 async def create_number(body: schemas.NumberCreate, deps: Deps) -> v.NumberEnvelope:
     number = await deps.management.create_number(body.to_input())
     return v.NumberEnvelope(number=v.NumberView.of(number))
+
+
+@router.post("/numbers/import", tags=["numbers"])
+async def import_numbers(request: Request, deps: Deps,
+                         skip_invalid: bool = False) -> v.ImportResult:
+    """A CSV body (header: phone_number, optional name, assistant_id, transfer_trunk_id,
+    is_active). All or nothing: any bad row is 422 naming every bad line; with
+    ``skip_invalid`` the good rows are registered and the bad ones listed. The body is
+    streamed to a spooled temporary file, within ``numbers.import_max_bytes``."""
+    with tempfile.SpooledTemporaryFile(max_size=IMPORT_SPOOL_BYTES) as body:
+        async for chunk in request.stream():
+            body.write(chunk)
+        body.seek(0)
+        lines = io.TextIOWrapper(body, encoding="utf-8-sig", newline="")
+        report = await deps.management.import_numbers(lines, skip_invalid=skip_invalid)
+    return v.ImportResult(imported=report.imported, skipped=[
+        v.SkippedRow(line=p.line, message=p.reason) for p in report.problems])
 
 
 @router.get("/numbers/{number_id}", tags=["numbers"])

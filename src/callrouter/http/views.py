@@ -11,10 +11,11 @@ no field here, so no response can carry one.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, PlainSerializer
+from pydantic import BaseModel, PlainSerializer, TypeAdapter
 
 from callrouter.domain.models import (
     Assistant,
@@ -61,6 +62,16 @@ class NumberEnvelope(BaseModel):
 
 class NumberList(BaseModel):
     numbers: list[NumberView]
+
+
+class SkippedRow(BaseModel):
+    line: int
+    message: str
+
+
+class ImportResult(BaseModel):
+    imported: int
+    skipped: list[SkippedRow]  # bad rows left out (only with skip_invalid)
 
 
 class TrunkView(BaseModel):
@@ -211,3 +222,19 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     reason: str
+
+
+_NUMBER_PAGE = TypeAdapter(list[NumberView])
+
+
+async def number_list_stream(pages: AsyncIterator[Sequence[PhoneNumber]]) -> AsyncIterator[bytes]:
+    """``{"numbers": [...]}`` (``NumberList``'s shape) a page at a time: a million numbers
+    never sit in memory as one response."""
+    yield b'{"numbers":['
+    sep = b""
+    async for page in pages:
+        if page:
+            body = _NUMBER_PAGE.dump_json([NumberView.of(n) for n in page])
+            yield sep + body[1:-1]
+            sep = b","
+    yield b"]}"

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from callrouter.domain.models import ApiKey, Assistant, CallRecord, PhoneNumber, Trunk
 from callrouter.errors import Conflict
-from callrouter.ports import CallQuery
+from callrouter.ports import CallQuery, NumberQuery, RouteRow
 from callrouter.store import rules
 
 
@@ -65,6 +65,32 @@ class MemoryStore:
 
     async def delete_number(self, number_id: uuid.UUID) -> bool:
         return self._numbers.pop(number_id, None) is not None
+
+    async def page_numbers(self, query: NumberQuery) -> Sequence[PhoneNumber]:
+        found = sorted((n for n in self._numbers.values()
+                        if n.phone_number > query.after
+                        and n.phone_number.startswith(query.prefix)),
+                       key=lambda n: n.phone_number)
+        return found[query.offset:query.offset + query.limit]
+
+    async def existing_numbers(self, e164s: Sequence[str]) -> set[str]:
+        taken = {n.phone_number for n in self._numbers.values()}
+        return {e for e in e164s if e in taken}
+
+    async def create_numbers(self, numbers: Sequence[PhoneNumber]) -> None:
+        before = dict(self._numbers)
+        try:
+            for number in numbers:
+                await self.create_number(number)
+        except BaseException:
+            self._numbers = before  # all or nothing, like the SQLite transaction
+            raise
+
+    async def route_rows(self, after: str, limit: int) -> Sequence[RouteRow]:
+        found = sorted((n for n in self._numbers.values() if n.phone_number > after),
+                       key=lambda n: n.phone_number)[:limit]
+        return [(n.phone_number, str(n.id), None if n.assistant_id is None
+                 else str(n.assistant_id), n.is_active) for n in found]
 
     def _check_number(self, number: PhoneNumber) -> None:
         if any(other.phone_number == number.phone_number and other.id != number.id

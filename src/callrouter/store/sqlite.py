@@ -40,7 +40,7 @@ from callrouter.domain.models import (
     Trunk,
 )
 from callrouter.errors import Conflict, StoreError
-from callrouter.ports import CallQuery
+from callrouter.ports import CallQuery, NumberQuery, RouteRow
 from callrouter.store import rows, rules
 from callrouter.store.rows import (
     ASSISTANT_COLS,
@@ -93,6 +93,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
+_INSERT_NUMBER_POSITIONAL = (f"INSERT INTO numbers ({', '.join(NUMBER_COLS)}) "
+                             f"VALUES ({', '.join('?' * len(NUMBER_COLS))})")
 _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT(id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 
@@ -232,6 +234,34 @@ class SqliteStore:
     async def delete_number(self, number_id: uuid.UUID) -> bool:
         return await self._change("DELETE FROM numbers WHERE id = ?", (str(number_id),)) > 0
 
+    async def page_numbers(self, query: NumberQuery) -> Sequence[PhoneNumber]:
+        # phone_number's UNIQUE index gives the order and the prefix range without a sort.
+        found = await self._fetch(
+            select_sql("numbers", NUMBER_COLS) + " WHERE phone_number > :after AND "
+            "phone_number >= :low AND phone_number < :high ORDER BY phone_number "
+            "LIMIT :limit OFFSET :offset", _number_page(query))
+        return [rows.number_from_row(r) for r in found]
+
+    async def existing_numbers(self, e164s: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(e164s), 500):  # well under SQLite's variable limit
+            chunk = e164s[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows_ = await self._fetch(
+                f"SELECT phone_number FROM numbers WHERE phone_number IN ({marks})", chunk)
+            found.update(r[0] for r in rows_)
+        return found
+
+    async def create_numbers(self, numbers: Sequence[PhoneNumber]) -> None:
+        async with self._tx(write=True) as db:
+            await db.executemany(_INSERT_NUMBER_POSITIONAL, rows.number_tuples(numbers))
+
+    async def route_rows(self, after: str, limit: int) -> Sequence[RouteRow]:
+        found = await self._fetch(
+            "SELECT phone_number, id, assistant_id, is_active FROM numbers "
+            "WHERE phone_number > ? ORDER BY phone_number LIMIT ?", (after, limit))
+        return [(r[0], r[1], r[2], bool(r[3])) for r in found]
+
     # -- trunks ----------------------------------------------------------------------
 
     async def list_trunks(self) -> Sequence[Trunk]:
@@ -352,6 +382,13 @@ class SqliteStore:
 
 
 _BY_AGE = " ORDER BY created_at, id"
+
+
+def _number_page(query: NumberQuery) -> dict[str, Any]:
+    # Every stored number is "+" and digits, so prefix + DEL bounds the prefix's range.
+    high = query.prefix + "\x7f" if query.prefix else "\x7f"
+    return {"after": query.after, "low": query.prefix, "high": high,
+            "limit": query.limit, "offset": query.offset}
 
 
 def _call_filter(query: CallQuery) -> tuple[str, dict[str, Any]]:
