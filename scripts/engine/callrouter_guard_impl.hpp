@@ -265,7 +265,7 @@ void cr_repair_contact(pjsip_rx_data *rdata) {
 /* Out-of-dialog OPTIONS (RFC 3261 s11.2): 200 with what the router really does. pjsua's
  * own answer also lists Allow-Events (presence, dialog, message-summary, refer) and the
  * presence bodies in Accept, although SUBSCRIBE and REFER are refused. The capability
- * headers are trimmed at install (cr_trim_capabilities), so INVITE responses agree. */
+ * headers are trimmed at install (cr_strip_capability in crGuardInstall), so INVITE responses agree. */
 void cr_answer_options(pjsip_rx_data *rdata) {
     pjsip_endpoint *endpt = pjsua_get_pjsip_endpt();
     pjsip_tx_data *tdata;

@@ -68,7 +68,7 @@ std::vector<std::pair<std::string, std::string>> cr_raw_headers(const char *buf,
 bool cr_is_token_char(char c) {
     /* Octets >= 0x80 pass: unquoted UTF-8 names are common enough to tolerate. */
     return ((unsigned char)c & 0x80) || std::isalnum((unsigned char)c) ||
-           std::strchr("-.!%*_+`'~ \t", c) != NULL;
+           (c != '\0' && std::strchr("-.!%*_+`'~ \t", c) != NULL);
 }
 
 /* RFC 3261 s20.10 / s25.1 name-addr: an unquoted display name is tokens only, and

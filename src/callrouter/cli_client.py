@@ -290,9 +290,9 @@ async def export_numbers(args: argparse.Namespace, client: httpx.AsyncClient, ou
                     print(describe_error(response), file=err)
                     return 1
                 page = response.json()["numbers"]
-                writer.writerows([n["phone_number"], n["name"], n["assistant_id"] or "",
-                                  n["transfer_trunk_id"] or "",
-                                  "true" if n["is_active"] else "false"] for n in page)
+                writer.writerows(numbercsv.export_row(
+                    n["phone_number"], n["name"], n["assistant_id"], n["transfer_trunk_id"],
+                    n["is_active"]) for n in page)
                 offset += len(page)
                 if len(page) < EXPORT_PAGE:
                     return 0

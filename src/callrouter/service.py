@@ -418,7 +418,7 @@ class CallService:
         assistant = str(decision.route.assistant_id)
         targets = tuple(runtime_request_uri(t, assistant) for t in decision.targets)
         now = self.clock()
-        session = s.CallSession(targets, self.timing, now)
+        session = s.CallSession(targets, self.timing)
         call = ActiveCall(record, session, invite.received_at, now,
                           record.assistant_phone, caller)
         self.active[record.id] = call

@@ -8,7 +8,8 @@
  *  - cr_raw_headers: names are lower case, hold no ':' and no CRLF; values hold no CRLF;
  *  - cr_bad_name_addr: NULL or one of its reasons; a quoted display name (escaped as
  *    RFC 3261 s25.1 quoted-string) followed by a clean <addr-spec> is never refused,
- *    whatever the quoted text holds ('<' included);
+ *    whatever the quoted text holds ('<' included); an unquoted display name holding a
+ *    NUL (never a token character) is always refused;
  *  - cr_unparsable_response: empty, or one status line we chose (513 when the message
  *    was too large, with the same header lines as the 400/405/416), header lines
  *    "Name: value" each ended by CRLF with no other CR, LF or NUL (no injected header),
@@ -57,6 +58,16 @@ void check_headers(const char *data, std::size_t size) {
         const char *why = cr_bad_name_addr(h.second);
         if (why != NULL && !known_reason(why)) fail("unknown cr_bad_name_addr reason", why);
     }
+}
+
+/* An unquoted display name with a NUL in it is not a token (RFC 3261 s25.1). */
+void check_unquoted_nul(const char *data, std::size_t size) {
+    std::string name = "Al";
+    for (std::size_t i = 0; i < size && i < 64; ++i)
+        if (data[i] != '"' && data[i] != '<') name += data[i];
+    name += '\0';
+    std::string value = name + " <sip:alice@example.com>";
+    if (cr_bad_name_addr(value) == NULL) fail("unquoted NUL accepted", value);
 }
 
 /* A quoted display name holding the input (escaped) before a clean addr-spec is valid. */
@@ -128,6 +139,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *bytes, size_t size) {
         if (why != NULL && !known_reason(why)) fail("unknown cr_bad_name_addr reason", why);
     }
     check_quoted_display_name(data, size);
+    check_unquoted_nul(data, size);
 
     std::string r = cr_unparsable_response(data, size);
     check_response(r);

@@ -16,13 +16,10 @@ message, closed once a final answer came, the router closed, or ``TCP_WAIT_S`` p
 from __future__ import annotations
 
 import collections
-import contextlib
-import socket
-import time
 
 import pytest
 
-from tests.support import sipfuzz, torture
+from tests.support import sipfuzz, sipwire
 from tests.support.router import RouterProcess
 
 pytestmark = pytest.mark.sip
@@ -30,52 +27,6 @@ pytestmark = pytest.mark.sip
 HOST = "127.0.0.1"
 OPTIONS_WAIT_S = 2.0
 TCP_WAIT_S = 0.05  # for an answer or a close; most messages get their final answer sooner
-
-
-def _udp(port: int, data: bytes) -> int | None:
-    """Send one datagram, then the OPTIONS probe; ACK what needs it. The probe's status."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        sock.sendto(data, (HOST, port))
-        status = torture.options(HOST, port, "udp", OPTIONS_WAIT_S)
-        # The router handled the message before the OPTIONS: its answers are queued by now.
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            while reply := sock.recv(65_535):
-                if ack := sipfuzz.ack_for(data, reply):
-                    sock.sendto(ack, (HOST, port))
-    return status
-
-
-def _tcp(port: int, data: bytes, wait_s: float = TCP_WAIT_S) -> None:
-    """Send on a new connection; wait for a final answer (ACKed if needed) or a close."""
-    try:
-        sock = socket.create_connection((HOST, port), timeout=OPTIONS_WAIT_S)
-    except OSError:
-        return  # refused: the probe will tell
-    with sock:
-        with contextlib.suppress(OSError):
-            sock.sendall(data)
-        buffer = b""
-        deadline = time.monotonic() + wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                chunk = sock.recv(65_535)
-            except OSError:  # timeout or reset
-                return
-            if not chunk:
-                return  # the router closed the connection
-            buffer += chunk
-            while True:
-                reply, buffer = sipfuzz.split_stream(buffer)
-                if reply is None:
-                    break
-                if (sipfuzz.status_of(reply) or 0) >= 200:
-                    if ack := sipfuzz.ack_for(data, reply):
-                        with contextlib.suppress(OSError):
-                            sock.sendall(ack)
-                    return
 
 
 def _log_tail(router: RouterProcess, lines: int = 30) -> str:
@@ -96,17 +47,17 @@ def _failure(router: RouterProcess, message: sipfuzz.FuzzMessage, transport: str
 
 def _survives_everything(router: RouterProcess, transport: str) -> collections.Counter[str]:
     assert router.proc is not None
-    assert torture.options(HOST, router.sip_port, "udp", OPTIONS_WAIT_S) == 200
+    assert sipwire.options(HOST, router.sip_port, OPTIONS_WAIT_S) == 200
     ctx = sipfuzz.Context(host=HOST, port=router.sip_port, transport=transport)
     sent: collections.Counter[str] = collections.Counter()
     for message in sipfuzz.generate(ctx):
         if transport == "udp" and len(message.data) > sipfuzz.UDP_MAX_PAYLOAD:
             continue  # cannot be one datagram
         if transport == "udp":
-            status = _udp(router.sip_port, message.data)
+            status = sipwire.send_udp(HOST, router.sip_port, message.data, OPTIONS_WAIT_S)[1]
         else:
-            _tcp(router.sip_port, message.data)
-            status = torture.options(HOST, router.sip_port, "udp", OPTIONS_WAIT_S)
+            sipwire.send_tcp(HOST, router.sip_port, message.data, TCP_WAIT_S)
+            status = sipwire.options(HOST, router.sip_port, OPTIONS_WAIT_S)
         alive = router.proc.poll() is None
         assert alive and status == 200, _failure(router, message, transport, status)
         sent[message.family] += 1

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.sipfuzz import split_stream
+
 REPO = Path(__file__).resolve().parents[2]
 UDP_FRAMING = frozenset({"dblreq.dat", "clerr.dat", "ncl.dat", "mcl01.dat", "inv2543.dat"})
 _BRANCH = re.compile(rb"(branch=z9hG4bK)([^;,\s]+)", re.I)
@@ -220,7 +222,7 @@ class _Channel:
 
     def _next_stream(self) -> bytes | None:
         while True:
-            message, self._buffer = _split_stream(self._buffer)
+            message, self._buffer = split_stream(self._buffer)
             if message is not None:
                 return message
             chunk = self.sock.recv(65535)
@@ -240,18 +242,6 @@ def _channel(host: str, port: int, transport: str, bind_port: int | None) -> Ite
             sock.settimeout(3.0)
             sock.connect((host, port))
         yield _Channel(sock, (host, port), transport)
-
-
-def _split_stream(buffer: bytes) -> tuple[bytes | None, bytes]:
-    buffer = buffer.lstrip(b"\r\n")
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None, buffer
-    match = re.search(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)", buffer[:head_end], re.I | re.M)
-    end = head_end + 4 + (int(match.group(1)) if match else 0)
-    if len(buffer) < end:
-        return None, buffer
-    return buffer[:end], buffer[end:]
 
 
 def _fresh_branch(raw: bytes) -> tuple[bytes, bytes | None]:
@@ -442,7 +432,7 @@ class StubServer:
         with conn:
             conn.settimeout(0.1)
             while not self._stop.is_set():
-                message, buffer = _split_stream(buffer)
+                message, buffer = split_stream(buffer)
                 if message is not None:
                     self.received.append(message)
                     for answer in self.answers(message):

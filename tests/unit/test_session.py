@@ -15,7 +15,7 @@ DESK = "sip:desk@pbx"
 
 
 def new(targets: tuple[str, ...] = ("sip:a", "sip:b")) -> tuple[s.CallSession, list[s.Command]]:
-    session = s.CallSession(targets, TIMING, now=0)
+    session = s.CallSession(targets, TIMING)
     return session, session.start(0)
 
 

@@ -11,12 +11,10 @@ for the caller, who knows the store. Pure: lines in, values out.
 from __future__ import annotations
 
 import csv
-import io
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from callrouter.domain.models import PhoneNumber
 from callrouter.domain.numbers import normalise
 from callrouter.errors import InvalidNumber
 
@@ -109,14 +107,8 @@ def _bool(text: str, reasons: list[str]) -> bool:
     return True
 
 
-def header_line() -> str:
-    return ",".join(COLUMNS) + "\r\n"
-
-
-def to_line(number: PhoneNumber) -> str:
-    """One number as a CSV line in ``COLUMNS`` order (what ``parse`` reads back)."""
-    out = io.StringIO()
-    csv.writer(out).writerow([
-        number.phone_number, number.name, number.assistant_id or "",
-        number.transfer_trunk_id or "", "true" if number.is_active else "false"])
-    return out.getvalue()
+def export_row(phone_number: str, name: str, assistant_id: object, transfer_trunk_id: object,
+               is_active: bool) -> list[str]:
+    """One number as a CSV row in ``COLUMNS`` order: what ``parse`` reads back."""
+    return [phone_number, name, str(assistant_id or ""), str(transfer_trunk_id or ""),
+            "true" if is_active else "false"]

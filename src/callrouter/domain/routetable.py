@@ -250,10 +250,6 @@ class RouteTable:
         """Changes held in the overlay (what a ``Compaction`` would merge)."""
         return len(self._overlay)
 
-    @property
-    def wants_compaction(self) -> bool:
-        return len(self._overlay) >= COMPACT_AT
-
     def _present(self, key: int) -> bool:
         if key in self._overlay:
             return self._overlay[key] is not None

@@ -316,7 +316,7 @@ Refuser = Callable[["CallSession", Request], Refused]
 class CallSession:
     """The state of one bridged call; see the module docstring."""
 
-    def __init__(self, targets: tuple[str, ...], timing: Timing, now: float) -> None:
+    def __init__(self, targets: tuple[str, ...], timing: Timing) -> None:
         if not targets:
             raise ValueError("a bridged call needs at least one runtime target")
         self.targets = targets
@@ -329,7 +329,6 @@ class CallSession:
         self.transfers = 0
         self.runtime_gone = False  # the assistant hung up while its transfer was dialling
         self._deadlines: dict[_Timer, float] = {}
-        self._started = now
 
     def start(self, now: float) -> list[Command]:
         return self._dial(0, now)
