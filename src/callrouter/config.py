@@ -124,6 +124,7 @@ class Config:
     calls: CallsConfig = CallsConfig()
     import_max_bytes: int = 256 * 1024 * 1024  # POST /api/v1/numbers/import body limit
     route_compaction_at: int = 4096  # route changes held before they are merged
+    import_workers: int = 0  # processes checking an import's rows (0: one per CPU)
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -307,6 +308,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("numbers.default_region", "NL", _region),
     Setting("numbers.import_max_bytes", 256 * 1024 * 1024, _positive_int),
     Setting("numbers.route_compaction_at", 4096, _positive_int),
+    Setting("numbers.import_workers", 0, _non_negative_int),
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
@@ -430,4 +432,5 @@ def _build(v: Mapping[str, Any]) -> Config:
                           rejected_records_per_second=v["calls.rejected_records_per_second"]),
         import_max_bytes=v["numbers.import_max_bytes"],
         route_compaction_at=v["numbers.route_compaction_at"],
+        import_workers=v["numbers.import_workers"],
     )
