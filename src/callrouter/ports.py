@@ -173,6 +173,15 @@ class Rejected:
     code: int
     reason: str
     retry_after: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. Reason (RFC 3326) on a 603
+
+
+@dataclass(frozen=True)
+class Held:
+    """The INVITE waits for an ``assistant-request`` reply: the caller hears ringing (180)
+    until the decision comes back through ``CallControl.resume`` (``on_decided``)."""
+
+    call_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,17 @@ class EngineEntry(enum.StrEnum):
 class CallHandler(Protocol):
     """What the SIP adapter asks of the service, on the SIP thread."""
 
-    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected: ...
+    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected | Held: ...
+
+    def on_decided(self, call_id: uuid.UUID, reply: AssistantReply,
+                   now: float) -> Accepted | Rejected | None:
+        """The ``assistant-request`` reply for a held INVITE (None: it is gone already)."""
+        ...
+
+    def on_held_ended(self, call_id: uuid.UUID, now: float) -> None:
+        """The caller of a held INVITE gave up (CANCEL) before the decision."""
+        ...
+
     def on_event(self, call_id: uuid.UUID, event: Event, now: float) -> Reaction: ...
     def on_request(self, call_id: uuid.UUID, request: Request, now: float) -> Ruling: ...
 
@@ -263,6 +282,10 @@ class CallControl(Protocol):
         ...
 
     def status(self) -> EngineStatus: ...
+
+    def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        """Hand the ``assistant-request`` reply for a held INVITE to the SIP thread."""
+        ...
 
 
 # ---- call control from the API ------------------------------------------------------

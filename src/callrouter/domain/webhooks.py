@@ -28,7 +28,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from callrouter.domain.models import CallRecord, CallStatus
+from callrouter.domain.models import CallRecord, CallStatus, DeliveryStatus, WebhookDelivery
 
 ASSISTANT_REQUEST = "assistant-request"
 STATUS_UPDATE = "status-update"
@@ -86,6 +86,13 @@ class WebhookDirectory:
         else:
             assistants[assistant_id] = hooks
         return WebhookDirectory(self.account, assistants)
+
+
+def hooks_of(assistant_id: uuid.UUID, runtime_uri: str | None, webhook_url: str | None,
+             events: tuple[str, ...], secret: str | None) -> AssistantHooks:
+    target = None if not webhook_url else WebhookTarget(webhook_url, secret or None,
+                                                        frozenset(events), assistant_id)
+    return AssistantHooks(runtime_uri, target)
 
 
 # ---- signing -----------------------------------------------------------------------------
@@ -192,6 +199,47 @@ def facts_of(body: bytes | str) -> CallFacts | None:
             extras={k: v for k, v in message.items() if k not in known})
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+@dataclass(frozen=True)
+class AssistantAsk:
+    """An ``assistant-request`` to send for a held INVITE (SIP thread -> asyncio side)."""
+
+    call_id: uuid.UUID
+    target: WebhookTarget
+    facts: CallFacts
+    at: datetime
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """A ``status-update`` to write to the outbox with a call-record change."""
+
+    facts: CallFacts
+    target: WebhookTarget
+    at: datetime
+
+
+def new_delivery(call_id: uuid.UUID, target_url: str, assistant_id: uuid.UUID | None,
+                 body: bytes, at: datetime, retry_hours: float,
+                 event: str = STATUS_UPDATE) -> WebhookDelivery:
+    """A new outbox entry, due at once."""
+    return WebhookDelivery(
+        id=uuid.uuid4(), call_id=call_id, event=event, url=target_url,
+        assistant_id=assistant_id, body=body.decode(), status=DeliveryStatus.PENDING,
+        attempts=0, next_attempt_at=at, expires_at=expires(at, retry_hours), last_error=None,
+        created_at=at, updated_at=at)
+
+
+def restart_ended(record: CallRecord, last: WebhookDelivery, at: datetime,
+                  retry_hours: float) -> WebhookDelivery | None:
+    """The ``ended-with-error`` event of a call a restart closed, sent where the call's
+    last event went (``ports.EndedEvent``)."""
+    facts = facts_of(last.body) if last.event == STATUS_UPDATE else None
+    if facts is None:
+        return None
+    return new_delivery(record.id, last.url, last.assistant_id,
+                        status_update_body(facts, record, at), at, retry_hours)
 
 
 # ---- replies to assistant-request ------------------------------------------------------------
@@ -340,7 +388,7 @@ class Backoff:
     def delay(self, attempts: int, jitter: float, retry_after: float | None = None) -> float:
         """Seconds until the next attempt after ``attempts`` failed ones; ``jitter`` in
         [0, 1) spreads retries over the upper half of the exponential step."""
-        step = min(self.cap, self.first * 2 ** max(0, attempts - 1))
+        step = min(self.cap, self.first * float(2 ** min(max(0, attempts - 1), 30)))
         wait = step * (0.5 + jitter / 2)
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.retry_after_cap))
