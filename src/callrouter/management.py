@@ -31,7 +31,6 @@ from callrouter.domain import numbercsv
 from callrouter.domain.models import ApiKey, Assistant, PhoneNumber, Trunk, TrunkTransport
 from callrouter.domain.numbercsv import CsvNumber, RowProblem
 from callrouter.domain.numbers import normalise
-from callrouter.domain.webhooks import EVENTS, AssistantHooks, destination_problem, hooks_of
 from callrouter.domain.routing import (
     AssistantRemoved,
     AssistantUpserted,
@@ -39,6 +38,7 @@ from callrouter.domain.routing import (
     NumberUpserted,
     RouteChange,
 )
+from callrouter.domain.webhooks import EVENTS, AssistantHooks, destination_problem, hooks_of
 from callrouter.errors import Conflict, FieldProblem, InvalidNumber, NotFound, ValidationError
 from callrouter.ports import Store
 

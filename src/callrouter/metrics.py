@@ -35,8 +35,8 @@ from prometheus_client.registry import Collector
 
 from callrouter import __version__
 from callrouter.domain.models import EndReason
-from callrouter.domain.webhooks import EVENTS, ReplyKind
 from callrouter.domain.routing import Outcome
+from callrouter.domain.webhooks import EVENTS, ReplyKind
 from callrouter.ports import EngineEntry
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
