@@ -159,7 +159,7 @@ def test_a_receiver_with_the_wrong_secret_rejects_every_one_and_they_are_given_u
                 assert failed.status is DeliveryStatus.FAILED and failed.last_error == "HTTP 401"
             assert not any(r.verified for r in receiver.events())
             listed, total = await rig.store.list_deliveries(DeliveryStatus.FAILED, 10, 0)
-            assert total == 3
+            assert total == 3 and {d.id for d in listed} == {d.id for d in deliveries}
             assert metric(rig.metrics, "callrouter_webhook_given_up_total") == 3
     run(test)
 
