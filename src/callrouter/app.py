@@ -237,7 +237,7 @@ class Router:
         self.deliveries = DeliveryWorker(
             self.store, self.sender, self.metrics, lambda: self.service.webhooks,
             per_destination=hooks.max_concurrency_per_destination,
-            retry_hours=hooks.retry_hours)
+            retry_hours=hooks.retry_hours, attempt_timeout=hooks.delivery_timeout_seconds)
 
     async def _webhook_directory(self) -> WebhookDirectory:
         """The account's webhook (config) and every assistant's, secrets decrypted."""

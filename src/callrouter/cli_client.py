@@ -25,7 +25,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ class Flag:
     option: str
     field: str
     help: str
-    kind: type = str
+    kind: Callable[[str], Any] = str
     nullable: bool = False
     required_on_add: bool = False
     choices: tuple[str, ...] | None = None

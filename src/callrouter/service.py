@@ -424,8 +424,8 @@ class CallService:
             return self._refuse_held(held, record, decision, reply)
         timing = self.timing if reply.max_duration_seconds is None else dataclasses.replace(
             self.timing, max_duration=float(reply.max_duration_seconds))
-        facts = CallFacts(record.id, decision.route.number_id, decision.route.e164, "",
-                          held.caller, decision.route.assistant_id, extras=reply.extras)
+        facts = dataclasses.replace(_facts(record, decision.route, held.caller),
+                                    extras=reply.extras)
         return self._bridge(held.invite, record, decision, held.caller, timing, facts)
 
     def on_held_ended(self, call_id: uuid.UUID, now: float) -> None:
@@ -552,7 +552,7 @@ class CallService:
         assert self.ask is not None
         self._held[record.id] = HeldInvite(invite, record, caller, route)
         self.record(record)
-        facts = CallFacts(record.id, route.number_id, route.e164, "", caller, route.assistant_id)
+        facts = _facts(record, route, caller)
         self.ask(AssistantAsk(record.id, target, facts, self.wall()))
         return Held(record.id)
 
@@ -595,8 +595,7 @@ class CallService:
         if target is None:
             self.record(closed)
         else:
-            facts = CallFacts(closed.id, held.route.number_id, held.route.e164, "",
-                              held.caller, closed.assistant_id)
+            facts = _facts(closed, held.route, held.caller)
             self.notify(closed, StatusEvent(facts, target, now))
         log.info("call.ended", call_id=str(closed.id), sip_call_id=closed.sip_call_id,
                  dialled=closed.assistant_phone, caller=mask(held.caller),
@@ -614,9 +613,7 @@ class CallService:
         session = s.CallSession(targets, timing or self.timing)
         hook = self.webhooks.subscriber(decision.route.assistant_id, STATUS_UPDATE)
         if hook is not None and facts is None:
-            route = decision.route
-            facts = CallFacts(record.id, route.number_id, route.e164, "", caller,
-                              route.assistant_id)
+            facts = _facts(record, decision.route, caller)
         call = ActiveCall(record, session, invite.received_at, now,
                           record.assistant_phone, caller, hook, facts)
         self.active[record.id] = call
@@ -740,6 +737,14 @@ class CallService:
         for call in list(self.active.values()):
             self._finished(call, s.Finish(CallStatus.ENDED, reason, self.clock()), self.clock())
         self._ended.clear()
+
+
+def _facts(record: CallRecord, route: Route, caller: str) -> CallFacts:
+    """What the call's webhook events say about it (the number's name is added on the
+    asyncio side, where the store is)."""
+    call_type = "outbound_phone_call" if record.direction == "outbound" else "inbound_phone_call"
+    return CallFacts(record.id, route.number_id, route.e164, "", caller, record.assistant_id,
+                     call_type=call_type)
 
 
 CONTROL_TIMEOUT = 2.0  # seconds the API waits for the SIP thread's verdict

@@ -230,7 +230,8 @@ class DeliveryWorker:
 
     def __init__(self, store: Store, sender: WebhookSender, metrics: Metrics,
                  directory: Callable[[], WebhookDirectory], *, per_destination: int,
-                 retry_hours: float, backoff: Backoff = DEFAULT_BACKOFF,
+                 retry_hours: float, attempt_timeout: float = 10.0,
+                 backoff: Backoff = DEFAULT_BACKOFF,
                  wall: Callable[[], datetime] = _utcnow,
                  jitter: Callable[[], float] = random.random) -> None:
         self._store = store
@@ -239,6 +240,7 @@ class DeliveryWorker:
         self._directory = directory
         self._per_destination = per_destination
         self._retry_hours = retry_hours
+        self._attempt_timeout = attempt_timeout
         self._backoff = backoff
         self._wall = wall
         self._jitter = jitter
@@ -262,8 +264,10 @@ class DeliveryWorker:
                     log.error("webhook.outbox_failed", error=exc.message)
                     wait = 1.0
                 if not self._wakeup.is_set():
+                    # asyncio.timeout, not wait_for: a stop (cancel) is never swallowed.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._wakeup.wait()
         finally:
             await self.close()
 
@@ -309,8 +313,13 @@ class DeliveryWorker:
             return
         started = time.perf_counter()
         try:
-            answer = await self._sender.post(delivery.url, delivery.event, delivery.id,
-                                             delivery.body.encode(), self._secret(delivery))
+            async with asyncio.timeout(self._attempt_timeout):  # a dripping reply included
+                answer = await self._sender.post(delivery.url, delivery.event, delivery.id,
+                                                 delivery.body.encode(), self._secret(delivery))
+        except TimeoutError:
+            self._metrics.webhook_attempt(delivery.event, False, time.perf_counter() - started)
+            await self._retry(delivery, f"no reply within {self._attempt_timeout:g} s", None)
+            return
         except SendFailed as exc:
             self._metrics.webhook_attempt(delivery.event, False, time.perf_counter() - started)
             if exc.permanent:
@@ -352,14 +361,14 @@ class DeliveryWorker:
             return
         await self._store.update_delivery(dataclasses.replace(
             failed, next_attempt_at=due, updated_at=now))
-        log.info("webhook.retry", delivery_id=str(delivery.id), event=delivery.event,
+        log.info("webhook.retry", delivery_id=str(delivery.id), webhook_event=delivery.event,
                  attempts=attempts, error=error, in_seconds=round(delay, 1))
 
     async def _give_up(self, delivery: WebhookDelivery, now: datetime, error: str) -> None:
         await self._store.update_delivery(dataclasses.replace(
             delivery, status=DeliveryStatus.FAILED, last_error=error, updated_at=now))
         self._metrics.webhook_given_up(delivery.event)
-        log.warning("webhook.given_up", delivery_id=str(delivery.id), event=delivery.event,
+        log.warning("webhook.given_up", delivery_id=str(delivery.id), webhook_event=delivery.event,
                     call_id=str(delivery.call_id), url=delivery.url,
                     attempts=delivery.attempts, error=error)
 

@@ -71,7 +71,8 @@ class Rig:
     """A store, a worker over a real client, and the account's secret."""
 
     def __init__(self, secret: str | None = SECRET, per_destination: int = 4,
-                 allow_private: bool = False, store: Store | None = None) -> None:
+                 allow_private: bool = False, store: Store | None = None,
+                 attempt_timeout: float = 5.0) -> None:
         self.store: Store = store or MemoryStore()
         self.metrics = Metrics()
         self.client = new_client(5.0)
@@ -80,7 +81,8 @@ class Rig:
         self.worker = DeliveryWorker(self.store, self.sender, self.metrics,
                                      lambda: WebhookDirectory(account),
                                      per_destination=per_destination, retry_hours=1.0,
-                                     backoff=FAST, jitter=lambda: 0.0)
+                                     attempt_timeout=attempt_timeout, backoff=FAST,
+                                     jitter=lambda: 0.0)
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Rig:
@@ -209,6 +211,20 @@ def test_429_honours_retry_after_and_other_4xx_give_up_at_once(
                 await rig.worker.retry(gone.id)
             with pytest.raises(NotFound):
                 await rig.worker.retry(uuid.uuid4())
+    run(test)
+
+
+def test_a_receiver_slower_than_the_attempt_timeout_is_retried_not_waited_for(
+        receiver: WebhookReceiver) -> None:
+    receiver.reply = scripted((200, b"", {}, 1.5))
+
+    async def test() -> None:
+        async with Rig(attempt_timeout=0.3) as rig:
+            d = event(receiver.url)
+            await rig.add(d)
+            done = await rig.settled(d.id)
+            assert done.status is DeliveryStatus.DELIVERED and done.attempts == 2
+            assert [r.delivery_id for r in receiver.events()] == [str(d.id)] * 2
     run(test)
 
 
