@@ -266,3 +266,29 @@ def test_restart_with_a_backlog_resumes_delivery(
         assert all(e.verified for e in events)
     finally:
         second.stop()
+
+
+def test_a_call_closed_by_a_restart_after_a_crash_reports_ended_with_error(
+        tmp_path: Path, receiver: WebhookReceiver) -> None:
+    first = start_router(tmp_path / "r", receiver)
+    rt = runtime()
+    first.add_number(NUMBER, first.add_assistant(f"sip:assistant@{rt.address}"))
+    caller = uac(first, "uac-call-bridged", duration_ms=20000, timeout_s=30)
+    caller.start()
+    call = first.wait_for_call(lambda c: c["status"] == "in-progress")
+    wait_statuses(receiver, call["id"], 1)
+    first.signal(signal.SIGKILL)  # a crash: nothing is closed on the way out
+    first.wait(10)
+    caller.stop()
+    second = RouterProcess(first.data_dir, env_extra=first.env_extra,
+                           http_port=first.http_port, sip_port=first.sip_port)
+    second.key = first.key
+    second.start()
+    try:
+        events = wait_statuses(receiver, call["id"], 2, timeout=30)
+        assert [e.message["call"]["status"] for e in events] == [
+            "in-progress", "ended-with-error"]
+        assert events[1].message["end_reason"] == "router_restart"
+        assert events[1].verified
+    finally:
+        second.stop()
