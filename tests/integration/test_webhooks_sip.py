@@ -245,6 +245,14 @@ def test_receiver_down_then_up_gets_every_event_once_in_order(
         "pagination"]["total"] == 0
 
 
+def restarted(first: RouterProcess) -> RouterProcess:
+    """The same router again: same data directory, ports and key."""
+    second = RouterProcess(first.data_dir, env_extra=first.env_extra,
+                           http_port=first.http_port, sip_port=first.sip_port)
+    second.key = first.key
+    return second.start()
+
+
 def test_restart_with_a_backlog_resumes_delivery(
         tmp_path: Path, receiver: WebhookReceiver) -> None:
     first = start_router(tmp_path / "r", receiver)
@@ -256,10 +264,7 @@ def test_restart_with_a_backlog_resumes_delivery(
     first.signal(signal.SIGTERM)
     assert first.wait(20) == 0
     receiver.start()
-    second = RouterProcess(first.data_dir, env_extra=first.env_extra,
-                           http_port=first.http_port, sip_port=first.sip_port)
-    second.key = first.key
-    second.start()
+    second = restarted(first)
     try:
         events = wait_statuses(receiver, call_id, 2, timeout=30)
         assert [e.message["call"]["status"] for e in events] == ["in-progress", "ended"]
@@ -280,10 +285,7 @@ def test_a_call_closed_by_a_restart_after_a_crash_reports_ended_with_error(
     first.signal(signal.SIGKILL)  # a crash: nothing is closed on the way out
     first.wait(10)
     caller.stop()
-    second = RouterProcess(first.data_dir, env_extra=first.env_extra,
-                           http_port=first.http_port, sip_port=first.sip_port)
-    second.key = first.key
-    second.start()
+    second = restarted(first)
     try:
         events = wait_statuses(receiver, call["id"], 2, timeout=30)
         assert [e.message["call"]["status"] for e in events] == [

@@ -101,6 +101,12 @@ class Rig:
         await self.store.upsert_calls([record], list(deliveries))
         self.worker.wake()
 
+    async def send_one(self, url: str) -> tuple[WebhookDelivery, WebhookDelivery]:
+        """One new event to ``url``, and how it ended."""
+        d = event(url)
+        await self.add(d)
+        return d, await self.settled(d.id)
+
     async def settled(self, delivery_id: uuid.UUID, timeout: float = 10.0) -> WebhookDelivery:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -134,9 +140,7 @@ def test_a_delivery_is_signed_by_the_platforms_scheme_and_marked_delivered(
         receiver: WebhookReceiver) -> None:
     async def test() -> None:
         async with Rig() as rig:
-            d = event(receiver.url)
-            await rig.add(d)
-            done = await rig.settled(d.id)
+            d, done = await rig.send_one(receiver.url)
             assert done.status is DeliveryStatus.DELIVERED and done.attempts == 1
             (got,) = receiver.events()
             assert got.verified and got.body == d.body.encode()
@@ -172,9 +176,7 @@ def test_5xx_and_connection_errors_are_retried_with_the_same_id(
 
     async def test() -> None:
         async with Rig() as rig:
-            d = event(receiver.url)
-            await rig.add(d)
-            done = await rig.settled(d.id)
+            d, done = await rig.send_one(receiver.url)
             assert done.status is DeliveryStatus.DELIVERED and done.attempts == 3
             assert {r.delivery_id for r in receiver.events()} == {str(d.id)}
             assert metric(rig.metrics, "callrouter_webhook_delivery_failures_total") == 2
@@ -220,9 +222,7 @@ def test_a_receiver_slower_than_the_attempt_timeout_is_retried_not_waited_for(
 
     async def test() -> None:
         async with Rig(attempt_timeout=0.3) as rig:
-            d = event(receiver.url)
-            await rig.add(d)
-            done = await rig.settled(d.id)
+            d, done = await rig.send_one(receiver.url)
             assert done.status is DeliveryStatus.DELIVERED and done.attempts == 2
             assert [r.delivery_id for r in receiver.events()] == [str(d.id)] * 2
     run(test)
