@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
@@ -259,11 +259,19 @@ class CallPruner:
             await asyncio.sleep(self.INTERVAL)
 
     async def prune_once(self) -> int:
+        """Calls, then the webhook events (delivered or given up) of the same age."""
         if not self._retention:
             return 0
-        before, pruned = self._wall() - self._retention, 0
+        before = self._wall() - self._retention
+        pruned = await self._prune(self._store.delete_calls_before, before)
+        await self._prune(self._store.delete_deliveries_before, before)
+        return pruned
+
+    async def _prune(self, delete: Callable[[datetime, int], Awaitable[int]],
+                     before: datetime) -> int:
+        pruned = 0
         while True:
-            deleted = await self._store.delete_calls_before(before, self._batch)
+            deleted = await delete(before, self._batch)
             pruned += deleted
             if deleted < self._batch:
                 return pruned

@@ -5,10 +5,11 @@ How it works:
 
 - ``WebhookSender.post`` sends one signed request (``domain.webhooks.request_headers``).
   The host is resolved first and every address is checked (link-local never, private only
-  with ``webhooks.allow_private``); the request then goes to the checked address itself
-  (Host header and TLS server name stay the URL's host), so a DNS answer cannot change
-  between the check and the connection. Redirects are never followed, and the reply is
-  read up to 64 KiB. Every failure is a ``SendFailed``, never an exception that escapes.
+  with ``webhooks.allow_private``); a plain-HTTP request then goes to the checked address
+  itself (the Host header keeps the name), so a DNS answer cannot change between the
+  check and the connection (HTTPS connects by name: its certificate check is the guard).
+  Redirects are never followed, and the reply is read up to 64 KiB. Every failure is a
+  ``SendFailed``, never an exception that escapes.
 - ``AssistantRequester.ask`` is called on the SIP thread for a held INVITE; it only
   schedules the request on the loop. The reply (or the timeout, after
   ``webhooks.assistant_request_timeout_seconds``) goes back to the SIP thread through
@@ -106,21 +107,22 @@ class WebhookSender:
 
     async def post(self, url: str, event: str, delivery_id: uuid.UUID, body: bytes,
                    secret: str | None) -> Answer:
-        pinned, host = await self._pinned(url)
+        target = await self._checked(url)
         headers = request_headers(event, delivery_id, int(time.time()), body, secret)
         headers["Host"] = urlsplit(url).netloc.rpartition("@")[2]
-        extensions = {"sni_hostname": host} if url.lower().startswith("https") else {}
         try:
-            async with self._client.stream("POST", pinned, content=body, headers=headers,
-                                           extensions=extensions,
+            async with self._client.stream("POST", target, content=body, headers=headers,
                                            follow_redirects=False) as response:
                 return Answer(response.status_code, await _capped(response),
                               response.headers.get("Retry-After"))
         except httpx.HTTPError as exc:
             raise SendFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
-    async def _pinned(self, url: str) -> tuple[str, str]:
-        """The URL with its host replaced by a checked address of it, and the host."""
+    async def _checked(self, url: str) -> str:
+        """Every address of the URL's host checked. A plain-HTTP URL is returned with the
+        host replaced by the checked address (the ``Host`` header keeps the name), so the
+        connection goes where the check looked; HTTPS keeps the name: TLS verifies that
+        host's certificate, which an address the name was re-pointed to cannot present."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -135,10 +137,12 @@ class WebhookSender:
             problem = address_problem(address, self._allow_private)
             if problem is not None:
                 raise SendFailed(f"refused destination {host}: {problem}", permanent=True)
+        if parts.scheme == "https":
+            return url
         first = addresses[0]
         literal = f"[{first}]" if first.version == 6 else str(first)
         netloc = f"{literal}:{parts.port}" if parts.port else literal
-        return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host
+        return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
 async def _capped(response: httpx.Response) -> bytes:
@@ -275,7 +279,8 @@ class DeliveryWorker:
         """Start what is due and may start; seconds until the next event is due."""
         now = self._wall()
         calls = {d.call_id for d in self._inflight.values()}
-        for delivery in await self._store.due_deliveries(now, self.BATCH):
+        due = await self._store.due_deliveries(now, self.BATCH)
+        for delivery in due:
             key = destination_key(delivery.url)
             if delivery.id in self._inflight or (delivery.call_id in calls and
                                                  delivery.call_id is not None):
@@ -290,6 +295,8 @@ class DeliveryWorker:
             task.add_done_callback(self._tasks.discard)
         self._metrics.webhook_backlog(
             "status-update", await self._store.count_deliveries(DeliveryStatus.PENDING))
+        if due:
+            return self.IDLE  # attempts are under way: each one's end wakes the worker
         upcoming = await self._store.next_delivery_at()
         if upcoming is None:
             return self.IDLE

@@ -478,3 +478,18 @@ async def test_close_open_calls_adds_the_ended_event_after_the_last_one(store: S
         (open_call.id, EndReason.ROUTER_RESTART, last.id)]
     found, total = await store.list_deliveries(None, 10, 0)
     assert total == 3 and found[0].body == "ended router_restart"
+
+
+async def test_old_delivered_and_failed_events_are_pruned_never_pending_ones(
+        store: Store) -> None:
+    c = call(T0)
+    done, failed, waiting = delivery(c.id), delivery(c.id), delivery(c.id)
+    young = delivery(c.id, at=T0 + timedelta(days=2))
+    await store.upsert_calls([c], [done, failed, waiting, young])
+    await store.update_delivery(replace(done, status=DeliveryStatus.DELIVERED))
+    await store.update_delivery(replace(failed, status=DeliveryStatus.FAILED))
+    await store.update_delivery(replace(young, status=DeliveryStatus.DELIVERED))
+    assert await store.delete_deliveries_before(T0 + timedelta(days=1), 1) == 1
+    assert await store.delete_deliveries_before(T0 + timedelta(days=1), 10) == 1
+    left, total = await store.list_deliveries(None, 10, 0)
+    assert total == 2 and {d.id for d in left} == {waiting.id, young.id}

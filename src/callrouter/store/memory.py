@@ -281,6 +281,13 @@ class MemoryStore:
     async def count_deliveries(self, status: DeliveryStatus) -> int:
         return sum(1 for d in self._outbox.values() if d.status is status)
 
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        old = [d.id for d in self._outbox.values()
+               if d.created_at < before and d.status is not DeliveryStatus.PENDING][:limit]
+        for delivery_id in old:
+            del self._outbox[delivery_id]
+        return len(old)
+
     # -- API keys --------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey:

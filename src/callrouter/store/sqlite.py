@@ -468,6 +468,12 @@ class SqliteStore:
                                   (status.value,))
         return int(found[0][0])
 
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        return await self._change(
+            "DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox "
+            "WHERE created_at < :before AND status != :pending ORDER BY seq LIMIT :limit)",
+            {"before": to_text(before), "pending": _PENDING, "limit": limit})
+
     # -- API keys --------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey:
