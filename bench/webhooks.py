@@ -11,7 +11,8 @@ while a second SIPp keeps ``--held-rate`` INVITEs a second to the webhooked numb
 and failures; the summary compares the highest rate with no failures and p99 under
 20 ms. Every SIPp run is bounded in calls and time; all traffic stays on 127.0.0.1.
 
-``python bench/webhooks.py [--rates 250,500,1000] [--seconds 5] [--slow 3] [--held-rate 20]``
+``python bench/webhooks.py [--rates 250,500,1000] [--seconds 5] [--slow 3] [--held-rate 20]
+[--repeat 3]`` (each rate: alone and beside held INVITEs, alternated ``--repeat`` times)
 writes bench/out/webhooks.txt.
 """
 
@@ -96,7 +97,17 @@ def held_command(address: str, held_rate: int, seconds: float, slow: float) -> l
         extra=["-key", "dialled", HELD_NUMBER, "-key", "caller", CALLER])
 
 
-def measure(rates: Sequence[int], seconds: int, slow: float, held_rate: int,
+def combined(runs: Sequence[r.RateStep]) -> r.RateStep:
+    """Repeated runs at one rate: calls summed, the median run's p50 and p99."""
+    def median(values: list[float | None]) -> float | None:
+        known = sorted(v for v in values if v is not None)
+        return known[len(known) // 2] if known else None
+
+    return r.RateStep(runs[0].rate, sum(x.successful for x in runs), sum(x.failed for x in runs),
+                      median([x.p50_ms for x in runs]), median([x.p99_ms for x in runs]))
+
+
+def measure(rates: Sequence[int], seconds: int, slow: float, held_rate: int, repeat: int,
             workdir: Path) -> list[Step]:
     steps = []
     with slow_receiver(slow) as url, contextlib.ExitStack() as stack:
@@ -114,21 +125,25 @@ def measure(rates: Sequence[int], seconds: int, slow: float, held_rate: int,
         assert runtime.alive(), runtime.tail()
         address = f"{h.LOOPBACK}:{sip_port}"
         for rate in rates:
-            step_dir = workdir / f"rate-{rate}"
-            alone = reject_step(address, rate, seconds, step_dir / "alone")
-            held_dir = step_dir / "held"
-            held_dir.mkdir(parents=True, exist_ok=True)
-            background = h.start_sipp(held_command(address, held_rate, seconds + slow + 2, slow),
-                                      held_dir)
-            time.sleep(slow + 0.5)  # the held INVITEs build up to held_rate * slow at once
-            beside = reject_step(address, rate, seconds, step_dir / "beside")
-            held = h.finish_sipp(background, held_dir, seconds + 2 * slow + 40)
-            step = Step(rate, alone, beside, held.successful, held.failed)
+            alones, besides, held_ok, held_failed = [], [], 0, 0
+            for turn in range(repeat):  # alternated, so drifting background load hits both
+                step_dir = workdir / f"rate-{rate}-{turn}"
+                alones.append(reject_step(address, rate, seconds, step_dir / "alone"))
+                held_dir = step_dir / "held"
+                held_dir.mkdir(parents=True, exist_ok=True)
+                background = h.start_sipp(
+                    held_command(address, held_rate, seconds + slow + 2, slow), held_dir)
+                time.sleep(slow + 0.5)  # the held INVITEs build up to held_rate * slow at once
+                besides.append(reject_step(address, rate, seconds, step_dir / "beside"))
+                held = h.finish_sipp(background, held_dir, seconds + 2 * slow + 40)
+                held_ok, held_failed = held_ok + held.successful, held_failed + held.failed
+            alone, beside = combined(alones), combined(besides)
+            step = Step(rate, alone, beside, held_ok, held_failed)
             steps.append(step)
             print(f"  {rate:5}/s  alone: ok={alone.successful} failed={alone.failed} "
                   f"p99={r._ms(alone.p99_ms)}   beside {int(held_rate * slow)} held: "
                   f"ok={beside.successful} failed={beside.failed} p99={r._ms(beside.p99_ms)}"
-                  f"   (held calls ok={held.successful} failed={held.failed})", flush=True)
+                  f"   (held calls ok={held_ok} failed={held_failed})", flush=True)
             assert router.alive(), router.tail()
     return steps
 
@@ -143,7 +158,8 @@ def best(steps: Sequence[Step], which: str, p99_ms: float) -> int | None:
 def report(steps: Sequence[Step], args: argparse.Namespace) -> str:
     lines = [f"reject path (404) alone vs beside INVITEs held {args.slow:g} s for a slow "
              f"assistant-request webhook ({args.held_rate}/s, about "
-             f"{int(args.held_rate * args.slow)} held at once); {args.seconds} s per run", "",
+             f"{int(args.held_rate * args.slow)} held at once); {args.seconds} s per run, "
+             f"{args.repeat} runs of each per rate, alternated (median p50/p99)", "",
              "| rate /s | alone ok/failed | alone p50 / p99 ms | beside held ok/failed "
              "| beside p50 / p99 ms | held calls ok/failed |",
              "|---|---|---|---|---|---|"]
@@ -171,12 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--slow", type=float, default=3.0)
     parser.add_argument("--held-rate", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alone/beside runs per rate, alternated (median p99 reported)")
     args = parser.parse_args(argv)
     rates = [int(x) for x in args.rates.split(",")]
     out = h.BENCH / "out"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="callrouter-bench-webhooks-") as tmp:
-        steps = measure(rates, args.seconds, args.slow, args.held_rate, Path(tmp))
+        steps = measure(rates, args.seconds, args.slow, args.held_rate, args.repeat, Path(tmp))
     text = report(steps, args)
     (out / "webhooks.txt").write_text(text + "\n")
     print(text)
