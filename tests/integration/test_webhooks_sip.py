@@ -150,8 +150,9 @@ def test_reply_naming_another_assistant_routes_to_it(
     (b"not json at all", 200, 0.0, "invalid"),
     ({}, 500, 0.0, "http_error"),
     ({}, 200, 2.5, "timeout"),  # slower than the 1 s timeout: the caller does not wait
+    ({}, 200, 0.6, "saved"),  # slow, but in time: its answer counts
 ])
-def test_a_failed_assistant_request_uses_the_saved_assistant(
+def test_a_failed_or_slow_assistant_request_uses_the_saved_assistant(
         router: RouterProcess, receiver: WebhookReceiver, reply: dict[str, object] | bytes,
         status: int, delay: float, outcome: str) -> None:
     receiver.reply = answering(reply, status, delay)
