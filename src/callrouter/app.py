@@ -52,8 +52,14 @@ from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import KEY_FILE, SecretBox
 from callrouter.domain import session as s
-from callrouter.domain.models import EndReason
+from callrouter.domain.models import CallRecord, EndReason, WebhookDelivery
 from callrouter.domain.routing import Policy, RouteChange, RuntimePool
+from callrouter.domain.webhooks import (
+    WebhookDirectory,
+    WebhookTarget,
+    hooks_of,
+    restart_ended,
+)
 from callrouter.errors import StartupError, StoreError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
@@ -66,6 +72,7 @@ from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
 from callrouter.startup import http_listener, reason, writable_dir
 from callrouter.store.sqlite import SqliteStore
+from callrouter.webhooks import AssistantRequester, DeliveryWorker, WebhookSender, new_client
 
 log = structlog.get_logger("callrouter.app")
 
@@ -133,7 +140,7 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
     service = CallService(policy=policy, timing=timing,
                           pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                           default_region=cfg.default_region, metrics=metrics,
-                          record=recorder.submit,
+                          record=recorder.submit, notify=recorder.submit_event,
                           rejected_records_per_second=cfg.calls.rejected_records_per_second)
     service.compact_routes_at = cfg.route_compaction_at
     return service
@@ -189,10 +196,13 @@ class Router:
         await self.store.open()
         stack.push_async_callback(self.store.close)
         self._bind_http(stack)
+        await self._start_webhooks(stack)
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
         await self.service.reload_routes(self.store)
+        self.service.webhooks = await self._webhook_directory()
         await self._start_engine(stack)
+        await self._ask_assistants(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
         self._log_started()
@@ -217,14 +227,57 @@ class Router:
             raise StartupError(f"cannot read the trunk-password key {data_dir / KEY_FILE}: "
                                f"{reason(exc)}") from exc
 
+    async def _start_webhooks(self, stack: contextlib.AsyncExitStack) -> None:
+        """One HTTP client for every webhook (closed last), and the outbox worker, which
+        resumes what a previous run left pending."""
+        hooks = self.cfg.webhooks
+        client = new_client(hooks.delivery_timeout_seconds)
+        stack.push_async_callback(client.aclose)
+        self.sender = WebhookSender(client, allow_private=hooks.allow_private)
+        self.deliveries = DeliveryWorker(
+            self.store, self.sender, self.metrics, lambda: self.service.webhooks,
+            per_destination=hooks.max_concurrency_per_destination,
+            retry_hours=hooks.retry_hours, attempt_timeout=hooks.delivery_timeout_seconds)
+
+    async def _webhook_directory(self) -> WebhookDirectory:
+        """The account's webhook (config) and every assistant's, secrets decrypted."""
+        hooks = self.cfg.webhooks
+        account = WebhookTarget(hooks.url, hooks.secret or None, frozenset(hooks.events)) \
+            if hooks.url else None
+        assistants = {}
+        for a in await self.store.list_assistants():
+            enc = await self.store.get_assistant_webhook_secret(a.id) \
+                if a.has_webhook_secret else None
+            secret = self.secrets.decrypt(enc) if enc else None
+            assistants[a.id] = hooks_of(a.id, a.runtime_uri, a.webhook_url, a.webhook_events,
+                                        secret)
+        return WebhookDirectory(account, assistants)
+
+    async def _ask_assistants(self, stack: contextlib.AsyncExitStack) -> None:
+        """assistant-request for held INVITEs (the engine resumes them), and the outbox
+        worker (from now on: its events were already written before a restart)."""
+        requester = AssistantRequester(
+            self.sender, self.store, self.metrics, asyncio.get_running_loop(),
+            self.engine.resume, self.cfg.webhooks.assistant_request_timeout_seconds)
+        stack.push_async_callback(requester.close)
+        self.service.ask = requester.ask
+        _spawn(stack, self.deliveries.run(), "webhook-deliveries")
+
     async def _start_records(self, stack: contextlib.AsyncExitStack) -> None:
         """Close what a crash left open (at the last heartbeat, so before this run's
-        first), then keep the heartbeat and the call-record writer running."""
-        closed = await self.store.close_open_calls(_utcnow())
+        first; each closed call with webhook events gets its ``ended`` event in the same
+        transaction), then keep the heartbeat and the call-record writer running."""
+        now, retry_hours = _utcnow(), self.cfg.webhooks.retry_hours
+
+        def ended(record: CallRecord, last: WebhookDelivery) -> WebhookDelivery | None:
+            return restart_ended(record, last, now, retry_hours)
+
+        closed = await self.store.close_open_calls(now, ended)
         if closed:
             log.warning("calls.closed_after_restart", count=closed)
         _spawn(stack, self._beat(), "heartbeat")
-        self.recorder = CallRecorder(self.store, asyncio.get_running_loop())
+        self.recorder = CallRecorder(self.store, asyncio.get_running_loop(),
+                                     retry_hours=retry_hours, on_outbox=self.deliveries.wake)
         _spawn(stack, self.recorder.run(), "call-records")
         stack.push_async_callback(self.recorder.flush)  # runs before the writer's cancel
         pruner = CallPruner(self.store, retention_days=self.cfg.calls.retention_days)
@@ -311,7 +364,9 @@ class Router:
             await self.service.apply_route_changes(changes, self.store)
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
-                                routing_changed, _utcnow)
+                                routing_changed, _utcnow,
+                                on_webhook_change=self.service.set_assistant_hooks,
+                                allow_private_webhooks=self.cfg.webhooks.allow_private)
         management.import_workers = self.cfg.import_workers
         return ApiDeps(
             management=management, store=self.store, version=__version__,
@@ -321,6 +376,7 @@ class Router:
             max_body_bytes=self.cfg.http.max_body_bytes,
             import_max_bytes=self.cfg.import_max_bytes,
             metrics_app=self.metrics.asgi_app(),
+            retry_delivery=self.deliveries.retry,
         )
 
     async def _serve_http(self) -> None:

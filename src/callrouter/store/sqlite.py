@@ -24,6 +24,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,19 @@ from callrouter.domain.models import (
     Assistant,
     CallRecord,
     CallStatus,
+    DeliveryStatus,
     EndReason,
     PhoneNumber,
     Trunk,
+    WebhookDelivery,
 )
 from callrouter.errors import Conflict, StoreError
-from callrouter.ports import CallQuery, NumberQuery, RouteRow
+from callrouter.ports import CallQuery, EndedEvent, NumberQuery, RouteRow
 from callrouter.store import rows, rules
 from callrouter.store.rows import (
     ASSISTANT_COLS,
     CALL_COLS,
+    DELIVERY_COLS,
     KEY_COLS,
     NUMBER_COLS,
     TRUNK_COLS,
@@ -90,9 +94,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # one row: the running router's last sign of life (close_open_calls after a crash)
         "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)",
     ),
+    (  # webhooks (issue 12): per-assistant webhook, and the status-update outbox
+        "ALTER TABLE assistants ADD COLUMN webhook_url TEXT",
+        "ALTER TABLE assistants ADD COLUMN webhook_events TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE assistants ADD COLUMN webhook_secret_enc BLOB",
+        """CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, call_id TEXT,
+            event TEXT NOT NULL, url TEXT NOT NULL, assistant_id TEXT, body TEXT NOT NULL,
+            status TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL, last_error TEXT, created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox(status, next_attempt_at)",
+        "CREATE INDEX webhook_outbox_call ON webhook_outbox(call_id, status, seq)",
+    ),
 )
 
 _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
+_ASSISTANT_SELECT = select_sql("assistants", ASSISTANT_COLS, ", webhook_secret_enc IS NOT NULL")
+_DELIVERY_SELECT = select_sql("webhook_outbox", DELIVERY_COLS)
+_INSERT_DELIVERY = insert_sql("webhook_outbox", DELIVERY_COLS)
+_PENDING = DeliveryStatus.PENDING.value
 _INSERT_NUMBER_POSITIONAL = (f"INSERT INTO numbers ({', '.join(NUMBER_COLS)}) "
                              f"VALUES ({', '.join('?' * len(NUMBER_COLS))})")
 _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
@@ -315,32 +336,49 @@ class SqliteStore:
     # -- assistants ------------------------------------------------------------------
 
     async def list_assistants(self) -> Sequence[Assistant]:
-        found = await self._fetch(select_sql("assistants", ASSISTANT_COLS) + _BY_AGE)
+        found = await self._fetch(_ASSISTANT_SELECT + _BY_AGE)
         return [rows.assistant_from_row(r) for r in found]
 
     async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
-        row = await self._one(select_sql("assistants", ASSISTANT_COLS), assistant_id)
+        row = await self._one(_ASSISTANT_SELECT, assistant_id)
         return None if row is None else rows.assistant_from_row(row)
 
-    async def create_assistant(self, assistant: Assistant) -> Assistant:
-        sql = insert_sql("assistants", ASSISTANT_COLS)
-        await self._change(sql, rows.assistant_to_row(assistant))
-        return assistant
+    async def create_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None) -> Assistant:
+        sql = insert_sql("assistants", (*ASSISTANT_COLS, "webhook_secret_enc"))
+        await self._change(sql, {**rows.assistant_to_row(assistant),
+                                 "webhook_secret_enc": webhook_secret_enc})
+        return replace(assistant, has_webhook_secret=webhook_secret_enc is not None)
 
-    async def update_assistant(self, assistant: Assistant) -> Assistant:
-        sql = update_sql("assistants", ASSISTANT_COLS)
-        await self._update_one(sql, rows.assistant_to_row(assistant), "assistant")
-        return assistant
+    async def update_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None,
+                               keep_webhook_secret: bool = True) -> Assistant:
+        cols = ASSISTANT_COLS if keep_webhook_secret else (*ASSISTANT_COLS,
+                                                           "webhook_secret_enc")
+        params = {**rows.assistant_to_row(assistant), "webhook_secret_enc": webhook_secret_enc}
+        await self._update_one(update_sql("assistants", cols), params, "assistant")
+        found = await self.get_assistant(assistant.id)
+        if found is None:
+            raise rules.not_found("assistant")
+        return found
 
     async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
         sql = "DELETE FROM assistants WHERE id = ?"
         return await self._change(sql, (str(assistant_id),), in_use=rules.ASSISTANT_IN_USE) > 0
 
+    async def get_assistant_webhook_secret(self, assistant_id: uuid.UUID) -> bytes | None:
+        row = await self._one("SELECT webhook_secret_enc FROM assistants", assistant_id)
+        return None if row is None or row[0] is None else bytes(row[0])
+
     # -- calls -----------------------------------------------------------------------
 
-    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
+    async def upsert_calls(self, records: Sequence[CallRecord],
+                           deliveries: Sequence[WebhookDelivery] = ()) -> None:
         async with self._tx(write=True) as db:
             await db.executemany(_UPSERT_CALL, [rows.call_to_row(r) for r in records])
+            if deliveries:
+                await db.executemany(_INSERT_DELIVERY,
+                                     [rows.delivery_to_row(d) for d in deliveries])
 
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
         row = await self._one(select_sql("calls", CALL_COLS), call_id)
@@ -357,14 +395,36 @@ class SqliteStore:
             found = await (await db.execute(listing, page)).fetchall()
         return [rows.call_from_row(r) for r in found], int(total[0]) if total else 0
 
-    async def close_open_calls(self, now: datetime) -> int:
-        return await self._change(
-            "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
-            "ended_at=MAX(updated_at, COALESCE((SELECT at FROM heartbeat), :now)) "
-            "WHERE status IN (:open1, :open2)",
-            {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
-             "now": to_text(now), "open1": rules.OPEN_STATUSES[0].value,
-             "open2": rules.OPEN_STATUSES[1].value})
+    async def close_open_calls(self, now: datetime, ended: EndedEvent | None = None) -> int:
+        params = {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
+                  "now": to_text(now), "open1": rules.OPEN_STATUSES[0].value,
+                  "open2": rules.OPEN_STATUSES[1].value}
+        update = ("UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
+                  "ended_at=MAX(updated_at, COALESCE((SELECT at FROM heartbeat), :now)) "
+                  "WHERE status IN (:open1, :open2)")
+        async with self._tx(write=True) as db:
+            cursor = await db.execute(
+                update + " RETURNING " + ", ".join(CALL_COLS), params)
+            closed = [rows.call_from_row(r) for r in await cursor.fetchall()]
+            if ended is not None and closed:
+                await db.executemany(_INSERT_DELIVERY, [
+                    rows.delivery_to_row(d) for d in await self._ended_events(db, closed, ended)])
+        return len(closed)
+
+    async def _ended_events(self, db: aiosqlite.Connection, closed: Sequence[CallRecord],
+                            ended: EndedEvent) -> list[WebhookDelivery]:
+        """The ``ended`` event of each closed call that had events (its last one says
+        where they go and what the call was)."""
+        events = []
+        for record in closed:
+            cursor = await db.execute(
+                _DELIVERY_SELECT + " WHERE call_id = ? ORDER BY seq DESC LIMIT 1",
+                (str(record.id),))
+            last = await cursor.fetchone()
+            event = ended(record, rows.delivery_from_row(last)) if last else None
+            if event is not None:
+                events.append(event)
+        return events
 
     async def heartbeat(self, at: datetime) -> None:
         await self._change("INSERT INTO heartbeat (id, at) VALUES (1, :at) "
@@ -377,6 +437,56 @@ class SqliteStore:
             "AND status NOT IN (:open1, :open2) ORDER BY created_at, id LIMIT :limit)",
             {"before": to_text(before), "limit": limit,
              "open1": rules.OPEN_STATUSES[0].value, "open2": rules.OPEN_STATUSES[1].value})
+
+    # -- the webhook outbox ----------------------------------------------------------
+
+    async def due_deliveries(self, now: datetime, limit: int) -> Sequence[WebhookDelivery]:
+        # In order per call: a row waits while an earlier row of its call is pending.
+        found = await self._fetch(
+            _DELIVERY_SELECT + " AS o WHERE status = :pending AND next_attempt_at <= :now "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_outbox AS p WHERE p.call_id = o.call_id "
+            "AND p.status = :pending AND p.seq < o.seq) ORDER BY seq LIMIT :limit",
+            {"pending": _PENDING, "now": to_text(now), "limit": limit})
+        return [rows.delivery_from_row(r) for r in found]
+
+    async def next_delivery_at(self) -> datetime | None:
+        found = await self._fetch(
+            "SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE status = ?", (_PENDING,))
+        return None if not found or found[0][0] is None else rows.from_text(found[0][0])
+
+    async def update_delivery(self, delivery: WebhookDelivery) -> None:
+        await self._update_one(
+            "UPDATE webhook_outbox SET status=:status, attempts=:attempts, "
+            "next_attempt_at=:next_attempt_at, expires_at=:expires_at, "
+            "last_error=:last_error, updated_at=:updated_at WHERE id=:id",
+            rows.delivery_to_row(delivery), "delivery")
+
+    async def get_delivery(self, delivery_id: uuid.UUID) -> WebhookDelivery | None:
+        row = await self._one(_DELIVERY_SELECT, delivery_id)
+        return None if row is None else rows.delivery_from_row(row)
+
+    async def list_deliveries(self, status: DeliveryStatus | None, limit: int,
+                              offset: int) -> tuple[Sequence[WebhookDelivery], int]:
+        where = " WHERE status = :status" if status else ""
+        params = {"status": status and status.value, "limit": limit, "offset": offset}
+        async with self._tx() as db:
+            counted = await (await db.execute(
+                f"SELECT COUNT(*) FROM webhook_outbox{where}", params)).fetchone()
+            found = await (await db.execute(
+                _DELIVERY_SELECT + where + " ORDER BY seq DESC LIMIT :limit OFFSET :offset",
+                params)).fetchall()
+        return [rows.delivery_from_row(r) for r in found], int(counted[0]) if counted else 0
+
+    async def count_deliveries(self, status: DeliveryStatus) -> int:
+        found = await self._fetch("SELECT COUNT(*) FROM webhook_outbox WHERE status = ?",
+                                  (status.value,))
+        return int(found[0][0])
+
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        return await self._change(
+            "DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox "
+            "WHERE created_at < :before AND status != :pending ORDER BY seq LIMIT :limit)",
+            {"before": to_text(before), "pending": _PENDING, "limit": limit})
 
     # -- API keys --------------------------------------------------------------------
 
