@@ -22,6 +22,7 @@ from callrouter.domain.models import (
     Trunk,
     TrunkTransport,
 )
+from callrouter.store import rules
 
 Row = Sequence[Any]
 
@@ -32,10 +33,26 @@ TRUNK_COLS = ("id", "name", "host", "port", "transport", "provider", "username",
 ASSISTANT_COLS = ("id", "name", "runtime_uri", "created_at", "updated_at")
 CALL_COLS = ("id", "status", "caller_phone", "assistant_phone", "number_id", "assistant_id",
              "sip_call_id", "started_at", "ended_at", "end_reason", "error", "created_at",
-             "updated_at", "direction")
+             "updated_at", "direction", "router")
 KEY_COLS = ("id", "name", "prefix", "read_only", "created_at")
 
 _IMMUTABLE = ("id", "created_at")
+
+KEY_CHECK = "secrets_key_check"  # settings row: the trunk-password key's check value
+KEY_CHECK_INSERT = ("INSERT INTO settings (name, value) VALUES (:name, :value) "
+                    "ON CONFLICT (name) DO NOTHING")
+KEY_CHECK_SELECT = f"SELECT value FROM settings WHERE name = '{KEY_CHECK}'"
+
+
+def key_check_params(candidate: bytes) -> dict[str, Any]:
+    return {"name": KEY_CHECK, "value": candidate}
+
+
+def close_params(now: datetime, router: str) -> dict[str, Any]:
+    """The parameters of both SQL stores' ``close_open_calls``."""
+    return {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
+            "now": to_text(now), "router": router, "open1": rules.OPEN_STATUSES[0].value,
+            "open2": rules.OPEN_STATUSES[1].value}
 
 
 def select_sql(table: str, cols: Sequence[str], extra: str = "") -> str:
@@ -138,7 +155,7 @@ def call_to_row(c: CallRecord) -> dict[str, Any]:
             "ended_at": c.ended_at and to_text(c.ended_at),
             "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
             "created_at": to_text(c.created_at), "updated_at": to_text(c.updated_at),
-            "direction": c.direction}
+            "direction": c.direction, "router": c.router}
 
 
 def call_from_row(r: Row) -> CallRecord:
@@ -146,7 +163,8 @@ def call_from_row(r: Row) -> CallRecord:
                       assistant_phone=r[3], number_id=_opt_id(r[4]), assistant_id=_opt_id(r[5]),
                       sip_call_id=r[6], started_at=_opt_time(r[7]), ended_at=_opt_time(r[8]),
                       end_reason=None if r[9] is None else EndReason(r[9]), error=r[10],
-                      created_at=_time(r[11]), updated_at=_time(r[12]), direction=r[13])
+                      created_at=_time(r[11]), updated_at=_time(r[12]), direction=r[13],
+                      router=r[14])
 
 
 def key_to_row(k: ApiKey) -> dict[str, Any]:

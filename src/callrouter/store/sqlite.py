@@ -34,8 +34,6 @@ from callrouter.domain.models import (
     ApiKey,
     Assistant,
     CallRecord,
-    CallStatus,
-    EndReason,
     PhoneNumber,
     Trunk,
 )
@@ -89,6 +87,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (  # one row: the running router's last sign of life (close_open_calls after a crash)
         "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)",
+    ),
+    (  # routers are named: who handled a call, a heartbeat per router; the key check
+        "ALTER TABLE calls ADD COLUMN router TEXT NOT NULL DEFAULT ''",
+        "CREATE TABLE heartbeats (router TEXT PRIMARY KEY, at TEXT NOT NULL)",
+        "INSERT INTO heartbeats (router, at) SELECT '', at FROM heartbeat",
+        "DROP TABLE heartbeat",
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
 )
 
@@ -343,18 +348,20 @@ class SqliteStore:
             found = await (await db.execute(listing, page)).fetchall()
         return [rows.call_from_row(r) for r in found], int(total[0]) if total else 0
 
-    async def close_open_calls(self, now: datetime) -> int:
+    async def close_open_calls(self, now: datetime, router: str) -> int:
+        # The '' heartbeat is the one a router wrote before routers were named.
         return await self._change(
             "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
-            "ended_at=MAX(updated_at, COALESCE((SELECT at FROM heartbeat), :now)) "
-            "WHERE status IN (:open1, :open2)",
-            {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
-             "now": to_text(now), "open1": rules.OPEN_STATUSES[0].value,
-             "open2": rules.OPEN_STATUSES[1].value})
+            "ended_at=MAX(updated_at, COALESCE("
+            "(SELECT at FROM heartbeats WHERE router = :router), "
+            "(SELECT at FROM heartbeats WHERE router = ''), :now)) "
+            "WHERE status IN (:open1, :open2) AND router IN (:router, '')",
+            rows.close_params(now, router))
 
-    async def heartbeat(self, at: datetime) -> None:
-        await self._change("INSERT INTO heartbeat (id, at) VALUES (1, :at) "
-                           "ON CONFLICT(id) DO UPDATE SET at=excluded.at", {"at": to_text(at)})
+    async def heartbeat(self, at: datetime, router: str) -> None:
+        await self._change("INSERT INTO heartbeats (router, at) VALUES (:router, :at) "
+                           "ON CONFLICT(router) DO UPDATE SET at=excluded.at",
+                           {"router": router, "at": to_text(at)})
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         # The calls_newest index (created_at, id) finds the oldest rows without a scan.
@@ -379,6 +386,13 @@ class SqliteStore:
     async def count_api_keys(self) -> int:
         found = await self._fetch("SELECT COUNT(*) FROM api_keys")
         return int(found[0][0])
+
+    async def key_check(self, candidate: bytes) -> bytes:
+        async with self._tx(write=True) as db:
+            await db.execute(rows.KEY_CHECK_INSERT, rows.key_check_params(candidate))
+            found = await (await db.execute(rows.KEY_CHECK_SELECT)).fetchone()
+        assert found is not None  # just inserted, or already there
+        return bytes(found[0])
 
 
 _BY_AGE = " ORDER BY created_at, id"
