@@ -70,6 +70,7 @@ from callrouter.store.rows import (
 log = structlog.get_logger("callrouter.store")
 
 CHANNEL = "callrouter_routes"
+LISTENER_NAME = "callrouter-listen"  # application_name of the notification connection
 NOTIFY_ROWS = 1000  # a statement changing more rows notifies one full reload instead
 _LOCK_KEY = 0x63616C6C726F7574  # "callrout": the advisory lock migrations run under
 _C = 'TEXT COLLATE "C"'
@@ -274,7 +275,8 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url, min_size=1, max_size=self._pool_size, timeout=self._timeout,
-                command_timeout=self._timeout)
+                command_timeout=self._timeout,
+                server_settings={"application_name": "callrouter"})
             await self._migrate()
         except StoreError:
             await self.close()
@@ -559,7 +561,8 @@ class PostgresStore:
     async def _listen(self, on_changes: OnRouteChanges, probe_seconds: float) -> None:
         inbox: asyncio.Queue[str | None] = asyncio.Queue()
         con = await asyncpg.connect(self._url, timeout=self._timeout,
-                                    command_timeout=self._timeout)
+                                    command_timeout=self._timeout,
+                                    server_settings={"application_name": LISTENER_NAME})
         try:
             con.add_termination_listener(lambda _: inbox.put_nowait(None))
             await con.add_listener(CHANNEL, lambda *args: inbox.put_nowait(args[3]))
