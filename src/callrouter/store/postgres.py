@@ -274,7 +274,9 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=self._pool_size, timeout=self._timeout,
+                # min_size 0: no background reconnecting (and its log noise) in an outage;
+                # idle connections are kept, so a busy router still reuses them.
+                self._url, min_size=0, max_size=self._pool_size, timeout=self._timeout,
                 command_timeout=self._timeout,
                 server_settings={"application_name": "callrouter"})
             await self._migrate()
