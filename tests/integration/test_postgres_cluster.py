@@ -106,9 +106,7 @@ def test_kill_9_then_restart_closes_only_the_restarted_routers_calls(pair: Start
     a.signal(signal.SIGKILL)
     a.wait(5)
     on_a.stop()
-    key = a.key
-    a.start()
-    a.key = key
+    a.restart()
     by_router = {c["router"]: c for c in listing(a)["calls"]}
     assert (by_router["edge-a"]["status"], by_router["edge-a"]["end_reason"]) == (
         "failed", "router_restart")

@@ -1,6 +1,8 @@
 """The PostgreSQL store (asyncpg): the same tables as SQLite, shared by several routers.
 
-How it works: a connection pool (``store.pool_size``); every operation is one
+How it works: the queries both SQL stores share are in ``store.sql`` (``SqlStore``);
+this module has the connection, the migrations, the route feed and what PostgreSQL does
+its own way. A connection pool (``store.pool_size``); every operation is one
 transaction on one pooled connection, with ``store.timeout_seconds`` on connecting and
 on each statement. Rows are the SQLite store's (``store.rows``: UUIDs and times as
 fixed-width text, flags as integers), so both stores share one mapping; text columns
@@ -34,16 +36,15 @@ import functools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
 
-from callrouter.domain.models import ApiKey, Assistant, CallRecord, PhoneNumber, Trunk
+from callrouter.domain.models import PhoneNumber
 from callrouter.domain.routetable import (
     AssistantRemoved,
     AssistantUpserted,
@@ -52,20 +53,10 @@ from callrouter.domain.routetable import (
     RouteChange,
 )
 from callrouter.errors import Conflict, StoreError, StoreUnavailable
-from callrouter.ports import CallQuery, NumberQuery, OnRouteChanges, RouteRow
+from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
-from callrouter.store.rows import (
-    ASSISTANT_COLS,
-    CALL_COLS,
-    KEY_COLS,
-    NUMBER_COLS,
-    TRUNK_COLS,
-    Row,
-    insert_sql,
-    select_sql,
-    to_text,
-    update_sql,
-)
+from callrouter.store.rows import NUMBER_COLS, Row
+from callrouter.store.sql import Params, Query, SqlStore
 
 log = structlog.get_logger("callrouter.store")
 
@@ -179,10 +170,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-_TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
-_UPSERT_CALL = (insert_sql("calls", CALL_COLS)
-                + f" ON CONFLICT (id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
-_BY_AGE = " ORDER BY created_at, id"
 _PARAM = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 
 
@@ -200,11 +187,9 @@ def _positional(sql: str) -> tuple[str, tuple[str, ...]]:
     return _PARAM.sub(number, sql), tuple(names)
 
 
-def _bind(sql: str, params: Mapping[str, Any] | Sequence[Any]) -> tuple[str, list[Any]]:
-    if isinstance(params, Mapping):
-        text, names = _positional(sql)
-        return text, [params[n] for n in names]
-    return sql, list(params)
+def _bind(sql: str, params: Params) -> tuple[str, list[Any]]:
+    text, names = _positional(sql)
+    return text, [params[n] for n in names]
 
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -259,7 +244,7 @@ def _change_of(payload: str) -> RouteChange | None:
     return None
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """``ports.Store`` (and ``ports.RouteFeed``) on a PostgreSQL database."""
 
     def __init__(self, url: str, *, timeout: float = 5.0, pool_size: int = 10) -> None:
@@ -298,12 +283,6 @@ class PostgresStore:
             except _UNAVAILABLE:
                 pool.terminate()
 
-    async def ping(self) -> float:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await self._fetch("SELECT 1")
-        return loop.time() - started
-
     async def _migrate(self) -> None:
         async with self._tx() as con:
             await con.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
@@ -333,213 +312,37 @@ class PostgresStore:
         except _DB_ERRORS as exc:
             raise _translate(exc, in_use=in_use) from exc
 
-    async def _fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] = ()
-                     ) -> list[Row]:
-        text, args = _bind(sql, params)
+    async def _read(self, queries: Sequence[Query]) -> list[list[Row]]:
+        bound = [_bind(sql, params) for sql, params in queries]
         async with self._tx() as con:
-            return list(await con.fetch(text, *args))
+            return [list(await con.fetch(sql, *args)) for sql, args in bound]
 
-    async def _change(self, sql: str, params: Mapping[str, Any] | Sequence[Any], *,
-                      in_use: str = rules.IN_USE) -> int:
+    async def _change(self, sql: str, params: Params, *, in_use: str = rules.IN_USE) -> int:
         text, args = _bind(sql, params)
         async with self._tx(in_use=in_use) as con:
             status = await con.execute(text, *args)
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE 3", "INSERT 0 1", "DELETE 0"
 
-    async def _update_one(self, sql: str, params: Mapping[str, Any], what: str) -> None:
-        if await self._change(sql, params) == 0:
-            raise rules.not_found(what)
+    async def _change_many(self, sql: str, params: Sequence[Params]) -> None:
+        text, names = _positional(sql)
+        async with self._tx() as con:
+            await con.executemany(text, [[p[n] for n in names] for p in params])
 
-    async def _one(self, sql: str, object_id: uuid.UUID) -> Row | None:
-        found = await self._fetch(f"{sql} WHERE id = $1", (str(object_id),))
-        return found[0] if found else None
-
-    # -- numbers ---------------------------------------------------------------------
-
-    async def list_numbers(self) -> Sequence[PhoneNumber]:
-        found = await self._fetch(select_sql("numbers", NUMBER_COLS) + _BY_AGE)
-        return [rows.number_from_row(r) for r in found]
-
-    async def get_number(self, number_id: uuid.UUID) -> PhoneNumber | None:
-        row = await self._one(select_sql("numbers", NUMBER_COLS), number_id)
-        return None if row is None else rows.number_from_row(row)
-
-    async def create_number(self, number: PhoneNumber) -> PhoneNumber:
-        await self._change(insert_sql("numbers", NUMBER_COLS), rows.number_to_row(number))
-        return number
-
-    async def update_number(self, number: PhoneNumber) -> PhoneNumber:
-        sql = update_sql("numbers", NUMBER_COLS)
-        await self._update_one(sql, rows.number_to_row(number), "number")
-        return number
-
-    async def delete_number(self, number_id: uuid.UUID) -> bool:
-        return await self._change("DELETE FROM numbers WHERE id = $1", (str(number_id),)) > 0
-
-    async def page_numbers(self, query: NumberQuery) -> Sequence[PhoneNumber]:
-        high = query.prefix + "\x7f" if query.prefix else "\x7f"
-        found = await self._fetch(
-            select_sql("numbers", NUMBER_COLS) + " WHERE phone_number > :after AND "
-            "phone_number >= :low AND phone_number < :high ORDER BY phone_number "
-            "LIMIT :limit OFFSET :offset",
-            {"after": query.after, "low": query.prefix, "high": high,
-             "limit": query.limit, "offset": query.offset})
-        return [rows.number_from_row(r) for r in found]
+    # -- what PostgreSQL does its own way ----------------------------------------------
 
     async def existing_numbers(self, e164s: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(e164s), 10_000):
-            rows_ = await self._fetch(
-                "SELECT phone_number FROM numbers WHERE phone_number = ANY($1::text[])",
-                (list(e164s[start:start + 10_000]),))
-            found.update(r[0] for r in rows_)
+            found.update(r[0] for r in await self._fetch(
+                "SELECT phone_number FROM numbers WHERE phone_number = ANY(:numbers)",
+                {"numbers": list(e164s[start:start + 10_000])}))
         return found
 
     async def create_numbers(self, numbers: Sequence[PhoneNumber]) -> None:
+        # COPY: the fastest bulk insert; the statement trigger still notifies (a reload).
         async with self._tx() as con:
             await con.copy_records_to_table("numbers", records=rows.number_tuples(numbers),
                                             columns=NUMBER_COLS)
-
-    async def route_rows(self, after: str, limit: int) -> Sequence[RouteRow]:
-        found = await self._fetch(
-            "SELECT phone_number, id, assistant_id, is_active FROM numbers "
-            "WHERE phone_number > $1 ORDER BY phone_number LIMIT $2", (after, limit))
-        return [(r[0], r[1], r[2], bool(r[3])) for r in found]
-
-    # -- trunks ----------------------------------------------------------------------
-
-    async def list_trunks(self) -> Sequence[Trunk]:
-        return [rows.trunk_from_row(r) for r in await self._fetch(_TRUNK_SELECT + _BY_AGE)]
-
-    async def get_trunk(self, trunk_id: uuid.UUID) -> Trunk | None:
-        row = await self._one(_TRUNK_SELECT, trunk_id)
-        return None if row is None else rows.trunk_from_row(row)
-
-    async def create_trunk(self, trunk: Trunk, password_enc: bytes | None) -> Trunk:
-        sql = insert_sql("trunks", (*TRUNK_COLS, "password_enc"))
-        await self._change(sql, {**rows.trunk_to_row(trunk), "password_enc": password_enc})
-        return await self._must_get_trunk(trunk.id)
-
-    async def update_trunk(
-        self, trunk: Trunk, password_enc: bytes | None, keep_password: bool
-    ) -> Trunk:
-        cols = TRUNK_COLS if keep_password else (*TRUNK_COLS, "password_enc")
-        params = {**rows.trunk_to_row(trunk), "password_enc": password_enc}
-        await self._update_one(update_sql("trunks", cols), params, "trunk")
-        return await self._must_get_trunk(trunk.id)
-
-    async def delete_trunk(self, trunk_id: uuid.UUID) -> bool:
-        sql = "DELETE FROM trunks WHERE id = $1"
-        return await self._change(sql, (str(trunk_id),), in_use=rules.TRUNK_IN_USE) > 0
-
-    async def get_trunk_password(self, trunk_id: uuid.UUID) -> bytes | None:
-        row = await self._one("SELECT password_enc FROM trunks", trunk_id)
-        return None if row is None or row[0] is None else bytes(row[0])
-
-    async def _must_get_trunk(self, trunk_id: uuid.UUID) -> Trunk:
-        trunk = await self.get_trunk(trunk_id)
-        if trunk is None:
-            raise rules.not_found("trunk")
-        return trunk
-
-    # -- assistants ------------------------------------------------------------------
-
-    async def list_assistants(self) -> Sequence[Assistant]:
-        found = await self._fetch(select_sql("assistants", ASSISTANT_COLS) + _BY_AGE)
-        return [rows.assistant_from_row(r) for r in found]
-
-    async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
-        row = await self._one(select_sql("assistants", ASSISTANT_COLS), assistant_id)
-        return None if row is None else rows.assistant_from_row(row)
-
-    async def create_assistant(self, assistant: Assistant) -> Assistant:
-        await self._change(insert_sql("assistants", ASSISTANT_COLS),
-                           rows.assistant_to_row(assistant))
-        return assistant
-
-    async def update_assistant(self, assistant: Assistant) -> Assistant:
-        sql = update_sql("assistants", ASSISTANT_COLS)
-        await self._update_one(sql, rows.assistant_to_row(assistant), "assistant")
-        return assistant
-
-    async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
-        sql = "DELETE FROM assistants WHERE id = $1"
-        return await self._change(sql, (str(assistant_id),),
-                                  in_use=rules.ASSISTANT_IN_USE) > 0
-
-    # -- calls -----------------------------------------------------------------------
-
-    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
-        text, names = _positional(_UPSERT_CALL)
-        args = [[row[n] for n in names] for row in map(rows.call_to_row, records)]
-        async with self._tx() as con:
-            await con.executemany(text, args)
-
-    async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
-        row = await self._one(select_sql("calls", CALL_COLS), call_id)
-        return None if row is None else rows.call_from_row(row)
-
-    async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]:
-        clauses = {"status = :status": ("status", query.status and query.status.value),
-                   "created_at >= :start": ("start", query.start_date
-                                            and to_text(query.start_date)),
-                   "created_at <= :end": ("end", query.end_date and to_text(query.end_date))}
-        used = {clause: pair for clause, pair in clauses.items() if pair[1]}
-        where = " WHERE " + " AND ".join(used) if used else ""
-        params = dict(used.values())
-        count_sql, count_args = _bind(f"SELECT COUNT(*) FROM calls{where}", params)
-        page_sql, page_args = _bind(
-            select_sql("calls", CALL_COLS) + where
-            + " ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset",
-            {**params, "limit": query.limit, "offset": query.offset})
-        async with self._tx() as con:
-            total = await con.fetchval(count_sql, *count_args)
-            found = await con.fetch(page_sql, *page_args)
-        return [rows.call_from_row(r) for r in found], int(total or 0)
-
-    async def close_open_calls(self, now: datetime, router: str) -> int:
-        return await self._change(
-            "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
-            "ended_at=GREATEST(updated_at, COALESCE("
-            "(SELECT at FROM heartbeats WHERE router = :router), "
-            "(SELECT at FROM heartbeats WHERE router = ''), :now)) "
-            "WHERE status IN (:open1, :open2) AND router IN (:router, '')",
-            rows.close_params(now, router))
-
-    async def heartbeat(self, at: datetime, router: str) -> None:
-        await self._change("INSERT INTO heartbeats (router, at) VALUES (:router, :at) "
-                           "ON CONFLICT (router) DO UPDATE SET at = excluded.at",
-                           {"router": router, "at": to_text(at)})
-
-    async def delete_calls_before(self, before: datetime, limit: int) -> int:
-        return await self._change(
-            "DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE created_at < :before "
-            "AND status NOT IN (:open1, :open2) ORDER BY created_at, id LIMIT :limit)",
-            {"before": to_text(before), "limit": limit,
-             "open1": rules.OPEN_STATUSES[0].value, "open2": rules.OPEN_STATUSES[1].value})
-
-    # -- API keys --------------------------------------------------------------------
-
-    async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey:
-        sql = insert_sql("api_keys", (*KEY_COLS, "key_hash"))
-        await self._change(sql, {**rows.key_to_row(key), "key_hash": key_hash})
-        return key
-
-    async def find_api_key(self, key_hash: bytes) -> ApiKey | None:
-        found = await self._fetch(select_sql("api_keys", KEY_COLS) + " WHERE key_hash = $1",
-                                  (key_hash,))
-        return rows.key_from_row(found[0]) if found else None
-
-    async def count_api_keys(self) -> int:
-        found = await self._fetch("SELECT COUNT(*) FROM api_keys")
-        return int(found[0][0])
-
-    async def key_check(self, candidate: bytes) -> bytes:
-        insert, args = _bind(rows.KEY_CHECK_INSERT, rows.key_check_params(candidate))
-        async with self._tx() as con:
-            await con.execute(insert, *args)
-            found = await con.fetchval(rows.KEY_CHECK_SELECT)
-        return bytes(found)
 
     # -- every router sees every change ------------------------------------------------
 

@@ -22,7 +22,6 @@ from callrouter.domain.models import (
     Trunk,
     TrunkTransport,
 )
-from callrouter.store import rules
 
 Row = Sequence[Any]
 
@@ -37,23 +36,6 @@ CALL_COLS = ("id", "status", "caller_phone", "assistant_phone", "number_id", "as
 KEY_COLS = ("id", "name", "prefix", "read_only", "created_at")
 
 _IMMUTABLE = ("id", "created_at")
-
-KEY_CHECK = "secrets_key_check"  # settings row: the trunk-password key's check value
-KEY_CHECK_INSERT = ("INSERT INTO settings (name, value) VALUES (:name, :value) "
-                    "ON CONFLICT (name) DO NOTHING")
-KEY_CHECK_SELECT = f"SELECT value FROM settings WHERE name = '{KEY_CHECK}'"
-
-
-def key_check_params(candidate: bytes) -> dict[str, Any]:
-    return {"name": KEY_CHECK, "value": candidate}
-
-
-def close_params(now: datetime, router: str) -> dict[str, Any]:
-    """The parameters of both SQL stores' ``close_open_calls``."""
-    return {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
-            "now": to_text(now), "router": router, "open1": rules.OPEN_STATUSES[0].value,
-            "open2": rules.OPEN_STATUSES[1].value}
-
 
 def select_sql(table: str, cols: Sequence[str], extra: str = "") -> str:
     return f"SELECT {', '.join(cols)}{extra} FROM {table}"
