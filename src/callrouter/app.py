@@ -265,17 +265,25 @@ class Router:
     async def _beat(self) -> None:
         """The router's last sign of life, every ``HEARTBEAT_SECONDS``: after a crash the
         calls it left open end there, so the downtime is not counted as call time."""
+        lost_at: float | None = None  # the database has not answered since (monotonic)
         while True:
             try:
                 await self.store.heartbeat(_utcnow(), self.cfg.node_name)
-            except StoreError as exc:
-                log.warning("router.heartbeat_failed", error=exc.message)
+                if lost_at is not None:
+                    log.info("database.back", after_seconds=round(time.monotonic() - lost_at, 1),
+                             spooled_call_records=self.recorder.spooled)
+                    lost_at = None
+            except StoreError as exc:  # said once per outage, not every beat
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.warning("database.lost", error=exc.message,
+                                hint="routing goes on from memory; call records are spooled")
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _remote_changes(self, changes: Sequence[RouteChange] | None) -> None:
         """What other routers (or this one) committed, from the store's route feed."""
         if changes is None:
-            await self._reload("notification")
+            await self._reload("feed")
         else:
             await self.service.apply_route_changes(changes, self.store)
 

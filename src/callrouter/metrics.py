@@ -187,7 +187,8 @@ class Metrics:
         )  # fmt: skip
         self._route_reloads = Counter(
             "callrouter_route_reloads", "Full rebuilds of the route table from the database "
-            "after start, by cause (notification, reconnect, periodic).", ["cause"],
+            "after start, by cause: feed (a bulk change, or the change feed (re)connected) or "
+            "periodic (store.full_reload_seconds).", ["cause"],
             registry=r,
         )  # fmt: skip
         self._http_count = Counter(
