@@ -419,8 +419,9 @@ async def create_key(
 
 
 async def ensure_first_key(store: Store) -> str | None:
-    """If no API key exists yet, create a read-write one and return it (else ``None``)."""
-    if await store.count_api_keys() > 0:
+    """If no API key exists yet, create a read-write one and return it (else ``None``).
+    Of several routers starting together on one empty database only the first makes one."""
+    if await store.count_api_keys() > 0 or not await store.claim("first_api_key"):
         return None
     token, _ = await issue_api_key(store, name="initial", read_only=False, now=_now())
     return token

@@ -127,6 +127,11 @@ class Store(Protocol):
         the stored one (so the first router to start decides, as for migrations)."""
         ...
 
+    async def claim(self, name: str) -> bool:
+        """True for the first caller ever to claim ``name``, False for every later one
+        (any process on the same database): a one-time step of several routers."""
+        ...
+
 
 # Route changes made by other routers sharing the database (PostgreSQL's LISTEN/NOTIFY).
 OnRouteChanges = Callable[[Sequence[RouteChange] | None], Awaitable[None]]

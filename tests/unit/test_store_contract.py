@@ -338,6 +338,12 @@ async def test_close_open_calls_closes_only_the_restarting_routers_calls(
     assert still is not None and still.status == CallStatus.FAILED
 
 
+async def test_a_claim_is_won_once(store: Store) -> None:
+    assert await asyncio.gather(*(store.claim("first_api_key") for _ in range(3))) in (
+        [True, False, False], [False, True, False], [False, False, True])
+    assert await store.claim("something else")
+
+
 async def test_key_check_keeps_the_first_value(store: Store) -> None:
     assert await store.key_check(b"first") == b"first"
     assert await store.key_check(b"second") == b"first"

@@ -31,6 +31,7 @@ class MemoryStore:
         self._keys: dict[bytes, ApiKey] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._key_check: bytes | None = None
+        self._claims: set[str] = set()
 
     async def open(self) -> None:
         return None
@@ -221,6 +222,12 @@ class MemoryStore:
 
     async def count_api_keys(self) -> int:
         return len(self._keys)
+
+    async def claim(self, name: str) -> bool:
+        if name in self._claims:
+            return False
+        self._claims.add(name)
+        return True
 
     async def key_check(self, candidate: bytes) -> bytes:
         if self._key_check is None:

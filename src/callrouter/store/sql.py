@@ -255,6 +255,11 @@ class SqlStore(ABC):
         found = await self._fetch("SELECT COUNT(*) FROM api_keys")
         return int(found[0][0])
 
+    async def claim(self, name: str) -> bool:
+        sql = ("INSERT INTO settings (name, value) VALUES (:name, :value) "
+               "ON CONFLICT (name) DO NOTHING")
+        return await self._change(sql, {"name": f"claim:{name}", "value": b""}) == 1
+
     async def key_check(self, candidate: bytes) -> bytes:
         # Once written the value never changes, so the insert and the read need not
         # share a transaction: whoever inserted first, both read the same value.
