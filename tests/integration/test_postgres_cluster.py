@@ -194,3 +194,25 @@ def test_a_router_with_another_key_refuses_to_start(pair: Start, tmp_path: Path)
     with pytest.raises(RuntimeError, match="router exited 1") as failed:
         other.start()
     assert "is not the one this database was written with" in str(failed.value)
+
+
+def test_records_spooled_during_an_outage_survive_a_restart(
+        pair: Start, postgres_cluster: PostgresCluster) -> None:
+    """Calls taken while PostgreSQL is down, then the router stopped before it is back:
+    the records wait on disk and reach the database at the next start."""
+    a = pair("edge-a", CALLROUTER_STORE_TIMEOUT_SECONDS="2").start()
+    rt = runtime("uas-runtime-answer", calls=3, timeout_s=60)
+    a.add_number(NUMBER, a.add_assistant(f"sip:assistant@{rt.address}"))
+    postgres_cluster.stop()
+    try:
+        for _ in range(3):
+            assert uac(a, "uac-call-bridged", duration_ms=200).run().ok
+        assert a.stop() == 0
+        spool = a.data_dir / "call-records.spool"
+        assert spool.exists() and spool.read_text().count("\n") >= 3
+    finally:
+        postgres_cluster.start()
+    a.restart()
+    calls = listing(a)["calls"]
+    assert [(c["status"], c["router"]) for c in calls] == [("ended", "edge-a")] * 3
+    assert not (a.data_dir / "call-records.spool").exists()
