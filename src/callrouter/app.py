@@ -284,8 +284,11 @@ class Router:
         """What other routers (or this one) committed, from the store's route feed."""
         if changes is None:
             await self._reload("feed")
-        else:
+            return
+        try:
             await self.service.apply_route_changes(changes, self.store)
+        except StoreError as exc:  # a big batch rebuilds from the database, which can fail
+            log.warning("routes.change_failed", error=exc.message, changes=len(changes))
 
     async def _reload_periodically(self) -> None:
         """The safety net under the notifications: a full rebuild every

@@ -354,12 +354,18 @@ class PostgresStore(SqlStore):
         found by the termination callback or a ``SELECT 1`` every ``probe_seconds`` of
         silence, and reconnected with a growing pause (at most ``probe_seconds``)."""
         pause = 0.1
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await self._listen(on_changes, probe_seconds)
             except _DB_ERRORS as exc:
                 log.warning("store.listen_lost", database=self.where, error=str(exc),
                             retry_in_seconds=pause)
+            except Exception:  # the feed must outlive any failure of its consumer
+                log.exception("store.listen_failed", database=self.where)
+            if loop.time() - started > probe_seconds:
+                pause = 0.1  # it had been listening: a new loss starts the backoff anew
             await asyncio.sleep(pause)
             pause = min(pause * 2, probe_seconds)
 
