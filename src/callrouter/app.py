@@ -379,6 +379,7 @@ class Router:
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
                                 routing_changed, _utcnow)
+        management.import_workers = self.cfg.import_workers
         return ApiDeps(
             management=management, store=self.store, version=__version__,
             health=self._health, ready=self._ready, control=self._control,

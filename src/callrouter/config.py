@@ -145,6 +145,7 @@ class Config:
     @property
     def key_file(self) -> Path:
         return self.secrets_key_file or self.storage.data_dir / "secret.key"
+    import_workers: int = 0  # processes checking an import's rows (0: one per CPU)
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -355,6 +356,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("numbers.default_region", "NL", _region),
     Setting("numbers.import_max_bytes", 256 * 1024 * 1024, _positive_int),
     Setting("numbers.route_compaction_at", 4096, _positive_int),
+    Setting("numbers.import_workers", 0, _non_negative_int),
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
@@ -484,4 +486,5 @@ def _build(v: Mapping[str, Any]) -> Config:
                           full_reload_seconds=v["store.full_reload_seconds"]),
         node_name=v["node.name"] or f"{socket.gethostname()}:{sip.listen.port}",
         secrets_key_file=v["secrets.key_file"],
+        import_workers=v["numbers.import_workers"],
     )

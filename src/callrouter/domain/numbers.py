@@ -30,6 +30,12 @@ _FIELD = "phone_number"
 @functools.lru_cache(maxsize=4096)  # pure; called for every INVITE on the SIP thread
 def normalise(raw: str, default_region: str) -> str:
     """Return ``raw`` as E.164 (``+31850835037``); raise ``InvalidNumber`` if it is not one."""
+    return normalise_uncached(raw, default_region)
+
+
+def normalise_uncached(raw: str, default_region: str) -> str:
+    """``normalise`` without its cache: for a bulk import, whose million distinct numbers
+    would only evict the dialled numbers the SIP side keeps hot."""
     text = raw.strip()
     if not _PLAUSIBLE.fullmatch(text):
         raise _invalid("must contain only digits, an optional leading '+' and separators")

@@ -30,8 +30,7 @@ from callrouter.errors import FieldProblem
 
 def iso_ms(moment: datetime) -> str:
     """``2025-12-13T10:00:00.000Z``: UTC, milliseconds, ``Z``."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 Timestamp = Annotated[datetime, PlainSerializer(iso_ms, return_type=str)]

@@ -55,11 +55,14 @@ def update_sql(table: str, cols: Sequence[str]) -> str:
 
 
 def to_text(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-30T03:00:00.123456Z``: fixed width, so text order is time order. (isoformat
+    and fromisoformat are C; strftime/strptime cost 20 us a value, which a million-number
+    listing pays twice per number.)"""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return datetime.fromisoformat(text)  # "...Z" -> UTC (Python 3.11)
 
 
 def _opt_time(text: str | None) -> datetime | None:
