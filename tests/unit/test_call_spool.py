@@ -50,11 +50,17 @@ def call(status: CallStatus = CallStatus.CONNECTING, **changes: object) -> CallR
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
-async def test_records_go_to_disk_while_the_database_is_away_and_survive_a_restart(
-        tmp_path: Path) -> None:
+def _down(tmp_path: Path) -> tuple[FlakyStore, CallRecorder]:
+    """A store that is away, and a recorder spooling to ``tmp_path``."""
     store = FlakyStore()
     store.down = True
-    recorder = CallRecorder(store, asyncio.get_running_loop(), CallSpool(tmp_path / SPOOL_FILE))
+    return store, CallRecorder(store, asyncio.get_running_loop(),
+                               CallSpool(tmp_path / SPOOL_FILE))
+
+
+async def test_records_go_to_disk_while_the_database_is_away_and_survive_a_restart(
+        tmp_path: Path) -> None:
+    store, recorder = _down(tmp_path)
     ringing = call()
     recorder.submit(ringing)
     await recorder.flush()
@@ -81,9 +87,7 @@ async def test_records_go_to_disk_while_the_database_is_away_and_survive_a_resta
 
 async def test_while_anything_is_spooled_new_records_queue_behind_it(tmp_path: Path) -> None:
     """A later state of a call must never land before an earlier spooled one."""
-    store = FlakyStore()
-    store.down = True
-    recorder = CallRecorder(store, asyncio.get_running_loop(), CallSpool(tmp_path / SPOOL_FILE))
+    store, recorder = _down(tmp_path)
     first = call()
     recorder.submit(first)
     await recorder.flush()
@@ -97,9 +101,7 @@ async def test_while_anything_is_spooled_new_records_queue_behind_it(tmp_path: P
 
 
 async def test_the_writer_retries_the_spool_by_itself(tmp_path: Path) -> None:
-    store = FlakyStore()
-    store.down = True
-    recorder = CallRecorder(store, asyncio.get_running_loop(), CallSpool(tmp_path / SPOOL_FILE))
+    store, recorder = _down(tmp_path)
     recorder.SPOOL_RETRY = 0.05
     writer = asyncio.create_task(recorder.run())
     try:

@@ -56,7 +56,7 @@ from callrouter.errors import Conflict, StoreError, StoreUnavailable
 from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore
+from callrouter.store.sql import Params, Query, SqlStore, pending_migrations
 
 log = structlog.get_logger("callrouter.store")
 
@@ -289,11 +289,8 @@ class PostgresStore(SqlStore):
             await con.execute("CREATE TABLE IF NOT EXISTS schema_version "
                               "(version INTEGER NOT NULL)")
             current = await con.fetchval("SELECT MAX(version) FROM schema_version") or 0
-            if current > len(MIGRATIONS):
-                raise StoreError(f"the database {self.where} has schema {current}, newer "
-                                 f"than this router supports ({len(MIGRATIONS)})")
-            for version in range(current + 1, len(MIGRATIONS) + 1):
-                for statement in MIGRATIONS[version - 1]:
+            for version, statements in pending_migrations(current, MIGRATIONS, self.where):
+                for statement in statements:
                     await con.execute(statement)
                 await con.execute("INSERT INTO schema_version VALUES ($1)", version)
                 log.info("store.migrated", database=self.where, version=version)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
 )
+from callrouter.errors import StoreError
 from callrouter.ports import CallQuery, NumberQuery, RouteRow
 from callrouter.store import rows, rules
 from callrouter.store.rows import (
@@ -53,6 +54,17 @@ _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
 _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT (id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 _BY_AGE = " ORDER BY created_at, id"
+
+
+def pending_migrations(current: int, migrations: Sequence[Sequence[str]],
+                       where: str) -> Iterator[tuple[int, Sequence[str]]]:
+    """The (version, statements) a database at schema ``current`` still needs; a schema
+    newer than this router knows is refused (an older router must not write to it)."""
+    if current > len(migrations):
+        raise StoreError(f"the database {where} has schema {current}, newer than this "
+                         f"router supports ({len(migrations)})")
+    for version in range(current + 1, len(migrations) + 1):
+        yield version, migrations[version - 1]
 
 
 class SqlStore(ABC):

@@ -36,7 +36,7 @@ from callrouter.domain.models import (
 from callrouter.errors import Conflict, StoreError
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore
+from callrouter.store.sql import Params, Query, SqlStore, pending_migrations
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -150,11 +150,8 @@ class SqliteStore(SqlStore):
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             found = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
             current = int(found[0]) if found and found[0] is not None else 0
-            if current > len(MIGRATIONS):
-                raise StoreError(f"the database {self._path} has schema {current}, newer "
-                                 f"than this router supports ({len(MIGRATIONS)})")
-            for version in range(current + 1, len(MIGRATIONS) + 1):
-                for statement in MIGRATIONS[version - 1]:
+            for version, statements in pending_migrations(current, MIGRATIONS, str(self._path)):
+                for statement in statements:
                     await db.execute(statement)
                 await db.execute("INSERT INTO schema_version VALUES (?)", (version,))
 
