@@ -66,8 +66,8 @@ from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
 from callrouter.startup import http_listener, reason, writable_dir
 from callrouter.store import make_store
-from callrouter.store.postgres import safe_url
 from callrouter.store.spool import SPOOL_FILE, CallSpool
+from callrouter.store.sql import safe_url
 
 log = structlog.get_logger("callrouter.app")
 

@@ -27,8 +27,8 @@ from callrouter.store.postgres import (
     MIGRATIONS,
     NOTIFY_ROWS,
     PostgresStore,
-    safe_url,
 )
+from callrouter.store.sql import safe_url
 
 pytestmark = pytest.mark.anyio
 T0 = datetime(2025, 12, 13, 10, 0, 0, tzinfo=UTC)

@@ -34,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
@@ -56,7 +56,7 @@ from callrouter.errors import Conflict, StoreError, StoreUnavailable
 from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, pending_migrations
+from callrouter.store.sql import Params, Query, SqlStore, pending_migrations, safe_url
 
 log = structlog.get_logger("callrouter.store")
 
@@ -199,15 +199,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 _DB_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *_UNAVAILABLE)
-
-
-def safe_url(url: str) -> str:
-    """The database URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.username + '@' if parts.username else ''}" \
-           f"{host}{port}{parts.path}"
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (StoreError, *_DB_ERRORS)
 
 
 def _translate(exc: BaseException, *, in_use: str = rules.IN_USE,
@@ -220,10 +212,19 @@ def _translate(exc: BaseException, *, in_use: str = rules.IN_USE,
     if isinstance(exc, asyncpg.exceptions.ForeignKeyViolationError):
         return Conflict(in_use)
     if isinstance(exc, _UNAVAILABLE):
-        text = str(exc) or type(exc).__name__
-        return StoreUnavailable(f"the database is unreachable ({text}); calls are still "
-                                "routed, try this request again later")
+        return StoreUnavailable(f"the database is unreachable ({_why(exc)}); calls are "
+                                "still routed, try this request again later")
     return StoreError(f"{doing}: {exc}")
+
+
+def _why(exc: BaseException) -> str:
+    """A connection failure in a few words ("connection refused", "timed out")."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, OSError) and exc.errno:
+        text = os.strerror(exc.errno)
+        return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
 
 
 def _change_of(payload: str) -> RouteChange | None:
@@ -261,19 +262,19 @@ class PostgresStore(SqlStore):
             self._pool = await asyncpg.create_pool(
                 # min_size 0: no background reconnecting (and its log noise) in an outage;
                 # idle connections are kept, so a busy router still reuses them.
-                self._url, min_size=0, max_size=self._pool_size, timeout=self._timeout,
-                command_timeout=self._timeout,
+                self._url, min_size=0, max_size=self._pool_size,
+                timeout=self._timeout, command_timeout=self._timeout,
                 server_settings={"application_name": "callrouter"})
             await self._migrate()
-        except StoreError:
+        except _OPEN_ERRORS as exc:
             await self.close()
-            raise
-        except _DB_ERRORS as exc:
-            await self.close()
-            error = _translate(exc, doing=f"cannot open the database {self.where}")
-            if isinstance(error, StoreUnavailable):
-                error = StoreUnavailable(f"cannot reach the database {self.where}: {exc}")
-            raise error from exc
+            cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+            if cause is None:  # the store's own refusal (a newer schema)
+                raise
+            if isinstance(_translate(cause), StoreUnavailable):
+                raise StoreUnavailable(f"cannot reach the database {self.where}: "
+                                       f"{_why(cause)}") from cause
+            raise StoreError(f"cannot open the database {self.where}: {cause}") from cause
 
     async def close(self) -> None:
         if self._pool is not None:

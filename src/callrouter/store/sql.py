@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from callrouter.domain.models import (
     ApiKey,
@@ -54,6 +55,14 @@ _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
 _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT (id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 _BY_AGE = " ORDER BY created_at, id"
+
+
+def safe_url(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{user}{parts.hostname or 'localhost'}{port}{parts.path}"
 
 
 def pending_migrations(current: int, migrations: Sequence[Sequence[str]],
