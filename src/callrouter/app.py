@@ -60,7 +60,7 @@ from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
-from callrouter.ports import ControlCommand, RouteFeed
+from callrouter.ports import ControlCommand, RouteFeed, Store
 from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
@@ -198,11 +198,7 @@ class Router:
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
         self.service.router_name = cfg.node_name
-        self._reloading = asyncio.Lock()
-        await self.service.reload_routes(self.store)
-        if isinstance(raw_store, RouteFeed):  # several routers share this database
-            _spawn(stack, raw_store.watch_routes(self._remote_changes), "route-feed")
-            _spawn(stack, self._reload_periodically(), "route-reload")
+        await self._load_routes(stack, raw_store)
         await self._start_engine(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
@@ -280,9 +276,27 @@ class Router:
                                 hint="routing goes on from memory; call records are spooled")
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
+    async def _load_routes(self, stack: contextlib.AsyncExitStack, store: Store) -> None:
+        """The route table's first load; on a shared database the change feed listens
+        first (waiting up to ``store.timeout_seconds``), so no change committed around the
+        load is missed, and its "reload" on connecting is this load."""
+        self._reloading = asyncio.Lock()
+        self._feed_listening = asyncio.Event()
+        if isinstance(store, RouteFeed):  # several routers share this database
+            _spawn(stack, store.watch_routes(self._remote_changes), "route-feed")
+            with contextlib.suppress(TimeoutError):  # it reloads when it does connect
+                await asyncio.wait_for(self._feed_listening.wait(),
+                                       self.cfg.store.timeout_seconds)
+            _spawn(stack, self._reload_periodically(), "route-reload")
+        self._feed_listening.set()  # from now on a feed's "reload" is a real one
+        await self.service.reload_routes(self.store)
+
     async def _remote_changes(self, changes: Sequence[RouteChange] | None) -> None:
         """What other routers (or this one) committed, from the store's route feed."""
         if changes is None:
+            if not self._feed_listening.is_set():  # connected before the first load
+                self._feed_listening.set()
+                return
             await self._reload("feed")
             return
         try:
