@@ -4,6 +4,7 @@ kept across a restart, written when the database answers again, never lost."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -124,3 +125,15 @@ def test_a_line_cut_short_by_a_crash_is_skipped(tmp_path: Path) -> None:
     with open(spool.path, "a") as out:
         out.write('["cut sh')
     assert CallSpool(spool.path).read() == [kept]
+
+
+def test_a_spool_from_before_a_column_was_added_still_reads(tmp_path: Path) -> None:
+    """Guards an upgrade with records still spooled: a line lacking ``router`` (written by
+    a router from before node names) reads back with the column's default."""
+    spool = CallSpool(tmp_path / SPOOL_FILE)
+    record = call(router="")
+    spool.append([record])
+    line = json.loads(spool.path.read_text())
+    del line["router"]
+    spool.path.write_text(json.dumps(line) + "\n")
+    assert CallSpool(spool.path).read() == [record]

@@ -1,7 +1,8 @@
 """The call-record spool: records kept on local disk while the database is unreachable.
 
 How it works: one append-only file in the data directory (``call-records.spool``), one
-JSON array per record (``rows.CALL_COLS`` order, the SQL stores' own row mapping). Each
+JSON object per record (``rows.call_to_row``, the SQL stores' own row mapping; a column
+added later reads back as its default, so a spool survives an upgrade). Each
 append is flushed and fsynced before it returns, so a spooled record survives a crash
 or a restart of the router. The call-record writer spools a batch the store refused as
 unavailable, and every later batch too while anything is spooled (a later state of a
@@ -28,6 +29,7 @@ from callrouter.store import rows
 log = structlog.get_logger("callrouter.store")
 
 SPOOL_FILE = "call-records.spool"
+_DEFAULTS = {"direction": "inbound", "router": ""}  # columns older spools may lack
 
 
 class CallSpool:
@@ -39,8 +41,7 @@ class CallSpool:
         self.backlog = len(self.read()) if path.exists() else 0
 
     def append(self, records: Sequence[CallRecord]) -> None:
-        lines = "".join(json.dumps([row[c] for c in rows.CALL_COLS]) + "\n"
-                        for row in map(rows.call_to_row, records))
+        lines = "".join(json.dumps(row) + "\n" for row in map(rows.call_to_row, records))
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(lines)
             out.flush()
@@ -56,7 +57,9 @@ class CallSpool:
         found: list[CallRecord] = []
         for number, line in enumerate(text.splitlines(), 1):
             try:
-                found.append(rows.call_from_row(json.loads(line)))
+                row = json.loads(line)
+                found.append(rows.call_from_row([row.get(c, _DEFAULTS.get(c))
+                                                 for c in rows.CALL_COLS]))
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 log.error("call.spool_line_unreadable", path=str(self.path), line=number,
                           error=str(exc))
