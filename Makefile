@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-.PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick clean fuzz
+.PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick bench-webhooks clean fuzz
 
 run: deps venv engine
 	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
@@ -42,6 +42,11 @@ integration: deps venv engine
 bench: deps venv engine
 	$(PY) bench/run.py
 	$(PY) bench/number_table.py
+	$(PY) bench/webhooks.py
+
+# The reject path beside INVITEs held for a slow assistant-request webhook (issue 12).
+bench-webhooks: deps venv engine
+	$(PY) bench/webhooks.py
 
 # The number table alone (issue 14): 100,000 and 1,000,000 numbers.
 bench-numbers: deps venv engine

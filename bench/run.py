@@ -119,10 +119,11 @@ def router_system(path: str, workdir: Path) -> Iterator[Target]:
 
 
 def start_router(
-    workdir: Path, sip_port: int, http_port: int, rtp_ports: str, data_dir: Path
+    workdir: Path, sip_port: int, http_port: int, rtp_ports: str, data_dir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> h.Proc:
     """``python -m callrouter serve`` on loopback; returns once its health check answers."""
-    env = h.engine_env() | {
+    env = h.engine_env() | (extra_env or {}) | {
         "CALLROUTER_SIP_LISTEN": f"{h.LOOPBACK}:{sip_port}",
         "CALLROUTER_SIP_ADVERTISE": h.LOOPBACK,
         "CALLROUTER_RTP_PORTS": rtp_ports,

@@ -52,8 +52,15 @@ from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import KEY_ENV, SecretBox
 from callrouter.domain import session as s
-from callrouter.domain.models import EndReason
+from callrouter.domain.models import CallRecord, EndReason, WebhookDelivery
+from callrouter.domain.routetable import AssistantRemoved, AssistantUpserted
 from callrouter.domain.routing import Policy, RouteChange, RuntimePool
+from callrouter.domain.webhooks import (
+    WebhookDirectory,
+    WebhookTarget,
+    hooks_of,
+    restart_ended,
+)
 from callrouter.errors import StartupError, StoreError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
@@ -68,6 +75,7 @@ from callrouter.startup import http_listener, reason, writable_dir
 from callrouter.store import make_store
 from callrouter.store.spool import SPOOL_FILE, CallSpool
 from callrouter.store.sql import safe_url
+from callrouter.webhooks import AssistantRequester, DeliveryWorker, WebhookSender, new_client
 
 log = structlog.get_logger("callrouter.app")
 
@@ -135,7 +143,7 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
     service = CallService(policy=policy, timing=timing,
                           pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                           default_region=cfg.default_region, metrics=metrics,
-                          record=recorder.submit,
+                          record=recorder.submit, notify=recorder.submit_event,
                           rejected_records_per_second=cfg.calls.rejected_records_per_second)
     service.compact_routes_at = cfg.route_compaction_at
     return service
@@ -195,11 +203,13 @@ class Router:
         stack.push_async_callback(self.store.close)
         await self._check_key()
         self._bind_http(stack)
+        await self._start_webhooks(stack)
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
         self.service.router_name = cfg.node_name
         await self._load_routes(stack, raw_store)
         await self._start_engine(stack)
+        await self._ask_assistants(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
         self._log_started()
@@ -240,16 +250,61 @@ class Router:
         url = self.cfg.store.database_url
         return safe_url(url) if url else str(self.cfg.storage.database)
 
+    async def _start_webhooks(self, stack: contextlib.AsyncExitStack) -> None:
+        """One HTTP client for every webhook (closed last), and the outbox worker, which
+        resumes what a previous run left pending."""
+        hooks = self.cfg.webhooks
+        client = new_client(hooks.delivery_timeout_seconds)
+        stack.push_async_callback(client.aclose)
+        self.sender = WebhookSender(client, allow_private=hooks.allow_private)
+        self.deliveries = DeliveryWorker(
+            self.store, self.sender, self.metrics, lambda: self.service.webhooks,
+            per_destination=hooks.max_concurrency_per_destination,
+            retry_hours=hooks.retry_hours, attempt_timeout=hooks.delivery_timeout_seconds)
+
+    async def _webhook_directory(self) -> WebhookDirectory:
+        """The account's webhook (config) and every assistant's, secrets decrypted."""
+        hooks = self.cfg.webhooks
+        account = WebhookTarget(hooks.url, hooks.secret or None, frozenset(hooks.events)) \
+            if hooks.url else None
+        assistants = {}
+        for a in await self.store.list_assistants():
+            enc = await self.store.get_assistant_webhook_secret(a.id) \
+                if a.has_webhook_secret else None
+            secret = self.secrets.decrypt(enc) if enc else None
+            assistants[a.id] = hooks_of(a.id, a.runtime_uri, a.webhook_url, a.webhook_events,
+                                        secret)
+        return WebhookDirectory(account, assistants)
+
+    async def _ask_assistants(self, stack: contextlib.AsyncExitStack) -> None:
+        """assistant-request for held INVITEs (the engine resumes them), and the outbox
+        worker (from now on: its events were already written before a restart)."""
+        requester = AssistantRequester(
+            self.sender, self.store, self.metrics, asyncio.get_running_loop(),
+            self.engine.resume, self.cfg.webhooks.assistant_request_timeout_seconds)
+        stack.push_async_callback(requester.close)
+        self.service.ask = requester.ask
+        _spawn(stack, self.deliveries.run(), "webhook-deliveries")
+
     async def _start_records(self, stack: contextlib.AsyncExitStack) -> None:
-        """Write what an outage left spooled, close what a crash left open (this router's
-        calls only, at its last heartbeat, so before this run's first), then keep the
-        heartbeat and the call-record writer running."""
+        """Write what an outage left spooled (each record with its outbox events), close
+        what a crash left open (this router's calls only, at its last heartbeat, so before
+        this run's first; each closed call with webhook events gets its ``ended`` event in
+        the same transaction), then keep the heartbeat and the call-record writer
+        running."""
+        retry_hours = self.cfg.webhooks.retry_hours
         spool = await asyncio.to_thread(CallSpool, self.cfg.storage.data_dir / SPOOL_FILE)
-        self.recorder = CallRecorder(self.store, asyncio.get_running_loop(), spool)
+        self.recorder = CallRecorder(self.store, asyncio.get_running_loop(), spool,
+                                     retry_hours=retry_hours, on_outbox=self.deliveries.wake)
         self.metrics.set_spooled_source(lambda: self.recorder.spooled)
         if spool.backlog and not await self.recorder.flush_spool():
             log.warning("call.spool_kept", records=spool.backlog, path=str(spool.path))
-        closed = await self.store.close_open_calls(_utcnow(), self.cfg.node_name)
+        now = _utcnow()
+
+        def ended(record: CallRecord, last: WebhookDelivery) -> WebhookDelivery | None:
+            return restart_ended(record, last, now, retry_hours)
+
+        closed = await self.store.close_open_calls(now, self.cfg.node_name, ended)
         if closed:
             log.warning("calls.closed_after_restart", count=closed, router=self.cfg.node_name)
         _spawn(stack, self._beat(), "heartbeat")
@@ -290,6 +345,7 @@ class Router:
             _spawn(stack, self._reload_periodically(), "route-reload")
         self._feed_listening.set()  # from now on a feed's "reload" is a real one
         await self.service.reload_routes(self.store)
+        self.service.webhooks = await self._webhook_directory()
 
     async def _remote_changes(self, changes: Sequence[RouteChange] | None) -> None:
         """What other routers (or this one) committed, from the store's route feed."""
@@ -301,6 +357,9 @@ class Router:
             return
         try:
             await self.service.apply_route_changes(changes, self.store)
+            if any(isinstance(c, AssistantUpserted | AssistantRemoved) for c in changes):
+                # another router may have changed an assistant's webhook
+                self.service.webhooks = await self._webhook_directory()
         except StoreError as exc:  # a big batch rebuilds from the database, which can fail
             log.warning("routes.change_failed", error=exc.message, changes=len(changes))
 
@@ -315,6 +374,7 @@ class Router:
         async with self._reloading:
             try:
                 await self.service.reload_routes(self.store)
+                self.service.webhooks = await self._webhook_directory()
             except StoreError as exc:
                 log.warning("routes.reload_failed", cause=cause, error=exc.message)
                 return
@@ -392,7 +452,9 @@ class Router:
             await self.service.apply_route_changes(changes, self.store)
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
-                                routing_changed, _utcnow)
+                                routing_changed, _utcnow,
+                                on_webhook_change=self.service.set_assistant_hooks,
+                                allow_private_webhooks=self.cfg.webhooks.allow_private)
         management.import_workers = self.cfg.import_workers
         return ApiDeps(
             management=management, store=self.store, version=__version__,
@@ -402,6 +464,7 @@ class Router:
             max_body_bytes=self.cfg.http.max_body_bytes,
             import_max_bytes=self.cfg.import_max_bytes,
             metrics_app=self.metrics.asgi_app(),
+            retry_delivery=self.deliveries.retry,
         )
 
     async def _serve_http(self) -> None:

@@ -26,7 +26,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +54,7 @@ class Flag:
     option: str
     field: str
     help: str
-    kind: type = str
+    kind: Callable[[str], Any] = str
     nullable: bool = False
     required_on_add: bool = False
     choices: tuple[str, ...] | None = None
@@ -69,6 +69,11 @@ class Resource:
     columns: tuple[tuple[str, str], ...]  # (heading, field)
     flags: tuple[Flag, ...]
     positional: str | None = None  # a body field given positionally to ``add``
+
+
+def _event_list(text: str) -> list[str]:
+    """``--webhook-events assistant-request,status-update`` ('' for none)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 RESOURCES = (
@@ -97,11 +102,21 @@ RESOURCES = (
                     nullable=True))),
     Resource(
         command="assistants", path="/api/v1/assistants", one="assistant", many="assistants",
-        columns=(("ID", "id"), ("NAME", "name"), ("RUNTIME URI", "runtime_uri")),
+        columns=(("ID", "id"), ("NAME", "name"), ("RUNTIME URI", "runtime_uri"),
+                 ("WEBHOOK URL", "webhook_url"), ("EVENTS", "webhook_events"),
+                 ("SECRET", "has_webhook_secret")),
         flags=(Flag("--name", "name", "assistant name", required_on_add=True),
                Flag("--runtime-uri", "runtime_uri",
                     "SIP URI of the assistant's runtime ('none': default pool)",
-                    nullable=True))),
+                    nullable=True),
+               Flag("--webhook-url", "webhook_url",
+                    "http(s) URL for its webhooks ('none': the account-level webhook)",
+                    nullable=True),
+               Flag("--webhook-secret", "webhook_secret",
+                    "HMAC secret that signs its webhooks (never shown again)", nullable=True),
+               Flag("--webhook-events", "webhook_events",
+                    "comma-separated: assistant-request,status-update ('' for none)",
+                    kind=_event_list))),
 )
 _BY_COMMAND = {r.command: r for r in RESOURCES}
 
@@ -390,6 +405,8 @@ def _cell(value: object) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
     return str(value)
 
 

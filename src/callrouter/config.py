@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callrouter.domain.webhooks import EVENTS, destination_problem
 from callrouter.errors import ConfigError
 
 ENV_PREFIX = "CALLROUTER_"
@@ -127,6 +128,21 @@ class CallsConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """The account-level webhook (the fallback for assistants without their own) and how
+    every webhook is delivered."""
+
+    url: str = ""  # "" = no account-level webhook
+    secret: str = ""
+    events: tuple[str, ...] = EVENTS
+    assistant_request_timeout_seconds: float = 5.0
+    retry_hours: float = 24.0
+    allow_private: bool = False
+    max_concurrency_per_destination: int = 4
+    delivery_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig
     runtime: RuntimeConfig
@@ -146,6 +162,7 @@ class Config:
     def key_file(self) -> Path:
         return self.secrets_key_file or self.storage.data_dir / "secret.key"
     import_workers: int = 0  # processes checking an import's rows (0: one per CPU)
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -307,6 +324,34 @@ def _message_size(value: Any) -> int:
     return size
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _webhook_url(value: Any) -> str:
+    text = str(value).strip()
+    if text:
+        problem = destination_problem(text, allow_private=True)  # private: cross-checked
+        if problem is not None:
+            raise ValueError(f"{text!r} {problem}")
+    return text
+
+
+def _events(value: Any) -> tuple[str, ...]:
+    events = _str_list(value)
+    unknown = sorted(set(events) - set(EVENTS))
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+    return tuple(dict.fromkeys(events))
+
+
 @dataclass(frozen=True)
 class Setting:
     path: str
@@ -360,6 +405,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
+    Setting("webhooks.url", "", _webhook_url),
+    Setting("webhooks.secret", "", str),
+    Setting("webhooks.events", list(EVENTS), _events),
+    Setting("webhooks.assistant_request_timeout_seconds", 5, _seconds),
+    Setting("webhooks.retry_hours", 24, _seconds),
+    Setting("webhooks.allow_private", False, _bool),
+    Setting("webhooks.max_concurrency_per_destination", 4, _positive_int),
+    Setting("webhooks.delivery_timeout_seconds", 10, _seconds),
 )
 
 
@@ -414,6 +467,10 @@ def _cross_checks(v: Mapping[str, Any], engine_max_calls: int | None) -> list[st
             f"sip.rtp_ports: {v['sip.rtp_ports'].size} ports cannot carry sip.max_calls="
             f"{v['sip.max_calls']} bridged calls (needs {needed_ports})"
         )
+    if v["webhooks.url"]:
+        problem = destination_problem(v["webhooks.url"], v["webhooks.allow_private"])
+        if problem is not None:
+            problems.append(f"webhooks.url: {problem}")
     slots = v["sip.max_calls"] * 2 + ENGINE_SLOT_RESERVE
     if engine_max_calls is not None and slots > engine_max_calls:
         problems.append(
@@ -487,4 +544,10 @@ def _build(v: Mapping[str, Any]) -> Config:
         node_name=v["node.name"] or f"{socket.gethostname()}:{sip.listen.port}",
         secrets_key_file=v["secrets.key_file"],
         import_workers=v["numbers.import_workers"],
+        webhooks=WebhooksConfig(
+            url=v["webhooks.url"], secret=v["webhooks.secret"], events=v["webhooks.events"],
+            assistant_request_timeout_seconds=v["webhooks.assistant_request_timeout_seconds"],
+            retry_hours=v["webhooks.retry_hours"], allow_private=v["webhooks.allow_private"],
+            max_concurrency_per_destination=v["webhooks.max_concurrency_per_destination"],
+            delivery_timeout_seconds=v["webhooks.delivery_timeout_seconds"]),
     )

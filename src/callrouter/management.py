@@ -43,6 +43,7 @@ from callrouter.domain.routing import (
     NumberUpserted,
     RouteChange,
 )
+from callrouter.domain.webhooks import EVENTS, AssistantHooks, destination_problem, hooks_of
 from callrouter.errors import Conflict, FieldProblem, InvalidNumber, NotFound, ValidationError
 from callrouter.ports import Store
 
@@ -55,7 +56,9 @@ _SIP_URI = re.compile(
 )
 _HOST = re.compile(r"\[?[0-9A-Fa-f:.]+\]?|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 _MAX_NAME = 200
-_TEXT_FIELDS = frozenset({"name", "host", "provider", "username", "runtime_uri"})
+_TEXT_FIELDS = frozenset({"name", "host", "provider", "username", "runtime_uri",
+                          "webhook_url"})
+_MAX_SECRET = 1024
 
 
 class Unset(enum.Enum):
@@ -113,12 +116,18 @@ class AssistantInput:
     name: str
     runtime_uri: str | None = None
     id: uuid.UUID | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_events: tuple[str, ...] | None = None  # None: every event, when a URL is set
 
 
 @dataclass(frozen=True)
 class AssistantChanges:
     name: str | Unset = UNSET
     runtime_uri: str | Unset | None = UNSET
+    webhook_url: str | Unset | None = UNSET
+    webhook_secret: str | Unset | None = UNSET
+    webhook_events: tuple[str, ...] | Unset | None = UNSET
 
 
 _Obj = TypeVar("_Obj", PhoneNumber, Trunk, Assistant)
@@ -144,7 +153,12 @@ class Management:
         default_region: str,
         on_routing_change: Callable[[Sequence[RouteChange]], Awaitable[None]],
         now: Callable[[], datetime],
+        *,
+        on_webhook_change: Callable[[uuid.UUID, AssistantHooks | None], None] | None = None,
+        allow_private_webhooks: bool = False,
     ) -> None:
+        self._on_webhook_change = on_webhook_change
+        self._allow_private = allow_private_webhooks
         self._store = store
         self._secrets = secrets
         self._region = default_region
@@ -283,28 +297,52 @@ class Management:
     # -- assistants ------------------------------------------------------------------
 
     async def create_assistant(self, new: AssistantInput) -> Assistant:
-        _raise_if(_assistant_problems(given(new)))
+        _raise_if(_assistant_problems(given(new), self._allow_private))
         now = self._now()
+        url = new.webhook_url.strip() if new.webhook_url else None
+        events = new.webhook_events if new.webhook_events is not None else (
+            EVENTS if url else ())
         assistant = Assistant(
             id=new.id or uuid.uuid4(), name=new.name.strip(), runtime_uri=new.runtime_uri,
-            created_at=now, updated_at=now)
+            created_at=now, updated_at=now, webhook_url=url, webhook_events=events)
+        secret = new.webhook_secret or None
         async with self._lock:
-            return await self._changed(await self._store.create_assistant(assistant))
+            created = await self._store.create_assistant(assistant, self._encrypted(secret))
+            self._webhooks_changed(created, secret)
+            return await self._changed(created)
 
     async def update_assistant(
         self, assistant_id: uuid.UUID, changes: AssistantChanges
     ) -> Assistant:
         updates = given(changes)
-        _raise_if(_assistant_problems(updates))
+        _raise_if(_assistant_problems(updates, self._allow_private))
+        secret = updates.pop("webhook_secret", UNSET)
+        if updates.get("webhook_events", UNSET) is None:
+            updates["webhook_events"] = ()
         async with self._lock:
             assistant = _found(await self._store.get_assistant(assistant_id), "assistant")
             updated = self._touched(assistant, _stripped(updates))
-            return await self._changed(await self._store.update_assistant(updated))
+            keep = secret is UNSET
+            stored = await self._store.update_assistant(
+                updated, None if keep else self._encrypted(secret or None), keep)
+            if keep:
+                enc = await self._store.get_assistant_webhook_secret(assistant_id)
+                secret = self._secrets.decrypt(enc) if enc else None
+            self._webhooks_changed(stored, secret or None)
+            return await self._changed(stored)
 
     async def delete_assistant(self, assistant_id: uuid.UUID) -> None:
         async with self._lock:
             await self._deleted(await self._store.delete_assistant(assistant_id), "assistant",
                                 AssistantRemoved(assistant_id))
+            if self._on_webhook_change is not None:
+                self._on_webhook_change(assistant_id, None)
+
+    def _webhooks_changed(self, assistant: Assistant, secret: str | None) -> None:
+        if self._on_webhook_change is not None:
+            self._on_webhook_change(assistant.id, hooks_of(
+                assistant.id, assistant.runtime_uri, assistant.webhook_url,
+                assistant.webhook_events, secret))
 
     # -- calls and keys ----------------------------------------------------------------
 
@@ -526,11 +564,26 @@ def _trunk_problems(values: dict[str, Any]) -> list[FieldProblem]:
     return problems
 
 
-def _assistant_problems(values: dict[str, Any]) -> list[FieldProblem]:
+def _assistant_problems(values: dict[str, Any], allow_private: bool) -> list[FieldProblem]:
     problems = _name_problems(values["name"], "name", required=True) if "name" in values else []
     uri = values.get("runtime_uri")
     if uri is not None and not is_sip_uri(uri):
         problems.append(FieldProblem("runtime_uri", "must be a sip: or sips: URI, or null"))
+    url = values.get("webhook_url")
+    if isinstance(url, str):
+        problem = destination_problem(url.strip(), allow_private)
+        if problem is not None:
+            problems.append(FieldProblem("webhook_url", problem))
+    secret = values.get("webhook_secret")
+    if isinstance(secret, str) and len(secret) > _MAX_SECRET:
+        problems.append(FieldProblem("webhook_secret", f"must be at most {_MAX_SECRET} "
+                                                       "characters"))
+    events = values.get("webhook_events")
+    if isinstance(events, tuple):
+        unknown = sorted(set(events) - set(EVENTS))
+        if unknown:
+            problems.append(FieldProblem("webhook_events", f"unknown event(s) "
+                                         f"{', '.join(unknown)}; known: {', '.join(EVENTS)}"))
     return problems
 
 

@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from callrouter import __version__
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Outcome
+from callrouter.domain.webhooks import EVENTS, ReplyKind
 from callrouter.ports import EngineEntry
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
@@ -66,7 +67,8 @@ class GuardAction(enum.StrEnum):
 
 
 # SIP codes the router sends on purpose get their own series; anything else is "other".
-SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503, 513})
+SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503, 513,
+                       603})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # INVITE -> response on loopback is sub-millisecond; a slow runtime answers in seconds.
@@ -103,6 +105,7 @@ class Metrics:
         self._define_calls()
         self._define_io()
         self._define_engine_failures()
+        self._define_webhooks()
         self._build_info = Gauge(
             "callrouter_build_info",
             "Router build: version and the pjproject the engine was built from; always 1.",
@@ -199,6 +202,52 @@ class Metrics:
             "callrouter_http_request_duration_seconds", "API request handling time.",
             ["route", "method"], buckets=HTTP_BUCKETS, registry=r,
         )  # fmt: skip
+
+    def _define_webhooks(self) -> None:
+        r = self.registry
+        answers = Counter(
+            "callrouter_webhook_assistant_requests",
+            "assistant-request replies, by how they decided the call (saved, assistant, "
+            "refused) or why the saved assistant was used (timeout, http_error, invalid, "
+            "unknown_assistant).", ["outcome"], registry=r,
+        )  # fmt: skip
+        self._answers = {k: answers.labels(k.value) for k in ReplyKind}
+        delivered = Counter(
+            "callrouter_webhook_deliveries", "Webhook requests answered 2xx, by event.",
+            ["event"], registry=r)
+        failed = Counter(
+            "callrouter_webhook_delivery_failures",
+            "Webhook attempts that failed (connection, timeout, non-2xx), by event.",
+            ["event"], registry=r)
+        given_up = Counter(
+            "callrouter_webhook_given_up",
+            "status-update events given up (a 4xx other than 429, or webhooks.retry_hours "
+            "passed), by event.", ["event"], registry=r)
+        backlog = Gauge(
+            "callrouter_webhook_backlog", "Events waiting in the outbox, by event.",
+            ["event"], registry=r)
+        latency = Histogram(
+            "callrouter_webhook_latency_seconds",
+            "One webhook request, sent to reply read (or failure), by event.", ["event"],
+            buckets=HTTP_BUCKETS, registry=r)
+        self._hook = {e: (delivered.labels(e), failed.labels(e), given_up.labels(e),
+                          backlog.labels(e), latency.labels(e)) for e in EVENTS}
+
+    # --- webhooks ------------------------------------------------------------------------------
+
+    def assistant_request(self, kind: ReplyKind | str) -> None:
+        self._answers[ReplyKind(kind)].inc()
+
+    def webhook_attempt(self, event: str, ok: bool, seconds: float) -> None:
+        delivered, failed, _, _, latency = self._hook[event]
+        (delivered if ok else failed).inc()
+        latency.observe(seconds)
+
+    def webhook_given_up(self, event: str) -> None:
+        self._hook[event][2].inc()
+
+    def webhook_backlog(self, event: str, count: int) -> None:
+        self._hook[event][3].set(count)
 
     # --- SIP and routing -------------------------------------------------------------------
 

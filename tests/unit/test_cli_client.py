@@ -107,10 +107,29 @@ async def test_list_table_aligns_columns_and_json_is_the_api_body(cli: Cli) -> N
     assert len(table) == 3
     column = table[0].index("RUNTIME URI")
     assert column > len("A much longer name")  # the widest name pushes the column right
-    assert table[2][column:] == "sips:runtime@example.com:5061"
-    assert table[1][column:] == "-"
+    assert table[2][column:].split()[0] == "sips:runtime@example.com:5061"
+    assert table[1][column:].split()[0] == "-"
     listed = (await cli("assistants", "list", "--json")).json()
     assert [a["name"] for a in listed["assistants"]] == ["A", "A much longer name"]
+
+
+async def test_assistant_webhook_flags_and_the_secret_is_never_printed(cli: Cli) -> None:
+    added = await cli("assistants", "add", "--name", "Hooked", "--webhook-url",
+                      "https://hooks.example.com/h", "--webhook-secret", "sekrit",
+                      "--webhook-events", "status-update")
+    assert added.code == 0, added.err
+    header, row = added.out.splitlines()
+    assert "WEBHOOK URL" in header and "sekrit" not in added.out
+    assert "https://hooks.example.com/h" in row and "status-update" in row
+    assert row.rstrip().endswith("yes")  # has a secret
+    assistant_id = (await cli("assistants", "list", "--json")).json()["assistants"][0]["id"]
+    cleared = await cli("assistants", "update", assistant_id, "--webhook-url", "none",
+                        "--webhook-secret", "none", "--webhook-events", "", "--json")
+    body = cleared.json()["assistant"]
+    assert (body["webhook_url"], body["has_webhook_secret"], body["webhook_events"]) == (
+        None, False, [])
+    bad = await cli("assistants", "update", assistant_id, "--webhook-events", "tool-calls")
+    assert bad.code == 1 and "webhook_events" in bad.err
 
 
 async def test_update_with_none_detaches_and_delete(cli: Cli) -> None:

@@ -58,6 +58,12 @@ def test_every_metric_is_exposed_under_its_documented_name(metrics: Metrics) -> 
     assert names == {
         "callrouter_sip_invites_received",
         "callrouter_routing_decisions",
+        "callrouter_webhook_assistant_requests",
+        "callrouter_webhook_deliveries",
+        "callrouter_webhook_delivery_failures",
+        "callrouter_webhook_given_up",
+        "callrouter_webhook_backlog",
+        "callrouter_webhook_latency_seconds",
         "callrouter_sip_responses_sent",
         "callrouter_call_setup_first_response_seconds",
         "callrouter_call_setup_decision_seconds",

@@ -28,6 +28,7 @@ from callrouter.store.postgres import (
     NOTIFY_ROWS,
     PostgresStore,
 )
+from callrouter.store.rows import to_text
 from callrouter.store.sql import safe_url
 
 pytestmark = pytest.mark.anyio
@@ -70,6 +71,35 @@ async def test_a_database_from_a_newer_router_is_refused(postgres_url: str) -> N
     await con.close()
     with pytest.raises(StoreError, match="newer"):
         await PostgresStore(postgres_url).open()
+
+
+async def test_a_version_1_database_gets_the_webhook_columns_and_outbox(
+        postgres_url: str) -> None:
+    """Guards the upgrade of a database made before webhooks: version 2 adds the
+    assistants' webhook columns (existing rows get none) and the outbox."""
+    sales = Assistant(id=uuid.uuid4(), name="Sales", runtime_uri="sip:rt@host",
+                      created_at=T0, updated_at=T0)
+    con = await asyncpg.connect(postgres_url)
+    try:
+        async with con.transaction():
+            await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for statement in MIGRATIONS[0]:
+                await con.execute(statement)
+            await con.execute("INSERT INTO schema_version VALUES (1)")
+            await con.execute(
+                "INSERT INTO assistants (id, name, runtime_uri, created_at, updated_at) "
+                "VALUES ($1, $2, $3, $4, $5)", str(sales.id), sales.name, sales.runtime_uri,
+                to_text(T0), to_text(T0))
+    finally:
+        await con.close()
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        assert await store.get_assistant(sales.id) == sales
+        assert await store.get_assistant_webhook_secret(sales.id) is None
+        assert await store.next_delivery_at() is None
+    finally:
+        await store.close()
 
 
 def _closed_port() -> int:

@@ -10,12 +10,18 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from callrouter.domain.models import WebhookDelivery
+from callrouter.errors import EngineUnavailable
 from callrouter.management import Management
 from callrouter.ports import ControlCommand, Store
 
 
 def _ignore_request(route: str, method: str, status: int, seconds: float) -> None:
     return None
+
+
+async def _no_webhook_worker(delivery_id: uuid.UUID) -> WebhookDelivery:
+    raise EngineUnavailable("webhook delivery is not running")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,8 @@ class ApiDeps:
     (route template, method, status, seconds) for every request; ``metrics_app``, if
     given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits.
     ``max_body_bytes``: larger request bodies get 413 (``import_max_bytes`` for the bulk
-    number import).
+    number import). ``retry_delivery`` makes a stuck webhook delivery due now (``NotFound``,
+    ``Conflict`` when it was delivered already) and returns it.
     """
 
     management: Management
@@ -48,3 +55,4 @@ class ApiDeps:
     import_max_bytes: int = 256 * 1024 * 1024  # the bulk import's own body limit
     metrics_app: ASGIApp | None = None
     clock: Callable[[], float] = time.monotonic
+    retry_delivery: Callable[[uuid.UUID], Awaitable[WebhookDelivery]] = _no_webhook_worker

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
-from callrouter.domain.models import CallStatus, PhoneNumber
+from callrouter.domain.models import CallStatus, DeliveryStatus, PhoneNumber
 from callrouter.errors import NotFound, ValidationError
 from callrouter.http import schemas
 from callrouter.http import views as v
@@ -265,6 +265,27 @@ def _command(body: schemas.ControlCommand, deps: ApiDeps) -> ControlCommand:
     if not body.destination:
         raise schemas.invalid("destination", "is required for a transfer")
     return TransferCall(deps.management.control_destination(body.destination), body.message)
+
+
+# -- webhook deliveries (status-update outbox) --------------------------------------------
+
+@router.get("/webhooks/deliveries", tags=["webhooks"])
+async def list_deliveries(
+    deps: Deps,
+    status: DeliveryStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> v.DeliveryList:
+    """Newest first; ``status=failed`` lists what was given up, ``pending`` what waits."""
+    found, total = await deps.store.list_deliveries(status, limit, offset)
+    return v.DeliveryList(deliveries=[v.DeliveryView.of(d) for d in found],
+                          pagination=v.Pagination(total=total, limit=limit, offset=offset))
+
+
+@router.post("/webhooks/deliveries/{delivery_id}/retry", tags=["webhooks"])
+async def retry_delivery(delivery_id: uuid.UUID, deps: Deps) -> v.DeliveryEnvelope:
+    """Try a failed (or waiting) delivery again now, with a fresh ``retry_hours``."""
+    return v.DeliveryEnvelope(delivery=v.DeliveryView.of(await deps.retry_delivery(delivery_id)))
 
 
 # -- health (open) ---------------------------------------------------------------------

@@ -33,6 +33,7 @@ import pjsua2 as pj
 import structlog
 
 from callrouter.domain import session as s
+from callrouter.domain.webhooks import AssistantReply
 from callrouter.errors import EngineError
 from callrouter.ports import CallHandler, EngineStatus
 from callrouter.sip.adapter import CallAdapter
@@ -154,6 +155,9 @@ class SipEngine:
 
     def submit(self, call_id: uuid.UUID, request: s.Request) -> Future[s.Refused | None]:
         return self.adapter.submit(call_id, request)
+
+    def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        self.adapter.resume(call_id, reply)
 
     def status(self) -> EngineStatus:
         return EngineStatus(

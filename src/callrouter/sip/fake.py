@@ -47,6 +47,7 @@ class FakeStack:
     bridges: list[tuple[Leg, Leg]] = field(default_factory=list)
     released: list[Leg] = field(default_factory=list)
     callers: list[Leg] = field(default_factory=list)
+    answer_headers: dict[Leg, Headers] = field(default_factory=dict)  # of final refusals
     _owner: LegOwner | None = None
     _states: dict[Leg, LegState] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -65,8 +66,10 @@ class FakeStack:
         return self._states.get(leg)
 
     def answer(self, leg: Leg, code: int, reason: str = "",
-               retry_after: int | None = None) -> None:
+               retry_after: int | None = None, headers: Headers = ()) -> None:
         self.requests.append(("answer", leg, code))
+        if headers:
+            self.answer_headers[leg] = headers
         if code >= 300:
             self._set(leg, Disconnected(code, reason))
 

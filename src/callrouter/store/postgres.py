@@ -11,9 +11,9 @@ whatever the database's locale. SQL is written with ``:name`` parameters, as for
 SQLite, and turned into asyncpg's ``$n`` once per statement (``_positional``).
 
 Schema changes are this store's own numbered migrations (``MIGRATIONS``; version 1 is the
-whole schema of today), applied at ``open()`` inside one transaction that first takes
-``pg_advisory_xact_lock``: of several routers starting on an empty database one
-migrates, the others wait for it and then find nothing to do.
+schema of issue 10, version 2 adds the webhook columns and outbox), applied at ``open()``
+inside one transaction that first takes ``pg_advisory_xact_lock``: of several routers
+starting on an empty database one migrates, the others wait for it and then find nothing to do.
 
 Every router sees every change: triggers on ``numbers`` and ``assistants`` send one
 ``NOTIFY callrouter_routes`` per changed row (JSON, see ``_change_of``) in the writing
@@ -56,7 +56,7 @@ from callrouter.errors import Conflict, StoreError, StoreUnavailable
 from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, pending_migrations, safe_url
+from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations, safe_url
 
 log = structlog.get_logger("callrouter.store")
 
@@ -168,6 +168,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *_notify_triggers("numbers"),
         *_notify_triggers("assistants"),
     ),
+    (  # webhooks (issue 12): per-assistant webhook, and the status-update outbox
+        "ALTER TABLE assistants ADD COLUMN webhook_url TEXT",
+        "ALTER TABLE assistants ADD COLUMN webhook_events TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE assistants ADD COLUMN webhook_secret_enc BYTEA",
+        f"""CREATE TABLE webhook_outbox (
+            seq BIGSERIAL PRIMARY KEY, id {_C} NOT NULL UNIQUE, call_id {_C},
+            event TEXT NOT NULL, url TEXT NOT NULL, assistant_id {_C}, body TEXT NOT NULL,
+            status TEXT NOT NULL, attempts INTEGER NOT NULL,
+            next_attempt_at {_C} NOT NULL, expires_at {_C} NOT NULL, last_error TEXT,
+            created_at {_C} NOT NULL, updated_at {_C} NOT NULL)""",
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox(status, next_attempt_at)",
+        "CREATE INDEX webhook_outbox_call ON webhook_outbox(call_id, status, seq)",
+    ),
 )
 
 _PARAM = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
@@ -243,6 +256,21 @@ def _change_of(payload: str) -> RouteChange | None:
         case "assistant-removed":
             return AssistantRemoved(uuid.UUID(data["id"]))
     return None
+
+
+class _PostgresTx:
+    """``store.sql.Tx`` on the connection inside ``PostgresStore._tx``."""
+
+    def __init__(self, con: asyncpg.Connection) -> None:
+        self._con = con
+
+    async def fetch(self, sql: str, params: Params) -> list[Row]:
+        text, args = _bind(sql, params)
+        return list(await self._con.fetch(text, *args))
+
+    async def execute_many(self, sql: str, params: Sequence[Params]) -> None:
+        text, names = _positional(sql)
+        await self._con.executemany(text, [[p[n] for n in names] for p in params])
 
 
 class PostgresStore(SqlStore):
@@ -321,10 +349,10 @@ class PostgresStore(SqlStore):
             status = await con.execute(text, *args)
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE 3", "INSERT 0 1", "DELETE 0"
 
-    async def _change_many(self, sql: str, params: Sequence[Params]) -> None:
-        text, names = _positional(sql)
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Tx]:
         async with self._tx() as con:
-            await con.executemany(text, [[p[n] for n in names] for p in params])
+            yield _PostgresTx(con)
 
     # -- what PostgreSQL does its own way ----------------------------------------------
 

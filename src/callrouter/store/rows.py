@@ -17,10 +17,12 @@ from callrouter.domain.models import (
     Assistant,
     CallRecord,
     CallStatus,
+    DeliveryStatus,
     EndReason,
     PhoneNumber,
     Trunk,
     TrunkTransport,
+    WebhookDelivery,
 )
 
 Row = Sequence[Any]
@@ -29,11 +31,15 @@ NUMBER_COLS = ("id", "phone_number", "name", "assistant_id", "transfer_trunk_id"
                "is_active", "created_at", "updated_at")
 TRUNK_COLS = ("id", "name", "host", "port", "transport", "provider", "username",
               "is_active", "created_at", "updated_at")
-ASSISTANT_COLS = ("id", "name", "runtime_uri", "created_at", "updated_at")
+ASSISTANT_COLS = ("id", "name", "runtime_uri", "created_at", "updated_at", "webhook_url",
+                  "webhook_events")
 CALL_COLS = ("id", "status", "caller_phone", "assistant_phone", "number_id", "assistant_id",
              "sip_call_id", "started_at", "ended_at", "end_reason", "error", "created_at",
              "updated_at", "direction", "router")
 KEY_COLS = ("id", "name", "prefix", "read_only", "created_at")
+DELIVERY_COLS = ("id", "call_id", "event", "url", "assistant_id", "body", "status",
+                 "attempts", "next_attempt_at", "expires_at", "last_error", "created_at",
+                 "updated_at")
 
 _IMMUTABLE = ("id", "created_at")
 
@@ -59,6 +65,10 @@ def to_text(moment: datetime) -> str:
     and fromisoformat are C; strftime/strptime cost 20 us a value, which a million-number
     listing pays twice per number.)"""
     return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def from_text(text: str) -> datetime:
+    return _time(text)
 
 
 def _time(text: str) -> datetime:
@@ -124,12 +134,16 @@ def trunk_from_row(r: Row) -> Trunk:
 
 def assistant_to_row(a: Assistant) -> dict[str, Any]:
     return {"id": str(a.id), "name": a.name, "runtime_uri": a.runtime_uri,
-            "created_at": to_text(a.created_at), "updated_at": to_text(a.updated_at)}
+            "created_at": to_text(a.created_at), "updated_at": to_text(a.updated_at),
+            "webhook_url": a.webhook_url, "webhook_events": ",".join(a.webhook_events)}
 
 
 def assistant_from_row(r: Row) -> Assistant:
+    """A row of ``ASSISTANT_COLS`` followed by ``webhook_secret_enc IS NOT NULL``."""
     return Assistant(id=uuid.UUID(r[0]), name=r[1], runtime_uri=r[2],
-                     created_at=_time(r[3]), updated_at=_time(r[4]))
+                     created_at=_time(r[3]), updated_at=_time(r[4]), webhook_url=r[5],
+                     webhook_events=tuple(e for e in str(r[6] or "").split(",") if e),
+                     has_webhook_secret=bool(r[7]))
 
 
 def call_to_row(c: CallRecord) -> dict[str, Any]:
@@ -160,3 +174,20 @@ def key_to_row(k: ApiKey) -> dict[str, Any]:
 def key_from_row(r: Row) -> ApiKey:
     return ApiKey(id=uuid.UUID(r[0]), name=r[1], prefix=r[2], read_only=bool(r[3]),
                   created_at=_time(r[4]))
+
+
+def delivery_to_row(d: WebhookDelivery) -> dict[str, Any]:
+    return {"id": str(d.id), "call_id": _opt_text(d.call_id), "event": d.event, "url": d.url,
+            "assistant_id": _opt_text(d.assistant_id), "body": d.body,
+            "status": d.status.value, "attempts": d.attempts,
+            "next_attempt_at": to_text(d.next_attempt_at),
+            "expires_at": to_text(d.expires_at), "last_error": d.last_error,
+            "created_at": to_text(d.created_at), "updated_at": to_text(d.updated_at)}
+
+
+def delivery_from_row(r: Row) -> WebhookDelivery:
+    return WebhookDelivery(id=uuid.UUID(r[0]), call_id=_opt_id(r[1]), event=r[2], url=r[3],
+                           assistant_id=_opt_id(r[4]), body=r[5], status=DeliveryStatus(r[6]),
+                           attempts=int(r[7]), next_attempt_at=_time(r[8]),
+                           expires_at=_time(r[9]), last_error=r[10], created_at=_time(r[11]),
+                           updated_at=_time(r[12]))

@@ -1,11 +1,11 @@
 """What the SQLite and the PostgreSQL store share: every query that is the same SQL on both.
 
 How it works: ``SqlStore`` implements the ``ports.Store`` methods whose SQL both
-databases speak, over four primitives each store provides: ``_read`` (queries in one
-transaction), ``_change`` (one statement, rows affected), ``_change_many`` (one
-statement over many rows) and the translation of its driver's errors. Every statement
-here uses ``:name`` parameters with a dict (SQLite takes them as they are; the
-PostgreSQL store rewrites them to ``$n`` once per statement). Rows are mapped by
+databases speak, over three primitives each store provides: ``_read`` (queries in one
+transaction), ``_change`` (one statement, rows affected), ``_writing`` (one write
+transaction for several statements, ``Tx``) and the translation of its driver's errors.
+Every statement here uses ``:name`` parameters with a dict (SQLite takes them as they
+are; the PostgreSQL store rewrites them to ``$n`` once per statement). Rows are mapped by
 ``store.rows``. A store adds what differs: its connection, its migrations, bulk inserts
 and lookups by many values, and spells ``GREATEST`` its own way (``_GREATEST``).
 
@@ -19,8 +19,10 @@ import asyncio
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from callrouter.domain.models import (
@@ -28,16 +30,19 @@ from callrouter.domain.models import (
     Assistant,
     CallRecord,
     CallStatus,
+    DeliveryStatus,
     EndReason,
     PhoneNumber,
     Trunk,
+    WebhookDelivery,
 )
 from callrouter.errors import StoreError
-from callrouter.ports import CallQuery, NumberQuery, RouteRow
+from callrouter.ports import CallQuery, EndedEvent, NumberQuery, RouteRow
 from callrouter.store import rows, rules
 from callrouter.store.rows import (
     ASSISTANT_COLS,
     CALL_COLS,
+    DELIVERY_COLS,
     KEY_COLS,
     NUMBER_COLS,
     TRUNK_COLS,
@@ -52,6 +57,10 @@ Params = Mapping[str, Any]
 Query = tuple[str, Params]
 
 _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
+_ASSISTANT_SELECT = select_sql("assistants", ASSISTANT_COLS, ", webhook_secret_enc IS NOT NULL")
+_DELIVERY_SELECT = select_sql("webhook_outbox", DELIVERY_COLS)
+_INSERT_DELIVERY = insert_sql("webhook_outbox", DELIVERY_COLS)
+_PENDING = DeliveryStatus.PENDING.value
 _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT (id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 _BY_AGE = " ORDER BY created_at, id"
@@ -76,6 +85,13 @@ def pending_migrations(current: int, migrations: Sequence[Sequence[str]],
         yield version, migrations[version - 1]
 
 
+class Tx(Protocol):
+    """Statements inside one write transaction (``SqlStore._writing``)."""
+
+    async def fetch(self, sql: str, params: Params) -> list[Row]: ...
+    async def execute_many(self, sql: str, params: Sequence[Params]) -> None: ...
+
+
 class SqlStore(ABC):
     """The shared half of ``SqliteStore`` and ``PostgresStore`` (see the module doc)."""
 
@@ -93,8 +109,9 @@ class SqlStore(ABC):
         A broken reference raises ``Conflict(in_use)``."""
 
     @abstractmethod
-    async def _change_many(self, sql: str, params: Sequence[Params]) -> None:
-        """Run one statement for each of ``params``, all in one transaction."""
+    def _writing(self) -> AbstractAsyncContextManager[Tx]:
+        """One write transaction for several statements: committed when the block ends,
+        rolled back if it raises."""
 
     # -- built on them ---------------------------------------------------------------
 
@@ -199,30 +216,49 @@ class SqlStore(ABC):
     # -- assistants ------------------------------------------------------------------
 
     async def list_assistants(self) -> Sequence[Assistant]:
-        found = await self._fetch(select_sql("assistants", ASSISTANT_COLS) + _BY_AGE)
+        found = await self._fetch(_ASSISTANT_SELECT + _BY_AGE)
         return [rows.assistant_from_row(r) for r in found]
 
     async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
-        row = await self._one(select_sql("assistants", ASSISTANT_COLS), assistant_id)
+        row = await self._one(_ASSISTANT_SELECT, assistant_id)
         return None if row is None else rows.assistant_from_row(row)
 
-    async def create_assistant(self, assistant: Assistant) -> Assistant:
-        sql = insert_sql("assistants", ASSISTANT_COLS)
-        await self._change(sql, rows.assistant_to_row(assistant))
-        return assistant
+    async def create_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None) -> Assistant:
+        sql = insert_sql("assistants", (*ASSISTANT_COLS, "webhook_secret_enc"))
+        await self._change(sql, {**rows.assistant_to_row(assistant),
+                                 "webhook_secret_enc": webhook_secret_enc})
+        return replace(assistant, has_webhook_secret=webhook_secret_enc is not None)
 
-    async def update_assistant(self, assistant: Assistant) -> Assistant:
-        sql = update_sql("assistants", ASSISTANT_COLS)
-        await self._update_one(sql, rows.assistant_to_row(assistant), "assistant")
-        return assistant
+    async def update_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None,
+                               keep_webhook_secret: bool = True) -> Assistant:
+        cols = ASSISTANT_COLS if keep_webhook_secret else (*ASSISTANT_COLS,
+                                                           "webhook_secret_enc")
+        params = {**rows.assistant_to_row(assistant), "webhook_secret_enc": webhook_secret_enc}
+        await self._update_one(update_sql("assistants", cols), params, "assistant")
+        found = await self.get_assistant(assistant.id)
+        if found is None:
+            raise rules.not_found("assistant")
+        return found
 
     async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
         return await self._delete("assistants", assistant_id, rules.ASSISTANT_IN_USE)
 
+    async def get_assistant_webhook_secret(self, assistant_id: uuid.UUID) -> bytes | None:
+        row = await self._one("SELECT webhook_secret_enc FROM assistants", assistant_id)
+        return None if row is None or row[0] is None else bytes(row[0])
+
     # -- calls -----------------------------------------------------------------------
 
-    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
-        await self._change_many(_UPSERT_CALL, [rows.call_to_row(r) for r in records])
+    async def upsert_calls(self, records: Sequence[CallRecord],
+                           deliveries: Sequence[WebhookDelivery] = ()) -> None:
+        async with self._writing() as tx:
+            if records:
+                await tx.execute_many(_UPSERT_CALL, [rows.call_to_row(r) for r in records])
+            if deliveries:
+                await tx.execute_many(_INSERT_DELIVERY,
+                                      [rows.delivery_to_row(d) for d in deliveries])
 
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
         row = await self._one(select_sql("calls", CALL_COLS), call_id)
@@ -237,16 +273,40 @@ class SqlStore(ABC):
                                            (listing, page)])
         return [rows.call_from_row(r) for r in found], int(counted[0][0]) if counted else 0
 
-    async def close_open_calls(self, now: datetime, router: str) -> int:
+    async def close_open_calls(self, now: datetime, router: str,
+                               ended: EndedEvent | None = None) -> int:
         # The '' heartbeat is the one a router wrote before routers were named.
-        return await self._change(
-            "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
-            f"ended_at={self._GREATEST}(updated_at, COALESCE("
-            "(SELECT at FROM heartbeats WHERE router = :router), "
-            "(SELECT at FROM heartbeats WHERE router = ''), :now)) "
-            "WHERE status IN (:open1, :open2) AND router IN (:router, '')",
-            {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
-             "now": to_text(now), "router": router, **_OPEN})
+        async with self._writing() as tx:
+            found = await tx.fetch(
+                "UPDATE calls SET status=:status, end_reason=:reason, updated_at=:now, "
+                f"ended_at={self._GREATEST}(updated_at, COALESCE("
+                "(SELECT at FROM heartbeats WHERE router = :router), "
+                "(SELECT at FROM heartbeats WHERE router = ''), :now)) "
+                "WHERE status IN (:open1, :open2) AND router IN (:router, '') "
+                "RETURNING " + ", ".join(CALL_COLS),
+                {"status": CallStatus.FAILED.value, "reason": EndReason.ROUTER_RESTART.value,
+                 "now": to_text(now), "router": router, **_OPEN})
+            closed = [rows.call_from_row(r) for r in found]
+            if ended is not None and closed:
+                events = await self._ended_events(tx, closed, ended)
+                if events:
+                    await tx.execute_many(_INSERT_DELIVERY,
+                                          [rows.delivery_to_row(d) for d in events])
+        return len(closed)
+
+    @staticmethod
+    async def _ended_events(tx: Tx, closed: Sequence[CallRecord],
+                            ended: EndedEvent) -> list[WebhookDelivery]:
+        """The ``ended`` event of each closed call that had events (its last one says
+        where they go and what the call was)."""
+        events = []
+        for record in closed:
+            last = await tx.fetch(_DELIVERY_SELECT + " WHERE call_id = :call_id "
+                                  "ORDER BY seq DESC LIMIT 1", {"call_id": str(record.id)})
+            event = ended(record, rows.delivery_from_row(last[0])) if last else None
+            if event is not None:
+                events.append(event)
+        return events
 
     async def heartbeat(self, at: datetime, router: str) -> None:
         await self._change("INSERT INTO heartbeats (router, at) VALUES (:router, :at) "
@@ -259,6 +319,54 @@ class SqlStore(ABC):
             "DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE created_at < :before "
             "AND status NOT IN (:open1, :open2) ORDER BY created_at, id LIMIT :limit)",
             {"before": to_text(before), "limit": limit, **_OPEN})
+
+    # -- the webhook outbox ----------------------------------------------------------
+
+    async def due_deliveries(self, now: datetime, limit: int) -> Sequence[WebhookDelivery]:
+        # In order per call: a row waits while an earlier row of its call is pending.
+        found = await self._fetch(
+            _DELIVERY_SELECT + " AS o WHERE status = :pending AND next_attempt_at <= :now "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_outbox AS p WHERE p.call_id = o.call_id "
+            "AND p.status = :pending AND p.seq < o.seq) ORDER BY seq LIMIT :limit",
+            {"pending": _PENDING, "now": to_text(now), "limit": limit})
+        return [rows.delivery_from_row(r) for r in found]
+
+    async def next_delivery_at(self) -> datetime | None:
+        found = await self._fetch("SELECT MIN(next_attempt_at) FROM webhook_outbox "
+                                  "WHERE status = :pending", {"pending": _PENDING})
+        return None if not found or found[0][0] is None else rows.from_text(found[0][0])
+
+    async def update_delivery(self, delivery: WebhookDelivery) -> None:
+        await self._update_one(
+            "UPDATE webhook_outbox SET status=:status, attempts=:attempts, "
+            "next_attempt_at=:next_attempt_at, expires_at=:expires_at, "
+            "last_error=:last_error, updated_at=:updated_at WHERE id=:id",
+            rows.delivery_to_row(delivery), "delivery")
+
+    async def get_delivery(self, delivery_id: uuid.UUID) -> WebhookDelivery | None:
+        row = await self._one(_DELIVERY_SELECT, delivery_id)
+        return None if row is None else rows.delivery_from_row(row)
+
+    async def list_deliveries(self, status: DeliveryStatus | None, limit: int,
+                              offset: int) -> tuple[Sequence[WebhookDelivery], int]:
+        where = " WHERE status = :status" if status else ""
+        params = {"status": status and status.value, "limit": limit, "offset": offset}
+        counted, found = await self._read([
+            (f"SELECT COUNT(*) FROM webhook_outbox{where}", params),
+            (_DELIVERY_SELECT + where + " ORDER BY seq DESC LIMIT :limit OFFSET :offset",
+             params)])
+        return [rows.delivery_from_row(r) for r in found], int(counted[0][0]) if counted else 0
+
+    async def count_deliveries(self, status: DeliveryStatus) -> int:
+        found = await self._fetch("SELECT COUNT(*) FROM webhook_outbox WHERE status = :status",
+                                  {"status": status.value})
+        return int(found[0][0])
+
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        return await self._change(
+            "DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox "
+            "WHERE created_at < :before AND status != :pending ORDER BY seq LIMIT :limit)",
+            {"before": to_text(before), "pending": _PENDING, "limit": limit})
 
     # -- API keys and the key check -----------------------------------------------------
 

@@ -36,7 +36,7 @@ from callrouter.domain.models import (
 from callrouter.errors import Conflict, StoreError
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, pending_migrations
+from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -71,6 +71,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # one row: the running router's last sign of life (close_open_calls after a crash)
         "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)",
     ),
+    (  # webhooks (issue 12): per-assistant webhook, and the status-update outbox
+        "ALTER TABLE assistants ADD COLUMN webhook_url TEXT",
+        "ALTER TABLE assistants ADD COLUMN webhook_events TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE assistants ADD COLUMN webhook_secret_enc BLOB",
+        """CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, call_id TEXT,
+            event TEXT NOT NULL, url TEXT NOT NULL, assistant_id TEXT, body TEXT NOT NULL,
+            status TEXT NOT NULL, attempts INTEGER NOT NULL, next_attempt_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL, last_error TEXT, created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox(status, next_attempt_at)",
+        "CREATE INDEX webhook_outbox_call ON webhook_outbox(call_id, status, seq)",
+    ),
     (  # routers are named: who handled a call, a heartbeat per router; the key check
         "ALTER TABLE calls ADD COLUMN router TEXT NOT NULL DEFAULT ''",
         "CREATE TABLE heartbeats (router TEXT PRIMARY KEY, at TEXT NOT NULL)",
@@ -100,6 +113,19 @@ def _translate(exc: sqlite3.Error, *, in_use: str = rules.IN_USE,
         if "FOREIGN KEY" in text:
             return Conflict(in_use)
     return StoreError(f"{doing}: {text}")
+
+
+class _SqliteTx:
+    """``store.sql.Tx`` on the connection inside ``SqliteStore._tx``."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def fetch(self, sql: str, params: Params) -> list[Row]:
+        return list(await (await self._db.execute(sql, params)).fetchall())
+
+    async def execute_many(self, sql: str, params: Sequence[Params]) -> None:
+        await self._db.executemany(sql, params)
 
 
 class SqliteStore(SqlStore):
@@ -186,9 +212,10 @@ class SqliteStore(SqlStore):
             cursor = await db.execute(sql, params)
             return cursor.rowcount
 
-    async def _change_many(self, sql: str, params: Sequence[Params]) -> None:
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Tx]:
         async with self._tx(write=True) as db:
-            await db.executemany(sql, params)
+            yield _SqliteTx(db)
 
     # -- what SQLite does its own way --------------------------------------------------
 
