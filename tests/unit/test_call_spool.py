@@ -71,6 +71,18 @@ def call(status: CallStatus = CallStatus.CONNECTING, **changes: object) -> CallR
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
+HOOK = WebhookTarget("http://127.0.0.1:9/hook", None, frozenset(EVENTS))
+
+
+def status_update(record: CallRecord, at: datetime) -> StatusEvent:
+    """The status-update ``record`` causes (the SIP thread does not know the number's
+    name: the recorder reads it)."""
+    facts = CallFacts(call_id=record.id, number_id=record.number_id,
+                      number=record.assistant_phone, number_name="",
+                      caller=record.caller_phone, assistant_id=None)
+    return StatusEvent(facts, HOOK, at)
+
+
 def _down(tmp_path: Path) -> tuple[FlakyStore, CallRecorder]:
     """A store that is away, and a recorder spooling to ``tmp_path``."""
     store = FlakyStore()
@@ -151,17 +163,14 @@ async def test_status_updates_caused_during_an_outage_are_spooled_with_their_rec
     recorder = CallRecorder(store, asyncio.get_running_loop(),
                             CallSpool(tmp_path / SPOOL_FILE),
                             on_outbox=lambda: woken.append(True))
-    target = WebhookTarget("http://127.0.0.1:9/hook", None, frozenset(EVENTS))
     talking = call(CallStatus.IN_PROGRESS, number_id=sales.id, started_at=T0)
-    facts = CallFacts(call_id=talking.id, number_id=sales.id, number=sales.phone_number,
-                      number_name="", caller=talking.caller_phone, assistant_id=None)
-    recorder.submit_event(talking, StatusEvent(facts, target, T0))
+    recorder.submit_event(talking, status_update(talking, T0))
     await recorder.flush()  # the database is up: written, and the name read
     store.down = True
     ended = replace(talking, status=CallStatus.ENDED, updated_at=T0 + timedelta(seconds=9),
                     ended_at=T0 + timedelta(seconds=9), end_reason=EndReason.CALLER_HANGUP)
     quiet = call()
-    recorder.submit_event(ended, StatusEvent(facts, target, T0 + timedelta(seconds=9)))
+    recorder.submit_event(ended, status_update(ended, T0 + timedelta(seconds=9)))
     recorder.submit(quiet)
     await recorder.flush()
     assert recorder.spooled == 2
@@ -180,7 +189,7 @@ async def test_status_updates_caused_during_an_outage_are_spooled_with_their_rec
     assert total == 2
     last = json.loads(found[0].body)["message"]
     assert last["call"]["status"] == "ended" and last["phone_number"]["name"] == "Sales"
-    assert found[0].call_id == talking.id and found[0].url == target.url
+    assert found[0].call_id == talking.id and found[0].url == HOOK.url
     assert store.writes == [([ended.id, quiet.id], [found[0].id])]
     assert woken == [True]  # the outbox worker looks at once
 
@@ -190,10 +199,7 @@ async def test_a_spool_written_twice_by_a_crash_adds_no_event_twice(tmp_path: Pa
     the next start writes it again; records are upserted, events not duplicated."""
     store, recorder = _down(tmp_path)
     record = call(CallStatus.IN_PROGRESS)
-    target = WebhookTarget("http://127.0.0.1:9/hook", None, frozenset(EVENTS))
-    facts = CallFacts(call_id=record.id, number_id=None, number=record.assistant_phone,
-                      number_name="", caller=record.caller_phone, assistant_id=None)
-    recorder.submit_event(record, StatusEvent(facts, target, T0))
+    recorder.submit_event(record, status_update(record, T0))
     await recorder.flush()
     kept = tmp_path / "kept.spool"
     shutil.copy(tmp_path / SPOOL_FILE, kept)
