@@ -21,6 +21,7 @@ from callrouter.store.postgres import MIGRATIONS
 from tests.integration.test_router_sip import NUMBER, runtime, uac
 from tests.support.postgres import PostgresCluster
 from tests.support.router import RouterProcess, free_rtp_range
+from tests.support.webhook_receiver import Received, WebhookReceiver
 
 pytestmark = pytest.mark.sip
 
@@ -92,6 +93,38 @@ def test_a_number_created_through_b_is_routed_by_a_and_calls_list_everywhere(
         == 200
     time.sleep(1.0)
     assert uac(b, "uac-invite-480").run().sequence() == ["INVITE", 100, 480, "ACK"]
+
+
+def test_an_assistant_webhook_set_through_a_is_used_by_b(pair: Start) -> None:
+    """Guards the webhook directory across routers: B started before the assistant
+    existed; the change feed brings its webhook (and secret) to B, which then writes the
+    call's status-updates to the shared outbox, signed with the assistant's secret."""
+    a, b = both(pair)
+    hook = WebhookReceiver(secret="per-assistant").start()
+    try:
+        rt = runtime("uas-runtime-answer", calls=1)
+        created = a.api("POST", "/assistants", json={
+            "name": "Hooked", "runtime_uri": f"sip:assistant@{rt.address}",
+            "webhook_url": hook.url, "webhook_secret": "per-assistant",
+            "webhook_events": ["status-update"]})
+        assert created.status_code == 201, created.text
+        a.add_number(NUMBER, created.json()["assistant"]["id"])
+        time.sleep(1.0)
+        assert uac(b, "uac-call-bridged", duration_ms=200).run().ok
+
+        def distinct(got: list[Received]) -> list[Received]:
+            # every router delivers from the one outbox: an event may come twice
+            first: dict[str, Received] = {}
+            for r in got:
+                first.setdefault(r.delivery_id, r)
+            return list(first.values())
+
+        hook.wait_for(lambda got: len(distinct(got)) >= 2, 15)
+        events = distinct(hook.events("status-update"))
+        assert all(r.verified for r in events)
+        assert [r.message["call"]["status"] for r in events] == ["in-progress", "ended"]
+    finally:
+        hook.stop()
 
 
 def test_kill_9_then_restart_closes_only_the_restarted_routers_calls(pair: Start) -> None:
