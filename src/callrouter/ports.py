@@ -141,6 +141,11 @@ class Store(Protocol):
     async def next_delivery_at(self) -> datetime | None:
         """When the earliest pending event is due (None: nothing pending)."""
         ...
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        """Take a due event for one attempt: its next attempt becomes ``until`` if it is
+        still pending and due when ``delivery`` was read (compare and set); False when
+        someone (another router sharing the outbox) took or settled it first."""
+        ...
     async def update_delivery(self, delivery: WebhookDelivery) -> None:
         """Store an attempt's outcome (status, attempts, next attempt, expiry, error)."""
         ...

@@ -508,6 +508,23 @@ async def test_outbox_is_written_with_the_call_and_due_in_order_one_per_call(
     assert await store.count_deliveries(DeliveryStatus.PENDING) == 2
 
 
+async def test_a_due_event_is_claimed_by_one_attempt_only(store: Store) -> None:
+    """Guards routers sharing an outbox: of two that read the same due event, one takes
+    it; it is not due again until the claim runs out."""
+    c = call(T0, CallStatus.IN_PROGRESS)
+    d, later = delivery(c.id), delivery(c.id)
+    await store.upsert_calls([c], [d, later])
+    until = T0 + timedelta(seconds=15)
+    assert await store.claim_delivery(d, until)
+    assert not await store.claim_delivery(d, until)  # the other router read it as due too
+    assert await store.due_deliveries(T0 + timedelta(seconds=10), 10) == []  # order kept
+    assert [x.id for x in await store.due_deliveries(until, 10)] == [d.id]
+    claimed = await store.get_delivery(d.id)
+    assert claimed is not None and claimed.next_attempt_at == until
+    await store.update_delivery(replace(claimed, status=DeliveryStatus.DELIVERED))
+    assert not await store.claim_delivery(claimed, until)  # settled: nothing to take
+
+
 async def test_a_duplicate_delivery_id_fails_the_whole_write(store: Store) -> None:
     c = call(T0)
     d = delivery(c.id)

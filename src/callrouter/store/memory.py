@@ -265,6 +265,14 @@ class MemoryStore:
         return min((d.next_attempt_at for d in self._outbox.values()
                     if d.status is DeliveryStatus.PENDING), default=None)
 
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        old = self._outbox.get(delivery.id)
+        if old is None or old.status is not DeliveryStatus.PENDING or \
+                old.next_attempt_at != delivery.next_attempt_at:
+            return False
+        self._outbox[delivery.id] = replace(old, next_attempt_at=until)
+        return True
+
     async def update_delivery(self, delivery: WebhookDelivery) -> None:
         old = self._outbox.get(delivery.id)
         if old is None:

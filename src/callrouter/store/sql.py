@@ -336,6 +336,13 @@ class SqlStore(ABC):
                                   "WHERE status = :pending", {"pending": _PENDING})
         return None if not found or found[0][0] is None else rows.from_text(found[0][0])
 
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        return await self._change(
+            "UPDATE webhook_outbox SET next_attempt_at = :until WHERE id = :id "
+            "AND status = :pending AND next_attempt_at = :seen",
+            {"until": to_text(until), "id": str(delivery.id), "pending": _PENDING,
+             "seen": to_text(delivery.next_attempt_at)}) == 1
+
     async def update_delivery(self, delivery: WebhookDelivery) -> None:
         await self._update_one(
             "UPDATE webhook_outbox SET status=:status, attempts=:attempts, "
