@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -80,11 +81,13 @@ from callrouter.domain.webhooks import (
 )
 from callrouter.errors import (
     CommandRefused,
+    Conflict,
     EngineTimeout,
     EngineUnavailable,
     InvalidNumber,
     NotFound,
     StoreError,
+    StoreUnavailable,
     ValidationError,
 )
 from callrouter.metrics import Metrics
@@ -103,6 +106,7 @@ from callrouter.ports import (
     Store,
     TransferCall,
 )
+from callrouter.store.spool import CallSpool, Entry
 
 log = structlog.get_logger("callrouter.calls")
 
@@ -145,20 +149,33 @@ class CallRecorder:
     deque goes from empty to non-empty; the writer then waits ``BATCH_WINDOW`` so a burst
     becomes one transaction. Writes are serialised, so a later state of a call never
     lands before an earlier one, and a failed write is retried, never dropped.
+
+    With a ``spool`` (``store.spool.CallSpool``, on disk), a batch the database cannot
+    take now (``StoreUnavailable``) is spooled instead of retried in memory, and so is
+    every batch after it until the spool has been written (``flush_spool``, tried every
+    ``SPOOL_RETRY`` seconds and before each batch): records survive an outage and a
+    restart during it, in order, each with the outbox events it caused (their bodies
+    carry the number names last read), written back in the same transaction as it.
     """
 
     BATCH_WINDOW = 0.1
+    SPOOL_RETRY = 1.0
+    SPOOL_BATCH = 500
+    NAMES_KEPT = 10_000  # number names remembered for events built during an outage
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *,
-                 retry_hours: float = 24.0, on_outbox: Callable[[], None] | None = None,
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
+                 spool: CallSpool | None = None, *, retry_hours: float = 24.0,
+                 on_outbox: Callable[[], None] | None = None,
                  wall: Callable[[], datetime] = _utcnow) -> None:
         self._store = store
         self._loop = loop
+        self.spool = spool
         self._retry_hours = retry_hours
         self._on_outbox = on_outbox
         self._wall = wall
         self._pending: collections.deque[tuple[CallRecord, StatusEvent | None]] = \
             collections.deque()
+        self._names: dict[uuid.UUID, str] = {}  # number names last read (for an outage)
         self._lock = threading.Lock()
         self._scheduled = False
         self._wakeup = asyncio.Event()
@@ -176,15 +193,28 @@ class CallRecorder:
             self._scheduled = True
         self._loop.call_soon_threadsafe(self._wakeup.set)
 
+    @property
+    def spooled(self) -> int:
+        """Records waiting on disk for the database."""
+        return 0 if self.spool is None else self.spool.backlog
+
     async def run(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if self.spooled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.SPOOL_RETRY)
+            else:
+                await self._wakeup.wait()
+            if not self._wakeup.is_set():  # the spool's retry, nothing new
+                async with self._writing:
+                    await self._flush_spool()
+                continue
             self._wakeup.clear()
             await asyncio.sleep(self.BATCH_WINDOW)
             await self.flush()
 
     async def flush(self) -> None:
-        """Write everything submitted so far."""
+        """Write everything submitted so far (to the spool if the database is away)."""
         async with self._writing:
             with self._lock:
                 batch = list(self._pending)
@@ -194,8 +224,49 @@ class CallRecorder:
                 records = list({r.id: r for r, _ in batch}.values())
                 await self._write(records, [(r, e) for r, e in batch if e is not None])
 
+    async def flush_spool(self) -> bool:
+        """Write the spooled records (and their outbox events) to the database; True when
+        none are left."""
+        async with self._writing:
+            return await self._flush_spool()
+
+    async def _flush_spool(self) -> bool:
+        spool = self.spool
+        if spool is None or not spool.backlog:
+            return True
+        entries = await asyncio.to_thread(spool.read)
+        written = 0
+        try:
+            for start in range(0, len(entries), self.SPOOL_BATCH):
+                written += await self._replay(entries[start:start + self.SPOOL_BATCH])
+        except StoreError as exc:
+            log.debug("call.spool_flush_failed", error=str(exc), spooled=spool.backlog)
+            return False
+        await asyncio.to_thread(spool.clear)
+        log.info("call.spool_written", records=len(entries), deliveries=written)
+        if written and self._on_outbox is not None:
+            self._on_outbox()
+        return True
+
+    async def _replay(self, chunk: Sequence[Entry]) -> int:
+        """Spooled records and their outbox events in one transaction; how many events."""
+        records = [r for r, _ in chunk]
+        deliveries = [d for _, outbox in chunk for d in outbox]
+        try:
+            await self._store.upsert_calls(records, deliveries)
+        except Conflict:
+            # Written once already, by a run that crashed before emptying the spool: the
+            # records are upserted again, the events already stored are not added twice.
+            deliveries = [d for d in deliveries
+                          if await self._store.get_delivery(d.id) is None]
+            await self._store.upsert_calls(records, deliveries)
+        return len(deliveries)
+
     async def _write(self, records: list[CallRecord],
                      events: list[tuple[CallRecord, StatusEvent]]) -> None:
+        if self.spool is not None and (self.spool.backlog and not await self._flush_spool()):
+            await self._spool(records, events)
+            return
         delay = 0.05
         while True:
             try:
@@ -204,23 +275,45 @@ class CallRecorder:
                 if deliveries and self._on_outbox is not None:
                     self._on_outbox()
                 return
+            except StoreUnavailable as exc:
+                if self.spool is None:
+                    log.error("call.record_write_failed", error=str(exc), records=len(records))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                log.warning("call.records_spooled", error=str(exc), records=len(records),
+                            path=str(self.spool.path))
+                await self._spool(records, events)
+                return
             except StoreError as exc:
                 log.error("call.record_write_failed", error=str(exc), records=len(records))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _spool(self, records: list[CallRecord],
+                     events: list[tuple[CallRecord, StatusEvent]]) -> None:
+        """``records`` to the spool, each with the outbox events it causes (built with the
+        number names last read: the database is away)."""
+        assert self.spool is not None
+        deliveries = await self._deliveries(events, offline=True)
+        outbox: dict[uuid.UUID, list[WebhookDelivery]] = {}
+        for delivery in deliveries:
+            if delivery.call_id is not None:
+                outbox.setdefault(delivery.call_id, []).append(delivery)
+        await asyncio.to_thread(self.spool.append,
+                                [(r, outbox.get(r.id, [])) for r in records])
 
-    async def _deliveries(self, events: list[tuple[CallRecord, StatusEvent]]
-                          ) -> list[WebhookDelivery]:
+    async def _deliveries(self, events: list[tuple[CallRecord, StatusEvent]], *,
+                          offline: bool = False) -> list[WebhookDelivery]:
         """Each event's body, with the number's current name (the SIP thread does not know
-        it), built here on the loop, never on the SIP thread."""
+        it), built here on the loop, never on the SIP thread. ``offline`` (the database is
+        away): the name last read, if any."""
         names: dict[uuid.UUID, str] = {}
         deliveries = []
         for record, event in events:
             facts = event.facts
             if facts.number_id is not None and facts.number_id not in names:
-                number = await self._store.get_number(facts.number_id)
-                names[facts.number_id] = number.name if number else ""
+                names[facts.number_id] = await self._number_name(facts.number_id, offline)
             if facts.number_id is not None:
                 facts = dataclasses.replace(facts, number_name=names[facts.number_id])
             body = status_update_body(facts, record, event.at)
@@ -228,6 +321,15 @@ class CallRecorder:
                                            event.target.assistant_id, body, event.at,
                                            self._retry_hours))
         return deliveries
+
+    async def _number_name(self, number_id: uuid.UUID, offline: bool) -> str:
+        if offline:
+            return self._names.get(number_id, "")
+        number = await self._store.get_number(number_id)
+        if len(self._names) >= self.NAMES_KEPT:
+            self._names.clear()
+        name = self._names[number_id] = number.name if number else ""
+        return name
 
 
 class CallPruner:
@@ -308,6 +410,7 @@ class CallService:
         self._rebuilding: list[list[RouteChange]] = []  # changes to replay after a rebuild
         self._compacting: asyncio.Task[None] | None = None
         self.compact_routes_at = COMPACT_AT  # config numbers.route_compaction_at
+        self.router_name = ""  # config node.name, in every call record
         self.draining = False
         self.active: dict[uuid.UUID, ActiveCall] = {}
         # Ended calls whose legs the engine still holds: a late answer must reach the session.
@@ -521,6 +624,7 @@ class CallService:
             assistant_id=route.assistant_id if route else None,
             sip_call_id=invite.sip_call_id, started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=now, updated_at=now,
+            router=self.router_name,
         )
 
     def _reject(self, invite: InboundInvite, record: CallRecord, decision: Reject) -> Rejected:

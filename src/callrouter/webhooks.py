@@ -22,7 +22,10 @@ How it works:
   ``webhooks.retry_hours`` after the event; any other status gives up. Each outcome is
   stored before the next event of the call is taken, so a restart resumes where it
   stopped, and an event is re-sent with the same ``X-Webhook-Id`` if the router stopped
-  between sending it and storing that it was delivered.
+  between sending it and storing that it was delivered. Each attempt first claims its
+  event (``Store.claim_delivery``: its next attempt moves past the attempt's timeout), so
+  routers sharing one outbox never send an event at the same time; after a crash the
+  claim runs out and the event is sent again.
 """
 
 from __future__ import annotations
@@ -231,6 +234,7 @@ class DeliveryWorker:
 
     BATCH = 256  # due events read per round
     IDLE = 30.0  # seconds between rounds with nothing due (a wake-up comes sooner)
+    LEASE_MARGIN = 5.0  # an attempt's claim lasts its timeout and this (a crash: retried)
 
     def __init__(self, store: Store, sender: WebhookSender, metrics: Metrics,
                  directory: Callable[[], WebhookDirectory], *, per_destination: int,
@@ -304,7 +308,12 @@ class DeliveryWorker:
 
     async def _deliver(self, delivery: WebhookDelivery, key: str) -> None:
         try:
-            await self._attempt(delivery)
+            # Taken for this attempt (routers sharing the outbox never both send it); the
+            # outcome replaces the lease, a crash leaves it to run out and be retried.
+            lease = self._wall() + timedelta(seconds=self._attempt_timeout + self.LEASE_MARGIN)
+            if not await self._store.claim_delivery(delivery, lease):
+                return
+            await self._attempt(dataclasses.replace(delivery, next_attempt_at=lease))
         except StoreError as exc:
             log.error("webhook.outcome_not_stored", delivery_id=str(delivery.id),
                       error=exc.message)  # still pending: tried again

@@ -25,7 +25,7 @@ from callrouter import cli_client
 from callrouter.crypto import SecretBox, hash_api_key
 from callrouter.http import ApiDeps, create_app
 from callrouter.management import Management, issue_api_key
-from callrouter.store import MemoryStore, SqliteStore
+from callrouter.store import MemoryStore, PostgresStore, SqliteStore
 
 pytestmark = pytest.mark.anyio
 T0 = datetime(2025, 12, 13, 10, 0, tzinfo=UTC)
@@ -77,7 +77,7 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
     store = SqliteStore(tmp_path / "callrouter.db")
     await store.open()
     ticks = itertools.count()
-    management = Management(store, SecretBox.load(tmp_path, {}), "NL", _nothing,
+    management = Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", _nothing,
                             lambda: T0 + timedelta(seconds=next(ticks)))
     key, _ = await issue_api_key(store, name="t", read_only=False, now=T0)
     app = create_app(ApiDeps(management=management, store=store, version="t",
@@ -188,6 +188,26 @@ async def test_keys_create_prints_a_key_whose_hash_is_stored(tmp_path: Path) -> 
         assert found is not None and found.read_only and found.name == "ops"
     finally:
         await store.close()
+
+
+async def test_keys_create_writes_to_the_routers_postgresql(tmp_path: Path,
+                                                            postgres_url: str) -> None:
+    """Guards item 1: with a database URL the key lands in the shared database, not in a
+    SQLite file of the data directory."""
+    out = io.StringIO()
+    parser = argparse.ArgumentParser()
+    cli_client.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["keys", "create", "--name", "ops", "--data-dir", str(tmp_path),
+                              "--database-url", postgres_url])
+    assert await cli_client.create_key(args.data_dir, name=args.name, read_only=False,
+                                       database_url=args.database_url, out=out) == 0
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        assert await store.find_api_key(hash_api_key(out.getvalue().strip())) is not None
+    finally:
+        await store.close()
+    assert not (tmp_path / cli_client.DB_FILE).exists()
 
 
 async def test_ensure_first_key_creates_one_only_when_none_exist() -> None:

@@ -381,3 +381,19 @@ def test_a_restarted_worker_resumes_the_backlog(tmp_path: Any,
         assert sorted(r.delivery_id for r in receiver.events()) == sorted(
             str(d.id) for d in backlog)
     run(test)
+
+
+def test_two_workers_sharing_an_outbox_send_each_event_once(
+        receiver: WebhookReceiver) -> None:
+    """Guards several routers on one database: each attempt claims its event first."""
+    async def test() -> None:
+        store = MemoryStore()
+        backlog = [event(receiver.url) for _ in range(20)]
+        async with Rig(store=store) as one, Rig(store=store) as two:
+            await one.add(*backlog)
+            two.worker.wake()
+            for d in backlog:
+                assert (await one.settled(d.id)).status is DeliveryStatus.DELIVERED
+        assert sorted(r.delivery_id for r in receiver.events()) == sorted(
+            str(d.id) for d in backlog)
+    run(test)

@@ -37,7 +37,9 @@ class MemoryStore:
         self._assistants: dict[uuid.UUID, Assistant] = {}
         self._calls: dict[uuid.UUID, CallRecord] = {}
         self._keys: dict[bytes, ApiKey] = {}
-        self._heartbeat: datetime | None = None
+        self._heartbeats: dict[str, datetime] = {}
+        self._key_check: bytes | None = None
+        self._claims: set[str] = set()
         self._webhook_secrets: dict[uuid.UUID, bytes] = {}
         self._outbox: dict[uuid.UUID, WebhookDelivery] = {}  # insertion order is seq order
 
@@ -219,12 +221,15 @@ class MemoryStore:
         matching = rules.newest_first([c for c in self._calls.values() if _matches(c, query)])
         return matching[query.offset:query.offset + query.limit], len(matching)
 
-    async def close_open_calls(self, now: datetime, ended: EndedEvent | None = None) -> int:
-        open_ids = [i for i, c in self._calls.items() if c.status in rules.OPEN_STATUSES]
+    async def close_open_calls(self, now: datetime, router: str,
+                               ended: EndedEvent | None = None) -> int:
+        open_ids = [i for i, c in self._calls.items()
+                    if c.status in rules.OPEN_STATUSES and c.router in (router, "")]
+        last_alive = self._heartbeats.get(router, now)
         events = []
         for call_id in open_ids:
             closed = self._calls[call_id] = rules.closed_after_restart(
-                self._calls[call_id], self._heartbeat or now, now)
+                self._calls[call_id], last_alive, now)
             last = [d for d in self._outbox.values() if d.call_id == call_id][-1:]
             event = ended(closed, last[0]) if ended is not None and last else None
             if event is not None:
@@ -232,8 +237,8 @@ class MemoryStore:
         self._outbox.update((e.id, e) for e in events)
         return len(open_ids)
 
-    async def heartbeat(self, at: datetime) -> None:
-        self._heartbeat = at
+    async def heartbeat(self, at: datetime, router: str) -> None:
+        self._heartbeats[router] = at
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         expired = [c for c in self._calls.values()
@@ -259,6 +264,14 @@ class MemoryStore:
     async def next_delivery_at(self) -> datetime | None:
         return min((d.next_attempt_at for d in self._outbox.values()
                     if d.status is DeliveryStatus.PENDING), default=None)
+
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        old = self._outbox.get(delivery.id)
+        if old is None or old.status is not DeliveryStatus.PENDING or \
+                old.next_attempt_at != delivery.next_attempt_at:
+            return False
+        self._outbox[delivery.id] = replace(old, next_attempt_at=until)
+        return True
 
     async def update_delivery(self, delivery: WebhookDelivery) -> None:
         old = self._outbox.get(delivery.id)
@@ -301,6 +314,17 @@ class MemoryStore:
 
     async def count_api_keys(self) -> int:
         return len(self._keys)
+
+    async def claim(self, name: str) -> bool:
+        if name in self._claims:
+            return False
+        self._claims.add(name)
+        return True
+
+    async def key_check(self, candidate: bytes) -> bytes:
+        if self._key_check is None:
+            self._key_check = candidate
+        return self._key_check
 
 
 def _matches(call: CallRecord, query: CallQuery) -> bool:
