@@ -10,6 +10,8 @@ packages=(
   sip-tester                                                     # SIPp, for tests and bench
   clang libclang-rt-dev                                          # scripts/fuzz.sh: libFuzzer, ASan, UBSan
   ca-certificates curl
+  kamailio                                                       # the SIP balancer: deploy/kamailio, make cluster, tests
+  podman runc debootstrap                                        # make image without a Docker daemon (scripts/image.sh)
 )
 
 missing=()
