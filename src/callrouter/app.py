@@ -51,7 +51,7 @@ import uvicorn
 from callrouter import __version__
 from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
-from callrouter.crypto import KEY_FILE, SecretBox
+from callrouter.crypto import KEY_ENV, SecretBox
 from callrouter.domain import session as s
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Policy, RouteChange, RuntimePool
@@ -61,12 +61,14 @@ from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
-from callrouter.ports import ControlCommand
+from callrouter.ports import ControlCommand, RouteFeed
 from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
 from callrouter.startup import http_listener, reason, writable_dir
-from callrouter.store.sqlite import SqliteStore
+from callrouter.store import make_store
+from callrouter.store.postgres import safe_url
+from callrouter.store.spool import SPOOL_FILE, CallSpool
 
 log = structlog.get_logger("callrouter.app")
 
@@ -186,13 +188,22 @@ class Router:
         self._start_metrics()
         writable_dir(cfg.storage.data_dir)
         self.secrets = self._load_secrets()
-        self.store = metered(SqliteStore(cfg.storage.database), self.metrics)
+        raw_store = make_store(cfg.store.database_url, cfg.storage.database,
+                               timeout=cfg.store.timeout_seconds,
+                               pool_size=cfg.store.pool_size)
+        self.store = metered(raw_store, self.metrics)
         await self.store.open()
         stack.push_async_callback(self.store.close)
+        await self._check_key()
         self._bind_http(stack)
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
+        self.service.router_name = cfg.node_name
+        self._reloading = asyncio.Lock()
         await self.service.reload_routes(self.store)
+        if isinstance(raw_store, RouteFeed):  # several routers share this database
+            _spawn(stack, raw_store.watch_routes(self._remote_changes), "route-feed")
+            _spawn(stack, self._reload_periodically(), "route-reload")
         await self._start_engine(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
@@ -211,21 +222,42 @@ class Router:
                              "CALLROUTER_ENGINE_SOURCE=debian-ring)")
 
     def _load_secrets(self) -> SecretBox:
-        data_dir = self.cfg.storage.data_dir
+        key_file = self.cfg.key_file
         try:
-            return SecretBox.load(data_dir, self.environ)
+            return SecretBox.load(key_file, self.environ)
         except OSError as exc:
-            raise StartupError(f"cannot read the trunk-password key {data_dir / KEY_FILE}: "
+            raise StartupError(f"cannot read the trunk-password key {key_file}: "
                                f"{reason(exc)}") from exc
 
+    async def _check_key(self) -> None:
+        """Refuse to start with a key other than the one the database's secrets were
+        written with: its passwords would be unreadable, and new ones unreadable to the
+        other routers."""
+        if not self.secrets.verify(await self.store.key_check(self.secrets.check_value())):
+            where = (KEY_ENV if self.environ.get(KEY_ENV, "").strip()
+                     else str(self.cfg.key_file))
+            raise StartupError(
+                f"the trunk-password key ({where}) is not the one this database was written "
+                f"with: give every router sharing {self._database_name()} the same key file "
+                "(secrets.key_file / CALLROUTER_SECRETS_KEY_FILE)")
+
+    def _database_name(self) -> str:
+        url = self.cfg.store.database_url
+        return safe_url(url) if url else str(self.cfg.storage.database)
+
     async def _start_records(self, stack: contextlib.AsyncExitStack) -> None:
-        """Close what a crash left open (at the last heartbeat, so before this run's
-        first), then keep the heartbeat and the call-record writer running."""
-        closed = await self.store.close_open_calls(_utcnow())
+        """Write what an outage left spooled, close what a crash left open (this router's
+        calls only, at its last heartbeat, so before this run's first), then keep the
+        heartbeat and the call-record writer running."""
+        spool = await asyncio.to_thread(CallSpool, self.cfg.storage.data_dir / SPOOL_FILE)
+        self.recorder = CallRecorder(self.store, asyncio.get_running_loop(), spool)
+        self.metrics.set_spooled_source(lambda: self.recorder.spooled)
+        if spool.backlog and not await self.recorder.flush_spool():
+            log.warning("call.spool_kept", records=spool.backlog, path=str(spool.path))
+        closed = await self.store.close_open_calls(_utcnow(), self.cfg.node_name)
         if closed:
-            log.warning("calls.closed_after_restart", count=closed)
+            log.warning("calls.closed_after_restart", count=closed, router=self.cfg.node_name)
         _spawn(stack, self._beat(), "heartbeat")
-        self.recorder = CallRecorder(self.store, asyncio.get_running_loop())
         _spawn(stack, self.recorder.run(), "call-records")
         stack.push_async_callback(self.recorder.flush)  # runs before the writer's cancel
         pruner = CallPruner(self.store, retention_days=self.cfg.calls.retention_days)
@@ -234,12 +266,44 @@ class Router:
     async def _beat(self) -> None:
         """The router's last sign of life, every ``HEARTBEAT_SECONDS``: after a crash the
         calls it left open end there, so the downtime is not counted as call time."""
+        lost_at: float | None = None  # the database has not answered since (monotonic)
         while True:
             try:
-                await self.store.heartbeat(_utcnow())
-            except StoreError as exc:
-                log.warning("router.heartbeat_failed", error=exc.message)
+                await self.store.heartbeat(_utcnow(), self.cfg.node_name)
+                if lost_at is not None:
+                    log.info("database.back", after_seconds=round(time.monotonic() - lost_at, 1),
+                             spooled_call_records=self.recorder.spooled)
+                    lost_at = None
+            except StoreError as exc:  # said once per outage, not every beat
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.warning("database.lost", error=exc.message,
+                                hint="routing goes on from memory; call records are spooled")
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _remote_changes(self, changes: Sequence[RouteChange] | None) -> None:
+        """What other routers (or this one) committed, from the store's route feed."""
+        if changes is None:
+            await self._reload("feed")
+        else:
+            await self.service.apply_route_changes(changes, self.store)
+
+    async def _reload_periodically(self) -> None:
+        """The safety net under the notifications: a full rebuild every
+        ``store.full_reload_seconds``."""
+        while True:
+            await asyncio.sleep(self.cfg.store.full_reload_seconds)
+            await self._reload("periodic")
+
+    async def _reload(self, cause: str) -> None:
+        async with self._reloading:
+            try:
+                await self.service.reload_routes(self.store)
+            except StoreError as exc:
+                log.warning("routes.reload_failed", cause=cause, error=exc.message)
+                return
+        self.metrics.route_reload(cause)
+        log.info("routes.reloaded", cause=cause, routes=len(self.service.routes))
 
     async def _start_engine(self, stack: contextlib.AsyncExitStack) -> None:
         self.engine = SipEngine(engine_settings(self.cfg), self.service)
@@ -377,10 +441,16 @@ class Router:
     # ---- what the API asks of the router ---------------------------------------------
 
     async def _health(self) -> dict[str, dict[str, Any]]:
-        latency = await self.store.ping()  # timed into the metrics by MeteredStore
+        database: dict[str, Any]
+        try:
+            latency = await self.store.ping()  # timed into the metrics by MeteredStore
+            database = {"status": "ok", "latency_ms": round(latency * 1000, 3)}
+        except StoreError as exc:  # routing goes on from memory; records are spooled
+            database = {"status": "down", "error": exc.message}
+        database["spooled_call_records"] = self.recorder.spooled
         status = self.engine.status()
         return {
-            "database": {"status": "ok", "latency_ms": round(latency * 1000, 3)},
+            "database": database,
             "sip": {"status": "ok" if status.running else "down",
                     "engine": status.version, "listen": str(self.cfg.sip.listen),
                     "active_calls": len(self.service.active),

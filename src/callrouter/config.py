@@ -14,9 +14,10 @@ keeps it in step with ``SETTINGS``.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ ENV_PREFIX = "CALLROUTER_"
 ENV_ALIASES = {
     "CALLROUTER_RTP_PORTS": "sip.rtp_ports",
     "CALLROUTER_DATA_DIR": "storage.data_dir",
+    "CALLROUTER_DATABASE_URL": "store.database_url",
 }
 ENGINE_SLOT_RESERVE = 16  # pjsua call slots kept free so the router, not pjsua, says 503
 
@@ -100,6 +102,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the router keeps its data: SQLite in the data directory unless
+    ``database_url`` names a PostgreSQL database shared by several routers."""
+
+    # postgresql://user:pass@host:port/db; "" = SQLite. Not in repr: it holds a password.
+    database_url: str = field(default="", repr=False)
+    timeout_seconds: float = 5.0  # connecting and each statement (PostgreSQL)
+    pool_size: int = 10  # connections per router (PostgreSQL)
+    full_reload_seconds: float = 300.0  # route table rebuilt from the database this often
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str  # "json" | "console" | "auto"
     level: str
@@ -124,6 +138,13 @@ class Config:
     calls: CallsConfig = CallsConfig()
     import_max_bytes: int = 256 * 1024 * 1024  # POST /api/v1/numbers/import body limit
     route_compaction_at: int = 4096  # route changes held before they are merged
+    store: StoreConfig = StoreConfig()
+    node_name: str = ""  # this router's name in call records (default host:sip-port)
+    secrets_key_file: Path | None = None  # the trunk-password key (default data_dir)
+
+    @property
+    def key_file(self) -> Path:
+        return self.secrets_key_file or self.storage.data_dir / "secret.key"
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -179,6 +200,27 @@ def _seconds(value: Any) -> float:
     if number <= 0:
         raise ValueError(f"must be positive, got {number}")
     return number
+
+
+def _database_url(value: Any) -> str:
+    text = str(value).strip()
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql://user:password@host:port/database URL "
+                         "(or empty for SQLite in the data directory)")
+    return text
+
+
+def _node_name(value: Any) -> str:
+    text = str(value).strip()
+    if len(text) > 100 or not all(c.isprintable() and not c.isspace() for c in text):
+        raise ValueError(f"expected at most 100 printable characters without spaces, "
+                         f"got {text!r}")
+    return text
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = str(value).strip()
+    return Path(text) if text else None
 
 
 def _sip_code(low: int, high: int) -> Callable[[Any], int]:
@@ -301,6 +343,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http.rate_limit_per_minute", 100, _positive_int),
     Setting("http.max_body_bytes", 1024 * 1024, _positive_int),
     Setting("storage.data_dir", "./var", lambda v: Path(str(v))),
+    Setting("store.database_url", "", _database_url),
+    Setting("store.timeout_seconds", 5, _seconds),
+    Setting("store.pool_size", 10, _positive_int),
+    Setting("store.full_reload_seconds", 300, _seconds),
+    Setting("secrets.key_file", "", _optional_path),
+    Setting("node.name", "", _node_name),
     Setting("log.format", "auto", _choice("auto", "json", "console")),
     Setting("log.level", "info", _choice("debug", "info", "warning", "error")),
     Setting("log.engine_level", 1, _int),
@@ -430,4 +478,10 @@ def _build(v: Mapping[str, Any]) -> Config:
                           rejected_records_per_second=v["calls.rejected_records_per_second"]),
         import_max_bytes=v["numbers.import_max_bytes"],
         route_compaction_at=v["numbers.route_compaction_at"],
+        store=StoreConfig(database_url=v["store.database_url"],
+                          timeout_seconds=v["store.timeout_seconds"],
+                          pool_size=v["store.pool_size"],
+                          full_reload_seconds=v["store.full_reload_seconds"]),
+        node_name=v["node.name"] or f"{socket.gethostname()}:{sip.listen.port}",
+        secrets_key_file=v["secrets.key_file"],
     )

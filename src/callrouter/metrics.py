@@ -182,6 +182,16 @@ class Metrics:
             buckets=STORE_BUCKETS, registry=r,
         )  # fmt: skip
         self._store = {op: store.labels(op.value) for op in StoreOperation}
+        self._spooled = Gauge(
+            "callrouter_call_records_spooled", "Call records kept on local disk because the "
+            "database is unreachable, waiting to be written.", registry=r,
+        )  # fmt: skip
+        self._route_reloads = Counter(
+            "callrouter_route_reloads", "Full rebuilds of the route table from the database "
+            "after start, by cause: feed (a bulk change, or the change feed (re)connected) or "
+            "periodic (store.full_reload_seconds).", ["cause"],
+            registry=r,
+        )  # fmt: skip
         self._http_count = Counter(
             "callrouter_http_requests", "API requests, by route template, method and status.",
             ["route", "method", "status"], registry=r,
@@ -269,6 +279,13 @@ class Metrics:
         self._callback_failures[EngineEntry(where)].inc()
 
     # --- engine (read at scrape time) --------------------------------------------------------
+
+    def set_spooled_source(self, source: Callable[[], int]) -> None:
+        """``source() -> count`` of call records spooled on disk, read on every scrape."""
+        self._spooled.set_function(source)
+
+    def route_reload(self, cause: str) -> None:
+        self._route_reloads.labels(cause).inc()
 
     def set_engine_slots_source(self, source: EngineSlotsSource | None) -> None:
         """``source() -> (max_calls, in_use)``, called on every scrape; None to detach."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from callrouter.domain.models import (
     ApiKey,
@@ -23,6 +23,7 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
 )
+from callrouter.domain.routetable import RouteChange
 from callrouter.domain.session import Command, Event, Refused, Request
 
 
@@ -99,14 +100,16 @@ class Store(Protocol):
     async def upsert_calls(self, records: Sequence[CallRecord]) -> None: ...
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None: ...
     async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]: ...
-    async def close_open_calls(self, now: datetime) -> int:
-        """Close every call still connecting/in-progress as failed/router_restart, ended
-        at the last heartbeat (``now`` if none was written) but never before the call's
-        own last update; ``updated_at`` becomes ``now``."""
+    async def close_open_calls(self, now: datetime, router: str) -> int:
+        """Close every call of ``router`` (``CallRecord.router``; records from before
+        routers were named, ``""``, count as anyone's) still connecting/in-progress as
+        failed/router_restart, ended at that router's last heartbeat (``now`` if none was
+        written) but never before the call's own last update; ``updated_at`` becomes
+        ``now``. Other routers' calls are left alone: they may still be running."""
         ...
 
-    # the router's last sign of life, so a crash does not count as call time
-    async def heartbeat(self, at: datetime) -> None: ...
+    # a router's last sign of life, so a crash does not count as call time; one per router
+    async def heartbeat(self, at: datetime, router: str) -> None: ...
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         """Delete at most ``limit`` ended/failed calls created before ``before``, oldest
@@ -117,6 +120,27 @@ class Store(Protocol):
     async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey: ...
     async def find_api_key(self, key_hash: bytes) -> ApiKey | None: ...
     async def count_api_keys(self) -> int: ...
+
+    # the trunk-password key's check value (the key encrypting a known text)
+    async def key_check(self, candidate: bytes) -> bytes:
+        """Keep ``candidate`` as the check value unless one is stored already; return
+        the stored one (so the first router to start decides, as for migrations)."""
+        ...
+
+
+# Route changes made by other routers sharing the database (PostgreSQL's LISTEN/NOTIFY).
+OnRouteChanges = Callable[[Sequence[RouteChange] | None], Awaitable[None]]
+
+
+@runtime_checkable
+class RouteFeed(Protocol):
+    """A store shared by several routers tells each of them what the others changed."""
+
+    async def watch_routes(self, on_changes: OnRouteChanges) -> None:
+        """Until cancelled: hand each batch of committed changes to ``on_changes``, in
+        commit order, and ``None`` (reload the whole table) whenever changes may have
+        been missed: after every (re)connection and for a bulk change."""
+        ...
 
 
 # ---- the SIP side ------------------------------------------------------------------

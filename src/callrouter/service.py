@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -68,6 +69,7 @@ from callrouter.errors import (
     InvalidNumber,
     NotFound,
     StoreError,
+    StoreUnavailable,
     ValidationError,
 )
 from callrouter.metrics import Metrics
@@ -85,6 +87,7 @@ from callrouter.ports import (
     Store,
     TransferCall,
 )
+from callrouter.store.spool import CallSpool
 
 log = structlog.get_logger("callrouter.calls")
 
@@ -120,13 +123,23 @@ class CallRecorder:
     deque goes from empty to non-empty; the writer then waits ``BATCH_WINDOW`` so a burst
     becomes one transaction. Writes are serialised, so a later state of a call never
     lands before an earlier one, and a failed write is retried, never dropped.
+
+    With a ``spool`` (``store.spool.CallSpool``, on disk), a batch the database cannot
+    take now (``StoreUnavailable``) is spooled instead of retried in memory, and so is
+    every batch after it until the spool has been written (``flush_spool``, tried every
+    ``SPOOL_RETRY`` seconds and before each batch): records survive an outage and a
+    restart during it, in order.
     """
 
     BATCH_WINDOW = 0.1
+    SPOOL_RETRY = 1.0
+    SPOOL_BATCH = 500
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
+                 spool: CallSpool | None = None) -> None:
         self._store = store
         self._loop = loop
+        self.spool = spool
         self._pending: collections.deque[CallRecord] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -141,15 +154,28 @@ class CallRecorder:
             self._scheduled = True
         self._loop.call_soon_threadsafe(self._wakeup.set)
 
+    @property
+    def spooled(self) -> int:
+        """Records waiting on disk for the database."""
+        return 0 if self.spool is None else self.spool.backlog
+
     async def run(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if self.spooled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.SPOOL_RETRY)
+            else:
+                await self._wakeup.wait()
+            if not self._wakeup.is_set():  # the spool's retry, nothing new
+                async with self._writing:
+                    await self._flush_spool()
+                continue
             self._wakeup.clear()
             await asyncio.sleep(self.BATCH_WINDOW)
             await self.flush()
 
     async def flush(self) -> None:
-        """Write everything submitted so far."""
+        """Write everything submitted so far (to the spool if the database is away)."""
         async with self._writing:
             with self._lock:
                 batch = list(self._pending)
@@ -158,16 +184,54 @@ class CallRecorder:
             if batch:
                 await self._write(list({r.id: r for r in batch}.values()))
 
+    async def flush_spool(self) -> bool:
+        """Write the spooled records to the database; True when none are left."""
+        async with self._writing:
+            return await self._flush_spool()
+
+    async def _flush_spool(self) -> bool:
+        spool = self.spool
+        if spool is None or not spool.backlog:
+            return True
+        records = await asyncio.to_thread(spool.read)
+        try:
+            for start in range(0, len(records), self.SPOOL_BATCH):
+                await self._store.upsert_calls(records[start:start + self.SPOOL_BATCH])
+        except StoreError as exc:
+            log.debug("call.spool_flush_failed", error=str(exc), spooled=spool.backlog)
+            return False
+        await asyncio.to_thread(spool.clear)
+        log.info("call.spool_written", records=len(records))
+        return True
+
     async def _write(self, records: list[CallRecord]) -> None:
+        if self.spool is not None and (self.spool.backlog and not await self._flush_spool()):
+            await self._spool(records)
+            return
         delay = 0.05
         while True:
             try:
                 await self._store.upsert_calls(records)
                 return
+            except StoreUnavailable as exc:
+                if self.spool is None:
+                    log.error("call.record_write_failed", error=str(exc), records=len(records))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                log.warning("call.records_spooled", error=str(exc), records=len(records),
+                            path=str(self.spool.path))
+                await self._spool(records)
+                return
             except StoreError as exc:
                 log.error("call.record_write_failed", error=str(exc), records=len(records))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+    async def _spool(self, records: list[CallRecord]) -> None:
+        assert self.spool is not None
+        await asyncio.to_thread(self.spool.append, records)
 
 
 class CallPruner:
@@ -233,6 +297,7 @@ class CallService:
         self._rebuilding: list[list[RouteChange]] = []  # changes to replay after a rebuild
         self._compacting: asyncio.Task[None] | None = None
         self.compact_routes_at = COMPACT_AT  # config numbers.route_compaction_at
+        self.router_name = ""  # config node.name, in every call record
         self.draining = False
         self.active: dict[uuid.UUID, ActiveCall] = {}
         # Ended calls whose legs the engine still holds: a late answer must reach the session.
@@ -397,6 +462,7 @@ class CallService:
             assistant_id=route.assistant_id if route else None,
             sip_call_id=invite.sip_call_id, started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=now, updated_at=now,
+            router=self.router_name,
         )
 
     def _reject(self, invite: InboundInvite, record: CallRecord, decision: Reject) -> Rejected:

@@ -77,9 +77,7 @@ def test_crash_leaves_no_open_record_after_restart(router_factory: type[RouterPr
     router.signal(signal.SIGKILL)
     router.wait(5)
     caller.stop()
-    key = router.key
-    router.start()
-    router.key = key
+    router.restart()
     calls = router.calls()
     assert [(c["status"], c["end_reason"]) for c in calls] == [("failed", "router_restart")]
     assert calls[0]["assistant_phone"] == NUMBER
@@ -102,9 +100,7 @@ def test_crash_recovery_ends_a_call_at_the_last_heartbeat(
     router.signal(signal.SIGKILL)
     router.wait(5)
     caller.stop()
-    key = router.key
-    router.start()
-    router.key = key
+    router.restart()
     [call] = router.calls()
     ended_at = datetime.fromisoformat(call["ended_at"])
     assert (call["status"], call["end_reason"]) == ("failed", "router_restart")

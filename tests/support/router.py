@@ -97,6 +97,14 @@ class RouterProcess:
         self.stop()
         raise RuntimeError(f"router did not become healthy:\n{self.logs()}")
 
+    def restart(self) -> RouterProcess:
+        """Start again after the process ended, keeping the API key (the first key is
+        printed only on a database that had none)."""
+        key = self.key
+        self.start()
+        self.key = key
+        return self
+
     def _healthy(self) -> bool:
         try:
             return httpx.get(f"{self.http_url}/api/v1/health", timeout=1).status_code == 200

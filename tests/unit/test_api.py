@@ -72,7 +72,7 @@ async def build(tmp_path: Path, rate_limit: int = 1000,
     async def on_change(changes: Sequence[RouteChange]) -> None:
         env.routing_changes.extend(changes)
 
-    management = Management(store, SecretBox.load(tmp_path, {}), "NL", on_change,
+    management = Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", on_change,
                             now=lambda: T0)
     rw, _ = await issue_api_key(store, name="rw", read_only=False, now=T0)
     ro, _ = await issue_api_key(store, name="ro", read_only=True, now=T0)

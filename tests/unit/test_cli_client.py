@@ -77,7 +77,7 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
     store = SqliteStore(tmp_path / "callrouter.db")
     await store.open()
     ticks = itertools.count()
-    management = Management(store, SecretBox.load(tmp_path, {}), "NL", _nothing,
+    management = Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", _nothing,
                             lambda: T0 + timedelta(seconds=next(ticks)))
     key, _ = await issue_api_key(store, name="t", read_only=False, now=T0)
     app = create_app(ApiDeps(management=management, store=store, version="t",

@@ -67,6 +67,8 @@ def test_every_metric_is_exposed_under_its_documented_name(metrics: Metrics) -> 
         "callrouter_runtime_answer_seconds",
         "callrouter_call_duration_seconds",
         "callrouter_store_query_seconds",
+        "callrouter_call_records_spooled",
+        "callrouter_route_reloads",
         "callrouter_http_requests",
         "callrouter_http_request_duration_seconds",
         "callrouter_build_info",
@@ -286,3 +288,13 @@ def test_the_grafana_dashboard_only_queries_metrics_that_exist(metrics: Metrics)
     }
     assert queried, "the dashboard queries nothing"
     assert queried <= exposed, sorted(queried - exposed)
+
+
+def test_spooled_records_are_read_from_their_source_at_each_scrape(metrics: Metrics) -> None:
+    backlog = [0]
+    metrics.set_spooled_source(lambda: backlog[0])
+    assert value(metrics, "callrouter_call_records_spooled") == 0
+    backlog[0] = 42
+    assert value(metrics, "callrouter_call_records_spooled") == 42
+    metrics.route_reload("reconnect")
+    assert value(metrics, "callrouter_route_reloads_total", cause="reconnect") == 1

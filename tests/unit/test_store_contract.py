@@ -1,7 +1,8 @@
-"""One contract suite for ``ports.Store``, run against ``SqliteStore`` and ``MemoryStore``.
+"""One contract suite for ``ports.Store``, run against ``SqliteStore``, ``PostgresStore``
+(a fresh database in the session's throw-away cluster) and ``MemoryStore``.
 
-The in-memory fake is only worth having if it behaves like the real store; every test
-here runs on both, so a rule enforced by one but not the other (a UNIQUE number, a
+The in-memory fake is only worth having if it behaves like the real stores; every test
+here runs on all three, so a rule enforced by one but not another (a UNIQUE number, a
 RESTRICT on delete, newest-first calls) fails here.
 """
 
@@ -29,10 +30,11 @@ from callrouter.domain.models import (
 )
 from callrouter.errors import Conflict, NotFound, StoreError
 from callrouter.ports import CallQuery, NumberQuery, Store
-from callrouter.store import MemoryStore, SqliteStore
+from callrouter.store import MemoryStore, PostgresStore, SqliteStore
 
 pytestmark = pytest.mark.anyio
 T0 = datetime(2025, 12, 13, 10, 0, 0, 123456, tzinfo=UTC)
+ROUTER = "edge-a:5060"
 
 
 @pytest.fixture
@@ -40,10 +42,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made: Store = SqliteStore(tmp_path / "db" / "callrouter.db") if request.param == "sqlite" \
-        else MemoryStore()
+    made: Store
+    if request.param == "sqlite":
+        made = SqliteStore(tmp_path / "db" / "callrouter.db")
+    elif request.param == "postgres":
+        made = PostgresStore(request.getfixturevalue("postgres_url"))
+    else:
+        made = MemoryStore()
     await made.open()
     yield made
     await made.close()
@@ -72,7 +79,8 @@ def call(created: datetime, status: CallStatus = CallStatus.ENDED, **changes: ob
     base = CallRecord(id=uuid.uuid4(), status=status, caller_phone="+31612345678",
                       assistant_phone="+31850835037", number_id=None, assistant_id=None,
                       sip_call_id=f"sip-{uuid.uuid4()}", started_at=None, ended_at=None,
-                      end_reason=None, error=None, created_at=created, updated_at=created)
+                      end_reason=None, error=None, created_at=created, updated_at=created,
+                      router=ROUTER)
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -261,7 +269,7 @@ async def test_close_open_calls_marks_them_failed_router_restart(store: Store) -
     done = call(T0, CallStatus.ENDED, end_reason=EndReason.CALLER_HANGUP)
     await store.upsert_calls([*open_calls, done])
     later = T0 + timedelta(minutes=1)
-    assert await store.close_open_calls(later) == 2
+    assert await store.close_open_calls(later, ROUTER) == 2
     for c in open_calls:
         closed = await store.get_call(c.id)
         assert closed is not None
@@ -280,10 +288,11 @@ async def test_close_open_calls_ends_them_at_the_last_heartbeat(store: Store) ->
     late = call(T0 + timedelta(seconds=25), CallStatus.IN_PROGRESS,
                 started_at=T0 + timedelta(seconds=25))
     await store.upsert_calls([ringing, talking, late])
-    await store.heartbeat(T0 + timedelta(seconds=10))
-    await store.heartbeat(T0 + timedelta(seconds=20))
+    await store.heartbeat(T0 + timedelta(seconds=10), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=20), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=50), "other:5060")
     restart = T0 + timedelta(hours=1)
-    assert await store.close_open_calls(restart) == 3
+    assert await store.close_open_calls(restart, ROUTER) == 3
     closed = [await store.get_call(c.id) for c in (ringing, talking, late)]
     assert [c and (c.status, c.end_reason, c.ended_at, c.updated_at) for c in closed] == [
         (CallStatus.FAILED, EndReason.ROUTER_RESTART, T0 + timedelta(seconds=20), restart),
@@ -308,6 +317,30 @@ async def test_prune_deletes_old_closed_calls_oldest_first_at_most_limit_at_a_ti
     assert await store.delete_calls_before(cutoff, limit=4) == 2
     assert await store.delete_calls_before(cutoff, limit=4) == 0
     assert (await store.list_calls(CallQuery()))[1] == 2
+
+
+async def test_close_open_calls_closes_only_the_restarting_routers_calls(
+        store: Store) -> None:
+    """Guards a shared database: a restarting router must not end the calls another
+    router is still carrying, and its own end at its own last heartbeat."""
+    mine = call(T0, CallStatus.IN_PROGRESS, started_at=T0)
+    theirs = call(T0, CallStatus.IN_PROGRESS, started_at=T0, router="edge-b:5060")
+    unnamed = call(T0, CallStatus.CONNECTING, router="")  # written before routers had names
+    await store.upsert_calls([mine, theirs, unnamed])
+    await store.heartbeat(T0 + timedelta(seconds=7), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=90), "edge-b:5060")
+    assert await store.close_open_calls(T0 + timedelta(hours=1), ROUTER) == 2
+    closed = await store.get_call(mine.id)
+    assert closed is not None and closed.ended_at == T0 + timedelta(seconds=7)
+    assert closed.router == ROUTER
+    assert await store.get_call(theirs.id) == theirs
+    still = await store.get_call(unnamed.id)
+    assert still is not None and still.status == CallStatus.FAILED
+
+
+async def test_key_check_keeps_the_first_value(store: Store) -> None:
+    assert await store.key_check(b"first") == b"first"
+    assert await store.key_check(b"second") == b"first"
 
 
 # -- API keys ----------------------------------------------------------------------------
@@ -349,13 +382,13 @@ async def test_sqlite_heartbeat_survives_a_reopen(tmp_path: Path) -> None:
     talking = call(T0, CallStatus.IN_PROGRESS, started_at=T0)
     try:
         await first.upsert_calls([talking])
-        await first.heartbeat(T0 + timedelta(seconds=30))
+        await first.heartbeat(T0 + timedelta(seconds=30), ROUTER)
     finally:
         await first.close()
     second = SqliteStore(path)
     await second.open()
     try:
-        await second.close_open_calls(T0 + timedelta(hours=2))
+        await second.close_open_calls(T0 + timedelta(hours=2), ROUTER)
         closed = await second.get_call(talking.id)
         assert closed is not None and closed.ended_at == T0 + timedelta(seconds=30)
     finally:

@@ -102,6 +102,7 @@ class CallRecord:
     created_at: datetime
     updated_at: datetime
     direction: str = "inbound"
+    router: str = ""  # the node name of the router that handled it (config node.name)
 
     @property
     def duration_seconds(self) -> int | None:

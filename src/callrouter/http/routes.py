@@ -73,16 +73,18 @@ async def list_numbers(
 ) -> StreamingResponse:
     """Every number (what the SDK expects) without parameters, or a page: ``limit`` and
     ``offset``, numbers starting with ``phone_number``; in ``phone_number`` order. Streamed
-    a batch at a time, so a million numbers are never one response in memory."""
+    a batch at a time, so a million numbers are never one response in memory. The first
+    batch is read before the response starts, so an unreachable database is a 503."""
     query = NumberQuery(limit=limit or NUMBER_BATCH, offset=offset,
                         prefix=_number_prefix(phone_number))
-    return StreamingResponse(v.number_list_stream(_number_pages(deps, query, limit is None)),
-                             media_type="application/json")
+    first = await deps.store.page_numbers(query)
+    return StreamingResponse(
+        v.number_list_stream(_number_pages(deps, query, first, limit is None)),
+        media_type="application/json")
 
 
-async def _number_pages(deps: ApiDeps, query: NumberQuery,
+async def _number_pages(deps: ApiDeps, query: NumberQuery, page: Sequence[PhoneNumber],
                         every: bool) -> AsyncIterator[Sequence[PhoneNumber]]:
-    page = await deps.store.page_numbers(query)
     yield page
     # Without a limit: every number from the offset on, by keyset (never OFFSET again).
     while every and len(page) == query.limit:
@@ -271,7 +273,9 @@ def _command(body: schemas.ControlCommand, deps: ApiDeps) -> ControlCommand:
 async def health(deps: Deps, response: Response) -> v.Health:
     checks = await deps.health()
     healthy = all(check.get("status") == "ok" for check in checks.values())
-    if checks.get("database", {}).get("status") != "ok":
+    # Liveness: the router is alive while its SIP side is. A database outage is
+    # "degraded" (calls are routed from memory and their records spooled), not down.
+    if checks.get("sip", {}).get("status") == "down":
         response.status_code = 503
     return v.Health(status="ok" if healthy else "degraded", version=deps.version, checks=checks)
 

@@ -149,6 +149,7 @@ class CallView(BaseModel):
     error: str | None
     created_at: Timestamp
     updated_at: Timestamp
+    router: str  # extra field: which router handled the call (config node.name)
 
     @classmethod
     def fields_of(cls, c: CallRecord) -> dict[str, Any]:
@@ -159,7 +160,7 @@ class CallView(BaseModel):
                 "sip_call_id": c.sip_call_id, "started_at": c.started_at,
                 "ended_at": c.ended_at, "duration_seconds": c.duration_seconds,
                 "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
-                "created_at": c.created_at, "updated_at": c.updated_at}
+                "created_at": c.created_at, "updated_at": c.updated_at, "router": c.router}
 
     @classmethod
     def of(cls, c: CallRecord) -> CallView:

@@ -29,7 +29,8 @@ class MemoryStore:
         self._assistants: dict[uuid.UUID, Assistant] = {}
         self._calls: dict[uuid.UUID, CallRecord] = {}
         self._keys: dict[bytes, ApiKey] = {}
-        self._heartbeat: datetime | None = None
+        self._heartbeats: dict[str, datetime] = {}
+        self._key_check: bytes | None = None
 
     async def open(self) -> None:
         return None
@@ -188,15 +189,17 @@ class MemoryStore:
         matching = rules.newest_first([c for c in self._calls.values() if _matches(c, query)])
         return matching[query.offset:query.offset + query.limit], len(matching)
 
-    async def close_open_calls(self, now: datetime) -> int:
-        open_ids = [i for i, c in self._calls.items() if c.status in rules.OPEN_STATUSES]
+    async def close_open_calls(self, now: datetime, router: str) -> int:
+        open_ids = [i for i, c in self._calls.items()
+                    if c.status in rules.OPEN_STATUSES and c.router in (router, "")]
+        last_alive = self._heartbeats.get(router, now)
         for call_id in open_ids:
             self._calls[call_id] = rules.closed_after_restart(
-                self._calls[call_id], self._heartbeat or now, now)
+                self._calls[call_id], last_alive, now)
         return len(open_ids)
 
-    async def heartbeat(self, at: datetime) -> None:
-        self._heartbeat = at
+    async def heartbeat(self, at: datetime, router: str) -> None:
+        self._heartbeats[router] = at
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         expired = [c for c in self._calls.values()
@@ -218,6 +221,11 @@ class MemoryStore:
 
     async def count_api_keys(self) -> int:
         return len(self._keys)
+
+    async def key_check(self, candidate: bytes) -> bytes:
+        if self._key_check is None:
+            self._key_check = candidate
+        return self._key_check
 
 
 def _matches(call: CallRecord, query: CallQuery) -> bool:

@@ -32,11 +32,10 @@ TRUNK_COLS = ("id", "name", "host", "port", "transport", "provider", "username",
 ASSISTANT_COLS = ("id", "name", "runtime_uri", "created_at", "updated_at")
 CALL_COLS = ("id", "status", "caller_phone", "assistant_phone", "number_id", "assistant_id",
              "sip_call_id", "started_at", "ended_at", "end_reason", "error", "created_at",
-             "updated_at", "direction")
+             "updated_at", "direction", "router")
 KEY_COLS = ("id", "name", "prefix", "read_only", "created_at")
 
 _IMMUTABLE = ("id", "created_at")
-
 
 def select_sql(table: str, cols: Sequence[str], extra: str = "") -> str:
     return f"SELECT {', '.join(cols)}{extra} FROM {table}"
@@ -138,7 +137,7 @@ def call_to_row(c: CallRecord) -> dict[str, Any]:
             "ended_at": c.ended_at and to_text(c.ended_at),
             "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
             "created_at": to_text(c.created_at), "updated_at": to_text(c.updated_at),
-            "direction": c.direction}
+            "direction": c.direction, "router": c.router}
 
 
 def call_from_row(r: Row) -> CallRecord:
@@ -146,7 +145,8 @@ def call_from_row(r: Row) -> CallRecord:
                       assistant_phone=r[3], number_id=_opt_id(r[4]), assistant_id=_opt_id(r[5]),
                       sip_call_id=r[6], started_at=_opt_time(r[7]), ended_at=_opt_time(r[8]),
                       end_reason=None if r[9] is None else EndReason(r[9]), error=r[10],
-                      created_at=_time(r[11]), updated_at=_time(r[12]), direction=r[13])
+                      created_at=_time(r[11]), updated_at=_time(r[12]), direction=r[13],
+                      router=r[14])
 
 
 def key_to_row(k: ApiKey) -> dict[str, Any]:
