@@ -27,6 +27,7 @@ pids=()
 pg_started=0
 
 stop_all() {
+  local rc=$?
   trap - INT TERM EXIT
   echo >&2
   echo "[cluster] stopping" >&2
@@ -39,6 +40,7 @@ stop_all() {
   else
     rm -rf "$dir"
   fi
+  exit "$rc"
 }
 trap stop_all INT TERM EXIT
 

@@ -1,8 +1,9 @@
 """Two routers behind Kamailio (deploy/kamailio/kamailio.cfg) on loopback, driven by SIPp.
 
-Each router has its own SQLite store, provisioned identically through its API (the shared
-PostgreSQL store is tested on its own). Kamailio probes both with OPTIONS every second and
-gives a router one second to answer an INVITE before it tries the other.
+Each test runs twice: over one PostgreSQL (the number made through router B only, so router
+A routing calls shows the change reached it), and with a SQLite store per router,
+provisioned identically through each API. Kamailio probes both routers with OPTIONS every
+second and gives a router one second to answer an INVITE before it tries the other.
 
 - calls spread over both routers;
 - SIGTERM on router A under a steady call rate: zero failed calls at the caller, A's calls
@@ -34,17 +35,29 @@ pytestmark = [pytest.mark.sip,
 
 
 class Cluster:
-    def __init__(self, tmp_path: Path) -> None:
+    """``store``: "postgres" (one database: provisioned once, through router B) or "sqlite"
+    (each router its own file, provisioned identically through each API)."""
+
+    def __init__(self, tmp_path: Path, store: str, database_url: str | None) -> None:
         self.tmp_path = tmp_path
         self.runtime = runtime("uas-runtime-answer", calls=1000, timeout_s=90)
         self.routers: list[RouterProcess] = []
         for name in ("a", "b"):
-            router = RouterProcess(tmp_path / name, rtp_ports=free_rtp_range_for(name), env_extra={
-                "CALLROUTER_DRAIN_TIMEOUT_SECONDS": "20",
-            })
+            env = {"CALLROUTER_DRAIN_TIMEOUT_SECONDS": "20",
+                   "CALLROUTER_NODE_NAME": f"router-{name}"}
+            if database_url:
+                env |= {"CALLROUTER_DATABASE_URL": database_url,
+                        "CALLROUTER_SECRETS_KEY_FILE": str(tmp_path / "shared.key")}
+            router = RouterProcess(tmp_path / name, rtp_ports=free_rtp_range_for(name),
+                                   env_extra=env)
             self.routers.append(router.start())
-            assistant = router.add_assistant(f"sip:assistant@{self.runtime.address}")
-            router.add_number(NUMBER, assistant)
+            if store == "sqlite":
+                assistant = router.add_assistant(f"sip:assistant@{self.runtime.address}")
+                router.add_number(NUMBER, assistant)
+        if store == "postgres":
+            self.b.key = self.a.key  # one database, one set of keys: A's first start made it
+            assistant = self.b.add_assistant(f"sip:assistant@{self.runtime.address}")
+            self.b.add_number(NUMBER, assistant)  # made through B; A routes it too (NOTIFY)
         self.kamailio = KamailioProcess(tmp_path / "kamailio",
                                         [r.sip_address for r in self.routers]).start()
         self.kamailio.wait_routers_up()
@@ -80,9 +93,10 @@ def free_rtp_range_for(name: str) -> str:
     return f"{start + offset}-{end + offset}"
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+@pytest.fixture(params=["postgres", "sqlite"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    c = Cluster(tmp_path, request.param, url)
     try:
         yield c
     finally:
@@ -152,11 +166,14 @@ def test_kill_9_b_takes_the_calls_and_a_closes_its_records_on_return(
     wait_until(lambda: len(bridged(cluster.b)) == 13, 5, "B to bridge every new call")
 
     # A comes back on the same data directory: the call it held is closed, as its own.
-    cluster.a.start()
-    open_calls = [c for c in cluster.a.calls() if c["status"] in ("connecting", "in-progress")]
-    assert open_calls == []
-    restarted = [c for c in cluster.a.calls() if c["end_reason"] == "router_restart"]
-    assert len(restarted) == 1, cluster.a.calls()
-    # B's long call is untouched by A's return.
+    cluster.a.restart()
+    listed = cluster.a.calls()  # over PostgreSQL: every router's calls
+    mine = [c for c in listed if c["router"] == "router-a"]
+    assert [c for c in mine if c["status"] in ("connecting", "in-progress")] == []
+    restarted = [c for c in listed if c["end_reason"] == "router_restart"]
+    assert len(restarted) == 1 and restarted[0]["router"] == "router-a", listed
+    # B's long call is untouched by A's return: still up, and still open in the records.
     assert active_calls(cluster.b) == 1
+    theirs = [c for c in cluster.b.calls() if c["router"] == "router-b"]
+    assert [c["status"] for c in theirs if c["status"] == "in-progress"] == ["in-progress"]
     long_calls.stop()
