@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration.test_postgres_cluster import wait_until
 from tests.integration.test_router_sip import CALLER, NUMBER, runtime
 from tests.support.kamailio import KamailioProcess
 from tests.support.router import RouterProcess, free_rtp_range
@@ -111,15 +112,6 @@ def bridged(router: RouterProcess) -> set[str]:
 def active_calls(router: RouterProcess) -> int:
     health = httpx.get(f"{router.http_url}/api/v1/health", timeout=2).json()
     return int(health["checks"]["sip"]["active_calls"])
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_drain_under_load_loses_no_call(cluster: Cluster) -> None:
