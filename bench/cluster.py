@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import harness as h
@@ -40,24 +40,39 @@ BRIDGED_RATES = (50, 100, 200, 300, 400)
 QUICK_REJECT, QUICK_BRIDGED = (250, 500), (50, 100)
 # SIPp's uac, following the Record-Route (its built-in one sends ACK and BYE past a proxy).
 BRIDGED_SCENARIO = ("-sf", str(h.SCENARIOS / "uac_rr.xml"))
+# Every cluster system started, in order (one per rate step): its CPU split.
+GROUPS: list[tuple[str, Group]] = []
 SECTION_START = "<!-- cluster: written by bench/cluster.py -->"
 SECTION_END = "<!-- /cluster -->"
 
 
 @dataclass
 class Group:
-    """The processes of one system under test, measured together (duck-types ``h.Proc``)."""
+    """The processes of one system under test, measured together (duck-types ``h.Proc``).
+    Every reading is kept per process, so a step's CPU splits into Kamailio's and the
+    routers' (``kamailio_share``)."""
 
     procs: list[h.Proc]
+    readings: list[list[float]] = field(default_factory=list)
 
     def cpu_seconds(self) -> float:
-        total = 0.0
+        reading = []
         for proc in self.procs:
+            total = 0.0
             for pid in [proc.pid, *_children(proc.pid)]:
                 with contextlib.suppress(OSError, IndexError, ValueError):
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     total += (int(fields[11]) + int(fields[12])) / h.CLK_TCK
-        return total
+            reading.append(total)
+        self.readings.append(reading)
+        return sum(reading)
+
+    def kamailio_share(self) -> float | None:
+        """Kamailio's part of the CPU between the first and the last reading."""
+        if len(self.readings) < 2:
+            return None
+        deltas = [b - a for a, b in zip(self.readings[0], self.readings[-1], strict=True)]
+        return deltas[0] / sum(deltas) if sum(deltas) > 0 else None
 
     def alive(self) -> bool:
         return all(p.alive() for p in self.procs)
@@ -119,6 +134,7 @@ def cluster_system(path: str, workdir: Path) -> Iterator[r.Target]:
         assert runtime.alive(), runtime.tail()
         service = r.UNKNOWN_NUMBER if path == "reject" else r.BRIDGED_NUMBER
         group = Group([kamailio, *routers])
+        GROUPS.append((path, group))
         yield r.Target(group, f"{h.LOOPBACK}:{port}", service, legs=2)  # type: ignore[arg-type]
 
 
@@ -152,13 +168,19 @@ def render(results: dict[str, dict[str, r.RateSweep]], plan: r.Plan, seconds: fl
                 continue
             lines.append(f"| {name} | {path} | {best.rate}/s | {r._ms(best.p50_ms)} | "
                          f"{r._ms(best.p99_ms)} | {r._cpu(best.cpu_ms_per_call)} |")
-    lines += ["", "Every step:", "", "| system | path | calls/s | ok | failed | p50 | p99 | "
-              "CPU per call |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "Every step (Kamailio's share: its part of the cluster's CPU in that step):",
+              "", "| system | path | calls/s | ok | failed | p50 | p99 | CPU per call | "
+              "Kamailio's share |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    shares = {path: [g.kamailio_share() for p, g in GROUPS if p == path]
+              for path in ("reject", "bridged")}  # fmt: skip
     for name, sweeps in results.items():
         for path, sweep in sweeps.items():
-            lines += [f"| {name} | {path} | {s.rate} | {s.successful} | {s.failed} | "
-                      f"{r._ms(s.p50_ms)} | {r._ms(s.p99_ms)} | {r._cpu(s.cpu_ms_per_call)} |"
-                      for s in sweep.steps]  # fmt: skip
+            for i, s in enumerate(sweep.steps):
+                share = shares[path][i] if name == "cluster" and i < len(shares[path]) else None
+                lines.append(f"| {name} | {path} | {s.rate} | {s.successful} | {s.failed} | "
+                             f"{r._ms(s.p50_ms)} | {r._ms(s.p99_ms)} | "
+                             f"{r._cpu(s.cpu_ms_per_call)} | "
+                             f"{'' if share is None else f'{share:.0%}'} |")
     lines += ["", SECTION_END]
     return "\n".join(lines) + "\n"
 

@@ -26,19 +26,21 @@ engine() {
   fi
 }
 
-# The engine command with this machine's adjustments (podman: runc, no default ulimits).
-engine_cmd() {
+# The engine command with this machine's adjustments (podman: runc, no default ulimits),
+# in the array `argv`.
+engine_argv() {
   local e; e="$(engine)"
+  argv=("$e")
   if [ "$e" = podman ]; then
     mkdir -p "$conf_dir"
     printf '[containers]\ndefault_ulimits = []\n' > "$conf_dir/containers.conf"
-    local runtime=()
-    [ -x /usr/sbin/runc ] && runtime=(--runtime /usr/sbin/runc)
-    CONTAINERS_CONF="$conf_dir/containers.conf" podman "${runtime[@]}" "$@"
-  else
-    "$e" "$@"
+    export CONTAINERS_CONF="$conf_dir/containers.conf"
+    [ -x /usr/sbin/runc ] && argv+=(--runtime /usr/sbin/runc)
   fi
+  return 0
 }
+
+engine_cmd() { engine_argv; "${argv[@]}" "$@"; }
 
 # What the image's build depends on beyond the Python code: the Dockerfile and the engine
 # build (its script, the guard and patches), the dependencies and the baked-in config. A
@@ -93,7 +95,8 @@ case "$cmd" in
     engine_cmd build --network host "${extra[@]}" -t "$tag" "$root"
     echo "[image] $tag built in $(( $(date +%s) - t0 ))s" >&2
     ;;
-  run) engine_cmd run "$@" ;;
-  exec) engine_cmd "$@" ;;
+  # exec: signals sent to this process reach the engine, which passes them to the container.
+  run) engine_argv; exec "${argv[@]}" run "$@" ;;
+  exec) engine_argv; exec "${argv[@]}" "$@" ;;
   *) echo "usage: $0 build [TAG] | run ARGS... | exec ARGS... | engine | inputs-hash" >&2; exit 2 ;;
 esac

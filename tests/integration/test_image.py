@@ -70,6 +70,7 @@ class ContainerRouter(RouterProcess):
         return [*IMAGE_SH, "run", "--rm", "--network", "host", "--name", self.name, *args, TAG]
 
 
+@pytest.mark.timeout(2400)  # a build that changed the engine compiles pjproject (~15 min here)
 def test_bridged_call_through_the_running_container(tmp_path: Path) -> None:
     inputs = _inputs_hash()  # before the build: a change made meanwhile is not claimed
     build = subprocess.run([*IMAGE_SH, "build", TAG], capture_output=True, text=True)
