@@ -11,6 +11,8 @@ packages=(
   postgresql                                                     # scripts/pg-local.sh: PostgreSQL store tests
   clang libclang-rt-dev                                          # scripts/fuzz.sh: libFuzzer, ASan, UBSan
   ca-certificates curl
+  kamailio                                                       # the SIP balancer: deploy/kamailio, make cluster, tests
+  podman runc debootstrap                                        # make image without a Docker daemon (scripts/image.sh)
 )
 
 missing=()

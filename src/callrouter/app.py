@@ -4,7 +4,8 @@
 socket, bound but not yet served -> closing calls a crash left open, the heartbeat,
 the call-record writer and its daily prune -> routes -> SIP engine (its own thread)
 -> serving HTTP on the bound socket, then waits for a signal. The first SIGTERM/SIGINT
-starts a drain: readiness turns 503 and new INVITEs get 503 + Retry-After while active calls go on
+starts a drain: readiness turns 503, new INVITEs and out-of-dialog OPTIONS (a balancer's probe)
+get 503 + Retry-After while active calls go on
 until they end or ``drain.timeout_seconds`` passes; then the remaining calls get BYE
 and their records are closed as ``router_shutdown``. A second signal skips the wait.
 
@@ -502,6 +503,8 @@ class Router:
                      active_calls=len(self.service.active),
                      timeout_seconds=self.cfg.drain_timeout_seconds)
             self.service.draining = True
+            # OPTIONS turn 503 too: a balancer probing with them stops sending calls here.
+            self.engine.set_draining(True, self.cfg.sip.inbound.retry_after_seconds)
             self.stopping.set()
 
     async def _drain(self) -> None:

@@ -64,6 +64,7 @@ class GuardAction(enum.StrEnum):
     KEEPALIVE_PONG = "keepalive_pong"  # CRLF answered to a CRLFCRLF ping on TCP (RFC 5626)
     FLOOD_DROPPED = "flood_dropped"  # a new request from a source banned for flooding
     FLOOD_BAN = "flood_ban"  # a source banned (sip.inbound.flood_limit exceeded)
+    DRAINING_OPTIONS = "draining_options"  # OPTIONS answered 503 while draining (balancer probes)
 
 
 # SIP codes the router sends on purpose get their own series; anything else is "other".

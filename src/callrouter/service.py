@@ -114,6 +114,11 @@ REASON_PHRASES = {
     404: "Not Found", 403: "Forbidden", 480: "Temporarily Unavailable",
     486: "Busy Here", 503: "Service Unavailable", 603: "Decline",
 }
+# A 503 that means "this router takes no new call, another may" says so in its phrase:
+# a balancer in front (deploy/kamailio) fails over on these and passes any other 503 (a
+# runtime's failure, which every router would meet) to the caller. The engine's guard
+# answers with the same phrases (scripts/engine/callrouter_guard_impl.hpp).
+NO_ROOM_PHRASES = {Outcome.DRAINING: "Draining", Outcome.OVER_CAPACITY: "Over Capacity"}
 
 
 def _utcnow() -> datetime:
@@ -634,7 +639,7 @@ class CallService:
                      count=sample.skipped_before)  # the previous second's, beyond the limit
         if sample.admitted:
             self._record_rejection(invite, record, decision)
-        phrase = REASON_PHRASES.get(decision.code, "")
+        phrase = NO_ROOM_PHRASES.get(decision.outcome) or REASON_PHRASES.get(decision.code, "")
         return Rejected(decision.code, phrase, decision.retry_after)
 
     def _record_rejection(self, invite: InboundInvite, record: CallRecord,

@@ -42,6 +42,10 @@ def test_sigterm_drains_new_calls_get_503_active_call_finishes(
     assert ready == 503
     refused = uac(router, "uac-invite-503").run()
     assert refused.sequence() == ["INVITE", 100, 503, "ACK"], refused.explain()
+    # A balancer's OPTIONS probe sees the drain too (Kamailio takes the router out).
+    probe = uac(router, "uac-options-503-draining").run()
+    assert probe.ok, probe.explain()
+    assert probe.sequence() == ["OPTIONS", 503]
     assert long_call.wait().ok  # the active call ran to its own BYE
     assert router.wait(15) == 0
     assert router.events("router.stopped")

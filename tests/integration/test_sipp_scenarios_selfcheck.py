@@ -151,6 +151,15 @@ def test_reject_scenarios_against_a_stub(name: str, status: int, sequence: list[
     assert result.sequence() == sequence, result.explain()
 
 
+@pytest.mark.parametrize(("options_status", "passes"), [(503, True), (200, False)])
+def test_draining_options_scenario_wants_503(options_status: int, passes: bool) -> None:
+    with torture.StubServer(options_status=options_status) as stub:
+        result = Sipp(scenario("uac-options-503-draining"), target=f"127.0.0.1:{stub.port}",
+                      keys=KEYS, timeout_s=3).run()
+    assert result.ok is passes, result.explain()
+    assert result.sequence()[:2] == ["OPTIONS", options_status], result.explain()
+
+
 def test_reject_scenario_fails_on_the_wrong_code() -> None:
     with torture.StubServer(invite_status=480) as stub:
         result = Sipp(scenario("uac-invite-404"), target=f"127.0.0.1:{stub.port}", keys=KEYS,

@@ -150,6 +150,12 @@ class SipEngine:
     def running(self) -> bool:
         return self._ready.is_set() and self._failure is None and not self._stop.is_set()
 
+    def set_draining(self, draining: bool, retry_after: int) -> None:
+        """Out-of-dialog OPTIONS gets 503 + Retry-After while draining, so a balancer's
+        OPTIONS probe (Kamailio's dispatcher) takes this router out. Safe from any thread:
+        the guard keeps the flag in an atomic."""
+        pj.crGuardSetDraining(draining, retry_after)
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         self.adapter.call_soon(fn)
 
@@ -176,6 +182,7 @@ class SipEngine:
                 "keepalive_pong": int(pj.crGuardKeepalivePongs()),
                 "flood_dropped": int(pj.crGuardFloodDropped()),
                 "flood_ban": int(pj.crGuardFloodBans()),
+                "draining_options": int(pj.crGuardOptionsDraining()),
             },
             version=self._version,
         )
