@@ -51,11 +51,13 @@ def seed(db: Path, count: int) -> str:
     assistant id the rest point at."""
     assistant = str(uuid.uuid4())
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("INSERT INTO assistants VALUES (?, 'bench', NULL, ?, ?)",
-                     (assistant, STAMP, STAMP))
+        conn.execute("INSERT INTO assistants (id, name, runtime_uri, created_at, updated_at) "
+                     "VALUES (?, 'bench', NULL, ?, ?)", (assistant, STAMP, STAMP))
         rows = ((str(uuid.uuid4()), f"+1555{i:07d}", "", None if i % 10 == 0 else assistant,
                  None, 1, STAMP, STAMP) for i in range(count))
-        conn.executemany("INSERT INTO numbers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany("INSERT INTO numbers (id, phone_number, name, assistant_id, "
+                         "transfer_trunk_id, is_active, created_at, updated_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         conn.commit()
     return assistant
 
