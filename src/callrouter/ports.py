@@ -119,6 +119,22 @@ class Store(Protocol):
     async def count_api_keys(self) -> int: ...
 
 
+class RegistrationState(enum.StrEnum):
+    REGISTERED = "registered"
+    FAILED = "failed"
+    UNREGISTERED = "unregistered"
+
+
+@dataclass(frozen=True)
+class RegistrationStatus:
+    """Where a registration trunk's REGISTER stands (reported by the SIP side)."""
+
+    state: RegistrationState
+    code: int | None = None  # the last final response (408: no answer)
+    expires_at: datetime | None = None  # when the binding lapses unless refreshed
+    reason: str = ""
+
+
 # ---- the SIP side ------------------------------------------------------------------
 # The SIP adapter calls a CallHandler (the service) on the SIP thread for every new
 # INVITE and every event on a bridged call; the handler answers with values and the

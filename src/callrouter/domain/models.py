@@ -33,6 +33,12 @@ class TrunkTransport(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Trunk:
+    """A provider, both ways: where outbound legs go (``host``/``port``/``transport``; an
+    empty ``host`` is an inbound-only trunk), the addresses its calls come from
+    (``inbound_addresses``: IPs, CIDRs or host names), the caller id of outbound legs,
+    digest credentials, and whether the router registers with it (``register``) or
+    challenges its INVITEs (``inbound_auth``)."""
+
     id: uuid.UUID
     name: str
     host: str
@@ -44,11 +50,20 @@ class Trunk:
     is_active: bool
     created_at: datetime
     updated_at: datetime
+    inbound_addresses: tuple[str, ...] = ()
+    outbound_number: str | None = None  # E.164 caller id on outbound legs
+    register: bool = False
+    register_expires: int = 300
+    inbound_auth: bool = False
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def outbound_address(self) -> str | None:
+        return self.address if self.host else None
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class CallRecord:
     created_at: datetime
     updated_at: datetime
     direction: str = "inbound"
+    trunk_id: uuid.UUID | None = None  # the trunk the call came in on (or went out through)
 
     @property
     def duration_seconds(self) -> int | None:

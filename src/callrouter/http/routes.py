@@ -146,24 +146,28 @@ async def delete_number(number_id: uuid.UUID, deps: Deps) -> v.Success:
 
 @router.get("/sip-trunks", tags=["sip-trunks"])
 async def list_trunks(deps: Deps) -> v.TrunkList:
-    return v.TrunkList(trunks=[v.TrunkView.of(t) for t in await deps.store.list_trunks()])
+    return v.TrunkList(trunks=[v.TrunkView.of(t, deps.registration(t.id))
+                               for t in await deps.store.list_trunks()])
 
 
 @router.post("/sip-trunks", status_code=201, tags=["sip-trunks"])
 async def create_trunk(body: schemas.TrunkCreate, deps: Deps) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(await deps.management.create_trunk(body.to_input()))
+    trunk = await deps.management.create_trunk(body.to_input())
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.get("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
 async def get_trunk(trunk_id: uuid.UUID, deps: Deps) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(_found(await deps.store.get_trunk(trunk_id), "SIP trunk"))
+    trunk = _found(await deps.store.get_trunk(trunk_id), "SIP trunk")
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.patch("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
 async def update_trunk(
     trunk_id: uuid.UUID, body: schemas.TrunkPatch, deps: Deps
 ) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(await deps.management.update_trunk(trunk_id, body.to_changes()))
+    trunk = await deps.management.update_trunk(trunk_id, body.to_changes())
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.delete("/sip-trunks/{trunk_id}", tags=["sip-trunks"])

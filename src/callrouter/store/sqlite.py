@@ -90,6 +90,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # one row: the running router's last sign of life (close_open_calls after a crash)
         "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL)",
     ),
+    (  # issue 11 (version 4 in the merged order): providers as trunks, both directions
+        "ALTER TABLE trunks ADD COLUMN inbound_addresses TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE trunks ADD COLUMN outbound_number TEXT",
+        "ALTER TABLE trunks ADD COLUMN register INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE trunks ADD COLUMN register_expires INTEGER NOT NULL DEFAULT 300",
+        "ALTER TABLE trunks ADD COLUMN inbound_auth INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE calls ADD COLUMN trunk_id TEXT",
+    ),
 )
 
 _TRUNK_SELECT = select_sql("trunks", TRUNK_COLS, ", password_enc IS NOT NULL")
