@@ -60,7 +60,9 @@ from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
+from callrouter.outbound import OutboundDialer
 from callrouter.ports import ControlCommand
+from callrouter.providers import Providers
 from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
@@ -107,6 +109,9 @@ def engine_settings(cfg: Config) -> EngineSettings:
         flood_limit=sip.inbound.flood_limit,
         flood_ban_seconds=sip.inbound.flood_ban_seconds,
         log_level=cfg.log.engine_level,
+        register_retry_seconds=cfg.trunks.register_retry_seconds,
+        register_retry_max_seconds=cfg.trunks.register_retry_max_seconds,
+        keepalive_seconds=cfg.trunks.keepalive_seconds,
     )
 
 
@@ -129,7 +134,8 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
                       max_duration=cfg.sip.max_duration_seconds,
                       failure_code=inbound.runtime_failure_code,
                       retry_after=inbound.retry_after_seconds,
-                      transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds)
+                      transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds,
+                      customer_ring_timeout=cfg.trunks.outbound_ring_timeout_seconds)
     service = CallService(policy=policy, timing=timing,
                           pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                           default_region=cfg.default_region, metrics=metrics,
@@ -192,6 +198,9 @@ class Router:
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
         await self.service.reload_routes(self.store)
+        self.providers = Providers(self.store, self.secrets.decrypt,
+                                   refresh_seconds=cfg.trunks.resolve_interval_seconds)
+        await self.providers.load()
         await self._start_engine(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
@@ -245,6 +254,8 @@ class Router:
         stack.push_async_callback(self._stop_engine)  # a failed start has a thread to join
         await asyncio.to_thread(self.engine.start)
         self.service.control = self.engine
+        self.providers.attach(self.engine)  # trunk allow-list, challenges, registrations
+        _spawn(stack, self.providers.run(), "trunk-addresses")
         self._wire_metrics(stack)
 
     async def _stop_engine(self) -> None:
@@ -286,6 +297,7 @@ class Router:
         self.metrics.set_engine_slots_source(slots)
         self.metrics.set_engine_guard_source(lambda: self.engine.status().guard)
         self.metrics.set_engine_assertions_source(lambda: self.engine.status().assertions)
+        self.metrics.set_registrations_source(self.engine.registration_statuses)
         _spawn(stack, self._count_forbidden(), "guard-metrics")
 
     async def _count_forbidden(self) -> None:
@@ -311,7 +323,7 @@ class Router:
             await self.service.apply_route_changes(changes, self.store)
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
-                                routing_changed, _utcnow)
+                                routing_changed, _utcnow, self.providers.changed)
         return ApiDeps(
             management=management, store=self.store, version=__version__,
             health=self._health, ready=self._ready, control=self._control,
@@ -320,6 +332,9 @@ class Router:
             max_body_bytes=self.cfg.http.max_body_bytes,
             import_max_bytes=self.cfg.import_max_bytes,
             metrics_app=self.metrics.asgi_app(),
+            registration=self.providers.registration,
+            place_call=OutboundDialer(self.service, self.store, self.secrets.decrypt,
+                                      self.cfg.default_region).place,
         )
 
     async def _serve_http(self) -> None:
@@ -360,6 +375,7 @@ class Router:
             self.stopping.set()
 
     async def _drain(self) -> None:
+        self.engine.unregister_all()  # providers stop sending calls to a draining router
         await self._wait_for_calls(self.cfg.drain_timeout_seconds)
         if self.service.active:
             log.warning("router.ending_calls", count=len(self.service.active))

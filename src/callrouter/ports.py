@@ -23,7 +23,8 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
 )
-from callrouter.domain.session import Command, Event, Refused, Request
+from callrouter.domain.session import Command, DialCustomer, Event, Refused, Request
+from callrouter.domain.trunknets import TrunkNetwork
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,54 @@ class RegistrationStatus:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A trunk the router registers with (``register: true``): REGISTER to ``registrar``
+    (a SIP URI) for the address-of-record ``sip:username@domain``, with digest
+    credentials, every ``expires`` seconds, advertising ``contact_user`` in its Contact."""
+
+    trunk_id: uuid.UUID
+    registrar: str
+    domain: str
+    username: str
+    password: str
+    expires: int
+    contact_user: str
+    transport: str = "udp"
+
+
+@dataclass(frozen=True)
+class InboundAuth:
+    """INVITEs from the trunk's addresses must authenticate as this user (407, then 403)."""
+
+    trunk_id: uuid.UUID
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
+class TrunkPolicy:
+    """Everything the SIP side enforces for trunks, as a whole (``ProviderControl``)."""
+
+    networks: tuple[TrunkNetwork, ...] = ()
+    inbound_auth: tuple[InboundAuth, ...] = ()
+    registrations: tuple[Registration, ...] = ()
+
+
+class ProviderControl(Protocol):
+    """What the trunk keeper (``providers.Providers``) asks of the SIP side."""
+
+    def apply_trunks(self, policy: TrunkPolicy) -> None:
+        """Replace the trunk allow-list and digest challenges at once (the next request
+        sees them) and bring registrations in line (added, changed, removed: expires 0).
+        Safe from any thread."""
+        ...
+
+    def registration(self, trunk_id: uuid.UUID) -> RegistrationStatus | None: ...
+
+    def registration_statuses(self) -> list[RegistrationStatus]: ...
+
+
 # ---- the SIP side ------------------------------------------------------------------
 # The SIP adapter calls a CallHandler (the service) on the SIP thread for every new
 # INVITE and every event on a bridged call; the handler answers with values and the
@@ -149,6 +198,22 @@ class InboundInvite:
     from_header: str
     source: str  # "ip:port" the INVITE came from
     received_at: float  # monotonic seconds
+    trunk_id: uuid.UUID | None = None  # the trunk it came in on (None: static list only)
+    via_registration: bool = False  # sent to the Contact of a trunk registration
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    """API ``POST /calls/outbound``, resolved: dial ``customer`` (the destination through
+    the number's trunk) and, once it answers, the first of ``targets`` (runtime URIs)."""
+
+    destination: str  # E.164
+    number: str  # E.164 of the number it is placed from
+    number_id: uuid.UUID
+    assistant_id: uuid.UUID
+    trunk_id: uuid.UUID
+    targets: tuple[str, ...]
+    customer: DialCustomer
 
 
 @dataclass(frozen=True)
@@ -208,6 +273,9 @@ class CallHandler(Protocol):
     """What the SIP adapter asks of the service, on the SIP thread."""
 
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected: ...
+    def on_outbound(self, call: OutboundCall, now: float) -> Accepted | Rejected:
+        """An outbound call to start (capacity and drain apply as to an INVITE)."""
+        ...
     def on_event(self, call_id: uuid.UUID, event: Event, now: float) -> Reaction: ...
     def on_request(self, call_id: uuid.UUID, request: Request, now: float) -> Ruling: ...
 
@@ -243,6 +311,11 @@ class CallControl(Protocol):
         verdict: None when accepted, ``Refused`` when the call's state refuses it (or the
         call has gone). Cancelling the future before the SIP thread takes it up means the
         request is never acted on."""
+        ...
+
+    def place(self, call: OutboundCall) -> Future[Accepted | Rejected]:
+        """Start an outbound call on the SIP thread; the future holds the handler's answer
+        (``Accepted``: the customer is being dialled)."""
         ...
 
     def status(self) -> EngineStatus: ...

@@ -78,6 +78,7 @@ from callrouter.ports import (
     EndCall,
     EngineEntry,
     InboundInvite,
+    OutboundCall,
     Reaction,
     Rejected,
     ResponseSent,
@@ -303,7 +304,10 @@ class CallService:
 
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected:
         self.metrics.invite_received()
-        dialled_raw = dialled_user(invite.request_uri, invite.to_header)
+        # An INVITE to a registration's Contact names our Contact user in the Request-URI;
+        # the number the caller dialled is in To then.
+        request_uri = "" if invite.via_registration else invite.request_uri
+        dialled_raw = dialled_user(request_uri, invite.to_header)
         dialled = self._e164(dialled_raw)
         ctx = CallContext(dialled, len(self.active), self.draining)
         decision = decide(ctx, self.routes, self.policy, self.pool)
@@ -314,6 +318,38 @@ class CallService:
         if isinstance(decision, Reject):
             return self._reject(invite, record, decision)
         return self._bridge(invite, record, decision, caller)
+
+    def on_outbound(self, call: OutboundCall, now: float) -> Accepted | Rejected:
+        """An outbound call (API): refused like an INVITE while draining or at capacity,
+        else recorded (direction outbound) and its session started: dial the customer."""
+        if self.draining or len(self.active) >= self.policy.max_calls:
+            return Rejected(503, "draining" if self.draining else "at capacity (sip.max_calls)",
+                            self.policy.retry_after_seconds)
+        wall = self.wall()
+        record = CallRecord(
+            id=uuid.uuid4(), status=CallStatus.CONNECTING, caller_phone=call.destination,
+            assistant_phone=call.number, number_id=call.number_id,
+            assistant_id=call.assistant_id, sip_call_id="", started_at=None, ended_at=None,
+            end_reason=None, error=None, created_at=wall, updated_at=wall,
+            direction="outbound", trunk_id=call.trunk_id)
+        session = s.CallSession(call.targets, self.timing, call.customer)
+        self.active[record.id] = ActiveCall(record, session, now, now, call.number,
+                                            call.destination)
+        self.record(record)
+        self.metrics.call_started()
+        log.info("call.placed", call_id=str(record.id), number=call.number,
+                 destination=mask(call.destination), assistant_id=str(call.assistant_id),
+                 trunk_id=str(call.trunk_id), direction="outbound")
+        headers = (
+            ("X-Assistant-Id", str(call.assistant_id)),
+            ("X-Number-Id", str(call.number_id)),
+            ("X-Call-Id", str(record.id)),
+            ("X-Caller-Number", call.number),
+            ("X-Dialled-Number", call.destination),
+            ("X-Direction", "outbound"),
+        )
+        commands = session.start(now)
+        return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
 
     def on_event(self, call_id: uuid.UUID, event: s.Event, now: float) -> Reaction:
         call = self.active.get(call_id)
@@ -392,6 +428,7 @@ class CallService:
             assistant_id=route.assistant_id if route else None,
             sip_call_id=invite.sip_call_id, started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=now, updated_at=now,
+            trunk_id=invite.trunk_id,
         )
 
     def _reject(self, invite: InboundInvite, record: CallRecord, decision: Reject) -> Rejected:
@@ -455,7 +492,7 @@ class CallService:
                 self._finished(call, command, now)
             case (s.DialRuntime() | s.HangupRuntime() | s.DialTarget() | s.HangupTarget()
                   | s.HangupCaller() | s.BridgeRuntime() | s.BridgeTarget() | s.RingCaller()
-                  | s.AnswerCaller() | s.RejectCaller()):
+                  | s.AnswerCaller() | s.RejectCaller() | s.DialCustomer()):
                 pass  # carried out by the SIP adapter (which reports responses it sent)
             case _:
                 assert_never(command)
@@ -515,7 +552,8 @@ class CallService:
         log.info("call.routed", call_id=str(record.id), sip_call_id=invite.sip_call_id,
                  dialled=record.assistant_phone, caller=mask(record.caller_phone),
                  assistant_id=str(record.assistant_id) if record.assistant_id else None,
-                 outcome=str(outcome), sip_status=code,
+                 trunk_id=str(record.trunk_id) if record.trunk_id else None,
+                 direction=record.direction, outcome=str(outcome), sip_status=code,
                  decision_ms=round((self.clock() - invite.received_at) * 1000, 3), **ended)
 
     # ---- drain and shutdown (the asyncio side) ---------------------------------------

@@ -748,3 +748,12 @@ async def test_requests_are_reported_by_route_template(env: Env) -> None:
     await env.client.get("/nowhere")
     assert env.requests[-2:] == [("/api/v1/numbers/{number_id}", "GET", 404),
                                  ("unmatched", "GET", 404)]
+
+
+async def test_outbound_call_route_checks_its_body_and_says_when_it_cannot(env: Env) -> None:
+    assert_error(await env.post("/api/v1/calls/outbound", {"number_id": str(uuid.uuid4())}),
+                 422, "destination")
+    r = await env.post("/api/v1/calls/outbound", {
+        "destination": "+31612345678", "number_id": str(uuid.uuid4()),
+        "assistant_override": {"firstMessage": "hi"}, "first_message": "hi"})
+    assert r.status_code == 503, r.text  # this router was built without a SIP side

@@ -94,6 +94,9 @@ class EndReason(enum.StrEnum):
     REJECTED_DRAINING = "rejected_draining"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     CALLER_CANCELLED = "caller_cancelled"
+    CUSTOMER_BUSY = "customer_busy"  # an outbound call's destination: 486, 600, 603
+    CUSTOMER_DID_NOT_ANSWER = "customer_did_not_answer"  # 408, 480, 487, ring timeout
+    CUSTOMER_UNREACHABLE = "customer_unreachable"  # any other refusal
     MAX_DURATION = "max_duration"
     ENDED_BY_API = "ended_by_api"
     ROUTER_SHUTDOWN = "router_shutdown"

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from callrouter.management import Management
+from callrouter.outbound import OutboundRequest
 from callrouter.ports import ControlCommand, RegistrationStatus, Store
 
 
@@ -55,3 +56,5 @@ class ApiDeps:
     clock: Callable[[], float] = time.monotonic
     # A registration trunk's state as the SIP side reports it (None: not registering).
     registration: Callable[[uuid.UUID], RegistrationStatus | None] = _no_registration
+    # POST /calls/outbound: places the call, returns its id (None: 503)
+    place_call: Callable[[OutboundRequest], Awaitable[uuid.UUID]] | None = None

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
 from callrouter.domain.models import CallStatus, PhoneNumber
-from callrouter.errors import NotFound, ValidationError
+from callrouter.errors import EngineUnavailable, NotFound, ValidationError
 from callrouter.http import schemas
 from callrouter.http import views as v
 from callrouter.http.deps import ApiDeps
@@ -235,6 +235,17 @@ def _utc(moment: datetime | None) -> datetime | None:
     if moment is None or moment.tzinfo is not None:
         return moment
     return moment.replace(tzinfo=UTC)
+
+
+@router.post("/calls/outbound", tags=["calls"],
+             responses={status: {"model": v.ErrorBody} for status in (503, 504)})
+async def place_call(body: schemas.OutboundCallBody, deps: Deps) -> v.OutboundResult:
+    """Dial ``destination`` through the number's trunk; once it answers, bridge it to the
+    assistant's runtime like an inbound call (``X-Direction: outbound``)."""
+    if deps.place_call is None:
+        raise EngineUnavailable("outbound calls are not available")
+    call_id = await deps.place_call(body.to_request())
+    return v.OutboundResult(success=True, call_id=call_id, status="dialing")
 
 
 @router.get("/calls/{call_id}", tags=["calls"])

@@ -29,6 +29,7 @@ from callrouter.management import (
     TrunkChanges,
     TrunkInput,
 )
+from callrouter.outbound import OutboundRequest
 
 
 def _lower(value: object) -> object:
@@ -239,6 +240,18 @@ class AssistantPatch(BaseModel):
         return AssistantChanges(
             name=self.name if self.name is not None else UNSET,
             runtime_uri=self.runtime_uri if "runtime_uri" in sent else UNSET)
+
+
+class OutboundCallBody(BaseModel):
+    """``POST /calls/outbound``. The SDK also sends ``assistant``, ``assistant_override``
+    and ``first_message`` (runtime configuration): ignored, never refused."""
+
+    destination: str
+    number_id: uuid.UUID | None = None
+    assistant_id: uuid.UUID | None = None
+
+    def to_request(self) -> OutboundRequest:
+        return OutboundRequest(self.destination, self.number_id, self.assistant_id)
 
 
 class ControlCommand(BaseModel):

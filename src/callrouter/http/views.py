@@ -222,6 +222,12 @@ class Success(BaseModel):
     success: bool = True
 
 
+class OutboundResult(BaseModel):
+    success: bool
+    call_id: uuid.UUID
+    status: str  # "dialing"
+
+
 class ControlResult(BaseModel):
     success: bool
     message: str

@@ -1,0 +1,90 @@
+"""Providers as trunks, on the wire (issue 11): SIPp plays the provider.
+
+The static allow-list is 127.0.0.1/32 (the runtime lives there) and refused sources get
+403, so a provider on 127.0.0.2 is let in only by a trunk's ``inbound_addresses``: live,
+from the API's 2xx on, and shut out again at once when the trunk is deactivated or
+deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.support.router import RouterProcess
+from tests.support.sipp import Sipp, scenario
+
+pytestmark = pytest.mark.sip
+
+NUMBER = "+31850835037"
+CALLER = "+31201234567"
+PROVIDER = "127.0.0.2"
+STATIC_ONLY = {"CALLROUTER_SIP_INBOUND_ALLOWED_SOURCES": "127.0.0.1/32",
+               "CALLROUTER_SIP_INBOUND_FORBIDDEN_ACTION": "reject",
+               "CALLROUTER_SIP_RING_TIMEOUT_SECONDS": "3"}
+
+
+def provider(router: RouterProcess, name: str, **kw: Any) -> Sipp:
+    keys = {"dialled": NUMBER, "caller": CALLER}
+    return Sipp(scenario(name), target=router.sip_address, keys=keys, host=PROVIDER, **kw)
+
+
+def runtime(name: str = "uas-runtime-echo") -> Sipp:
+    return Sipp(scenario(name), role="uas", rtp_echo=True).start()
+
+
+def refused_from_provider(router: RouterProcess) -> None:
+    result = provider(router, "uac-invite-forbidden").run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 403, "ACK"]
+
+
+def test_inbound_addresses_are_a_live_allow_list(router_factory: Any) -> None:
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    rt = runtime()
+    assistant = router.add_assistant(f"sip:assistant@{rt.address}")
+    rt.stop()
+    router.add_number(NUMBER, assistant)
+    refused_from_provider(router)
+
+    made = router.api("POST", "/sip-trunks", json={
+        "name": "Acme", "provider": "acme", "inbound_addresses": [PROVIDER]})
+    assert made.status_code == 201, made.text
+    trunk = made.json()["trunk"]
+    _bridged_with(router, assistant)
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["trunk_id"] == trunk["id"]
+    routed = [e for e in router.events("call.routed") if e["outcome"] == "bridged"]
+    assert routed[-1]["trunk_id"] == trunk["id"]
+
+    closed = router.api("PATCH", f"/sip-trunks/{trunk['id']}", json={"is_active": False})
+    assert closed.status_code == 200, closed.text
+    refused_from_provider(router)
+    router.api("PATCH", f"/sip-trunks/{trunk['id']}", json={"is_active": True})
+    _bridged_with(router, assistant)
+    assert router.api("DELETE", f"/sip-trunks/{trunk['id']}").status_code == 200
+    refused_from_provider(router)
+
+
+def _bridged_with(router: RouterProcess, assistant: str) -> None:
+    """A bridged call from the provider (each SIPp runtime has its own port: the
+    assistant is pointed at this one)."""
+    rt = runtime()
+    router.api("PATCH", f"/assistants/{assistant}", json={"runtime_uri": f"sip:a@{rt.address}"})
+    result = provider(router, "uac-call-bridged", duration_ms=500).run()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 200, "ACK", "BYE", 200]
+    assert rt.wait().ok
+
+
+def test_a_static_source_has_no_trunk(router_factory: Any) -> None:
+    """trunk_id is null when the call matched only sip.inbound.allowed_sources."""
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    rt = runtime()
+    router.add_number(NUMBER, router.add_assistant(f"sip:a@{rt.address}"))
+    result = Sipp(scenario("uac-call-bridged"), target=router.sip_address,
+                  keys={"dialled": NUMBER, "caller": CALLER}, duration_ms=300).run()
+    assert result.ok, result.explain()
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["trunk_id"] is None
