@@ -88,3 +88,56 @@ def test_a_static_source_has_no_trunk(router_factory: Any) -> None:
     assert result.ok, result.explain()
     call = router.wait_for_call(lambda c: c["status"] == "ended")
     assert call["trunk_id"] is None
+
+
+def metric(router: RouterProcess, series: str) -> float:
+    import httpx
+
+    for line in httpx.get(f"{router.http_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no series {series}")
+
+
+def wait_for(check: Any, timeout: float = 5.0) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_registration_trunk_registers_takes_calls_on_it_and_unregisters(
+        router_factory: Any) -> None:
+    """Issue 11 item 3: REGISTER -> 401 -> REGISTER with credentials -> 200; the provider
+    then calls the registered Contact from an address the static list refuses; deleting
+    the trunk sends REGISTER with expires 0."""
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    rt = runtime()
+    router.add_number(NUMBER, router.add_assistant(f"sip:a@{rt.address}"))
+    registrar = Sipp(scenario("uas-provider-registrar"), role="uas", host=PROVIDER,
+                     duration_ms=500, timeout_s=20,
+                     keys={"user": "acme-user", "password": "s3cr3t", "dialled": NUMBER,
+                           "caller": CALLER}).start()
+    made = router.api("POST", "/sip-trunks", json={
+        "name": "Acme", "provider": "acme", "outbound_address": registrar.address,
+        "auth_username": "acme-user", "auth_password": "s3cr3t", "register": True,
+        "register_expires": 300})
+    assert made.status_code == 201, made.text
+    trunk_id = made.json()["trunk"]["id"]
+    registered = wait_for(lambda: (r := router.api("GET", f"/sip-trunks/{trunk_id}").json()[
+        "trunk"]["registration"]) and r["state"] == "registered" and r)
+    assert registered["code"] == 200 and registered["expires_at"]
+    assert metric(router, 'callrouter_trunk_registrations{state="registered"}') == 1
+    call = router.wait_for_call(lambda c: c["status"] == "ended", timeout=10)
+    assert (call["trunk_id"], call["assistant_phone"]) == (trunk_id, NUMBER)
+    assert rt.wait().ok
+    assert router.api("DELETE", f"/sip-trunks/{trunk_id}").status_code == 200
+    result = registrar.wait()
+    assert result.ok, result.explain()
+    assert [m for m in result.sequence() if m not in (100, 180, 183)] == [
+        "REGISTER", 401, "REGISTER", 200, "INVITE", 200, "ACK", "BYE", 200, "REGISTER", 200]
