@@ -141,3 +141,76 @@ def test_a_registration_trunk_registers_takes_calls_on_it_and_unregisters(
     assert result.ok, result.explain()
     assert [m for m in result.sequence() if m not in (100, 180, 183)] == [
         "REGISTER", 401, "REGISTER", 200, "INVITE", 200, "ACK", "BYE", 200, "REGISTER", 200]
+
+
+def test_an_outbound_call_through_a_challenging_provider_is_bridged_with_rtp(
+        router_factory: Any) -> None:
+    """Issue 11 item 4: POST /calls/outbound dials the destination through the number's
+    trunk; the provider challenges with 407 and checks the credentials and the caller id;
+    once the customer answers, the runtime is dialled (X-Direction: outbound) and the two
+    are bridged with RTP both ways."""
+    from tests.support.sipp import RtpCounter
+
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    rt = runtime()
+    provider_peer = Sipp(scenario("uas-provider-auth-answer"), role="uas", host=PROVIDER,
+                         duration_ms=1500, timeout_s=20).start()
+    trunk = router.api("POST", "/sip-trunks", json={
+        "name": "Acme", "outbound_address": provider_peer.address,
+        "auth_username": "acme-user", "auth_password": "s3cr3t"}).json()["trunk"]
+    number_id = router.add_number(NUMBER, router.add_assistant(f"sip:a@{rt.address}"),
+                                  transfer_trunk_id=trunk["id"])
+    with RtpCounter([provider_peer.media_port, rt.media_port]) as rtp:
+        placed = router.api("POST", "/calls/outbound", json={
+            "destination": "+31612345678", "number_id": number_id,
+            "first_message": "Hello", "assistant_overrides": {"x": 1}})
+        assert placed.status_code == 200, placed.text
+        body = placed.json()
+        assert (body["success"], body["status"]) == (True, "dialing")
+        result = provider_peer.wait()
+        rt_result = rt.wait()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 407, "ACK", "INVITE", 100, 180, 200, "ACK",
+                                 "BYE", 200]
+    customer_invite = [m for m in result.messages if m.kind == "INVITE"][-1]
+    assert customer_invite.headers["from"].startswith(f"sip:{NUMBER}@")  # the caller id
+    assert digest_ok(customer_invite.headers["proxy-authorization"], "INVITE", "acme-user",
+                     "s3cr3t")
+    assert rt_result.ok, rt_result.explain()
+    invite = next(m for m in rt_result.messages if m.kind == "INVITE")
+    assert invite.headers["x-direction"] == "outbound"
+    assert invite.headers["x-call-id"] == body["call_id"]
+    if RtpCounter.available():
+        assert rtp.count(rt.media_port) > 20, "no RTP reached the runtime"
+        assert rtp.count(provider_peer.media_port) > 20, "no RTP came back to the customer"
+    call = router.wait_for_call(lambda c: c["id"] == body["call_id"] and c["status"] == "ended")
+    assert (call["direction"], call["trunk_id"], call["end_reason"]) == (
+        "outbound", trunk["id"], "caller_hangup")
+    assert (call["caller_phone"], call["assistant_phone"]) == ("+31612345678", NUMBER)
+    assert call["duration_seconds"] >= 1
+
+
+def digest_ok(header: str, method: str, user: str, password: str) -> bool:
+    """RFC 2617 s3.2.2 without qop (the challenge offers none): the response is right."""
+    import hashlib
+    import re
+
+    fields = dict(re.findall(r'(\w+)="?([^",]*)"?', header.removeprefix("Digest ")))
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    ha1 = md5(f"{user}:{fields['realm']}:{password}")
+    ha2 = md5(f"{method}:{fields['uri']}")
+    expected = md5(f"{ha1}:{fields['nonce']}:{ha2}")
+    return fields["username"] == user and fields["response"] == expected
+
+
+def test_outbound_calls_refuse_bad_input_naming_the_field(router_factory: Any) -> None:
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    number_id = router.add_number(NUMBER, router.add_assistant("sip:a@127.0.0.1:5999"))
+    for body, field in (({"destination": "0612345678", "number_id": number_id}, "destination"),
+                        ({"destination": "+31612345678", "number_id": number_id}, "number_id")):
+        r = router.api("POST", "/calls/outbound", json=body)
+        assert r.status_code == 422, r.text
+        assert [d["field"] for d in r.json()["details"]] == [field]
