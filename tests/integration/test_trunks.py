@@ -214,3 +214,30 @@ def test_outbound_calls_refuse_bad_input_naming_the_field(router_factory: Any) -
         r = router.api("POST", "/calls/outbound", json=body)
         assert r.status_code == 422, r.text
         assert [d["field"] for d in r.json()["details"]] == [field]
+
+
+def test_an_inbound_auth_trunk_challenges_and_refuses_a_wrong_password(
+        router_factory: Any) -> None:
+    """Issue 11 item 5: INVITEs from the trunk's addresses get 407; the right credentials
+    are bridged, a wrong password is 403 after the challenge and counted."""
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    rt = runtime()
+    router.add_number(NUMBER, router.add_assistant(f"sip:a@{rt.address}"))
+    made = router.api("POST", "/sip-trunks", json={
+        "name": "Acme", "inbound_addresses": [PROVIDER], "inbound_auth": True,
+        "auth_username": "acme-in", "auth_password": "pw-in"})
+    assert made.status_code == 201, made.text
+    wrong = provider(router, "uac-invite-auth-403",
+                     extra_args=("-au", "acme-in", "-ap", "not-the-password")).run()
+    assert wrong.ok, wrong.explain()
+    assert wrong.sequence() == ["INVITE", 407, "ACK", "INVITE", 403, "ACK"]
+    assert metric(router, 'callrouter_engine_guard_total{action="auth_failed"}') == 1
+    right = provider(router, "uac-call-auth", duration_ms=500,
+                     extra_args=("-au", "acme-in", "-ap", "pw-in")).run()
+    assert right.ok, right.explain()
+    assert [m for m in right.sequence() if m not in (100, 180, 183)] == [
+        "INVITE", 407, "ACK", "INVITE", 200, "ACK", "BYE", 200]
+    assert rt.wait().ok
+    assert metric(router, 'callrouter_engine_guard_total{action="auth_ok"}') == 1
+    call = router.wait_for_call(lambda c: c["status"] == "ended")
+    assert call["trunk_id"] == made.json()["trunk"]["id"]
