@@ -632,7 +632,7 @@ class CallController:
         number = await self._store.get_number(record.number_id) if record.number_id else None
         trunk_id = number.transfer_trunk_id if number else None
         trunk = await self._store.get_trunk(trunk_id) if trunk_id else None
-        if trunk is None or not trunk.is_active:
+        if trunk is None or not trunk.is_active or not trunk.host:  # "": inbound-only
             raise ValidationError("the number has no active transfer trunk "
                                   "(transfer_trunk_id) to reach a phone number through")
         return trunk
