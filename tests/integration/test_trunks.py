@@ -8,6 +8,7 @@ deleted.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -111,11 +112,12 @@ def wait_for(check: Any, timeout: float = 5.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
+@pytest.mark.parametrize("ending", ["delete", "drain"])
 def test_a_registration_trunk_registers_takes_calls_on_it_and_unregisters(
-        router_factory: Any) -> None:
+        router_factory: Any, ending: str) -> None:
     """Issue 11 item 3: REGISTER -> 401 -> REGISTER with credentials -> 200; the provider
     then calls the registered Contact from an address the static list refuses; deleting
-    the trunk sends REGISTER with expires 0."""
+    the trunk, or draining the router (SIGTERM), sends REGISTER with expires 0."""
     router: RouterProcess = router_factory(**STATIC_ONLY)
     rt = runtime()
     router.add_number(NUMBER, router.add_assistant(f"sip:a@{rt.address}"))
@@ -136,7 +138,10 @@ def test_a_registration_trunk_registers_takes_calls_on_it_and_unregisters(
     call = router.wait_for_call(lambda c: c["status"] == "ended", timeout=10)
     assert (call["trunk_id"], call["assistant_phone"]) == (trunk_id, NUMBER)
     assert rt.wait().ok
-    assert router.api("DELETE", f"/sip-trunks/{trunk_id}").status_code == 200
+    if ending == "delete":
+        assert router.api("DELETE", f"/sip-trunks/{trunk_id}").status_code == 200
+    else:
+        router.signal(signal.SIGTERM)
     result = registrar.wait()
     assert result.ok, result.explain()
     assert [m for m in result.sequence() if m not in (100, 180, 183)] == [

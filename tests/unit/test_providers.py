@@ -142,3 +142,33 @@ def test_an_invite_to_a_registration_contact_routes_on_to() -> None:
                      via_registration=True, trunk_id=uuid.uuid4())
     assert isinstance(service.on_invite(routed), Accepted)
     assert records[0].assistant_phone == "+31850835037"
+
+
+def test_host_names_are_re_resolved_and_a_failure_keeps_the_last_answer() -> None:
+    """Guards 'refreshed periodically': a changed answer is published, a failed lookup
+    keeps the addresses the name had."""
+    store = MemoryStore()
+    answers: list[tuple[str, ...] | Exception] = [
+        ("203.0.113.5",), ("203.0.113.6",), OSError("timeout")]
+
+    async def resolve(name: str) -> tuple[str, ...]:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario() -> list[TrunkPolicy]:
+        await store.create_trunk(trunk(inbound_addresses=("gw.example",)), None)
+        providers = Providers(store, lambda b: b.decode(), resolve=resolve,
+                              refresh_seconds=0.01)
+        await providers.load()
+        sip = FakeSip()
+        providers.attach(sip)
+        task = asyncio.create_task(providers.run())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return sip.policies
+
+    policies = asyncio.run(scenario())
+    assert [[n.address for n in p.networks] for p in policies] == [
+        ["203.0.113.5"], ["203.0.113.6"]]  # published once per change, kept after the failure
