@@ -123,3 +123,18 @@ def test_a_number_without_a_trunk_is_refused() -> None:
     with pytest.raises(ValidationError) as caught:
         asyncio.run(place(h, store, OutboundRequest("+31612345678", NUMBER_ID)))
     assert [d.field for d in caught.value.details] == ["number_id"]
+
+
+def test_the_adapter_asks_the_stack_which_trunk_an_invite_came_in_on() -> None:
+    """Issue 11 items 2 and 3, below pjsua2: by source address, or as the Contact user of
+    a registration (then the dialled number is the one in To)."""
+    h = harness()
+    by_address, by_registration = uuid.uuid4(), uuid.uuid4()
+    h.sip.trunk_sources["192.0.2.10"] = str(by_address)
+    h.sip.registration_users["cr0a1b"] = str(by_registration)
+    h.sip.invite(source="192.0.2.10:5060")
+    h.sip.invite(source="203.0.113.9:5060", request_user="cr0a1b")
+    h.sip.invite(source="127.0.0.1:5062")
+    assert [(r.trunk_id, r.assistant_phone) for r in h.records] == [
+        (by_address, "+31850835037"), (by_registration, "+31850835037"),
+        (None, "+31850835037")]
