@@ -351,6 +351,12 @@ class CallService:
         commands = session.start(now)
         return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
 
+    def on_dialled(self, call_id: uuid.UUID, sip_call_id: str) -> None:
+        call = self.active.get(call_id)
+        if call is not None:
+            call.record = dataclasses.replace(call.record, sip_call_id=sip_call_id)
+            self.record(call.record)
+
     def on_event(self, call_id: uuid.UUID, event: s.Event, now: float) -> Reaction:
         call = self.active.get(call_id)
         if call is None:

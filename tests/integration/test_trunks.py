@@ -193,6 +193,7 @@ def test_an_outbound_call_through_a_challenging_provider_is_bridged_with_rtp(
         "outbound", trunk["id"], "caller_hangup")
     assert (call["caller_phone"], call["assistant_phone"]) == ("+31612345678", NUMBER)
     assert call["duration_seconds"] >= 1
+    assert call["sip_call_id"] == customer_invite.call_id
 
 
 def digest_ok(header: str, method: str, user: str, password: str) -> bool:

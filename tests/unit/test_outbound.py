@@ -69,6 +69,7 @@ def test_an_outbound_call_dials_the_customer_then_the_runtime_then_bridges() -> 
     assert (record.direction, record.status, record.trunk_id) == (
         "outbound", CallStatus.IN_PROGRESS, TRUNK.id)
     assert (record.caller_phone, record.assistant_phone) == ("+31612345678", "+31850835037")
+    assert record.sip_call_id == f"dialled-{customer.leg.handle}@router"
     h.sip.hang_up(customer.leg)
     assert h.records[-1].end_reason is EndReason.CALLER_HANGUP
     assert h.sip.asked("hangup", runtime.leg)

@@ -349,6 +349,8 @@ class CallAdapter:
                 self._dial(call, Leg(LegKind.TARGET, call.call_id, number), target, credentials)
             case s.DialCustomer(target, credentials, caller_id):
                 self._dial(call, call.caller, target, credentials, caller_id)
+                if call.caller.handle is not None:
+                    self.handler.on_dialled(call.call_id, self.stack.sip_call_id(call.caller))
             case s.HangupRuntime(attempt):
                 self._hangup(call.runtimes.get(attempt))
             case s.HangupTarget(number):

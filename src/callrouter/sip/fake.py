@@ -102,6 +102,9 @@ class FakeStack:
         self.released.append(leg)
         leg.handle = None
 
+    def sip_call_id(self, leg: Leg) -> str:
+        return f"dialled-{leg.handle}@router"
+
     def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
         by_address = self.trunk_sources.get(source.rsplit(":", 1)[0], "")
         if by_address:

@@ -123,6 +123,10 @@ class PjStack:
     def release(self, leg: Leg) -> None:
         leg.handle = None
 
+    def sip_call_id(self, leg: Leg) -> str:
+        with self._translated():
+            return str(leg.handle.getInfo().callIdString)
+
     def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
         trunk = str(pj.crGuardTrunkFor(source, request_user))
         return trunk, bool(trunk) and bool(pj.crGuardIsRegistrationUser(request_user))

@@ -118,6 +118,10 @@ class SipStack(Protocol):
 
     def send_dtmf(self, leg: Leg, digit: str) -> None: ...
 
+    def sip_call_id(self, leg: Leg) -> str:
+        """The Call-ID of a leg the router dialled."""
+        ...
+
     def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
         """The trunk an INVITE from ``source`` ("ip:port") to ``request_user`` came in on
         (its id, "" for none) and whether it matched as the Contact user of that trunk's
