@@ -118,8 +118,8 @@ class TrunksConfig:
 
     resolve_interval_seconds: float = 300.0  # host names in inbound_addresses re-resolved
     outbound_ring_timeout_seconds: float = 60.0  # POST /calls/outbound: no answer -> CANCEL
-    register_retry_seconds: int = 30  # first REGISTER retry after a failure
-    register_retry_max_seconds: int = 300  # later retries
+    register_retry_seconds: int = 30  # first REGISTER retry after a failure, then doubling
+    register_retry_max_seconds: int = 300  # up to this
     keepalive_seconds: int = 15  # CRLF keep-alive to a registrar over UDP (RFC 5626)
 
 

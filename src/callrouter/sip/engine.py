@@ -135,7 +135,7 @@ class SipEngine:
             base_config=self._account_config, contact=self._contact,
             incoming=self.stack.incoming, retry_first=settings.register_retry_seconds,
             retry_max=settings.register_retry_max_seconds,
-            keepalive=settings.keepalive_seconds)
+            keepalive=settings.keepalive_seconds, clock=clock)
         self._publishing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -249,6 +249,7 @@ class SipEngine:
         while not self._stop.is_set():
             events = self.ep.libHandleEvents(POLL_MS)
             self.adapter.tick()  # queued work, due timers, Call objects dropped outside callbacks
+            self.registrations.tick(self.clock())  # REGISTER retries whose back-off is over
             self._report_flood_bans()
             self._heap.after(max(events, 0), self.clock())  # trims once a burst is over
 

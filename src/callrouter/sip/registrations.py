@@ -4,9 +4,11 @@ How it works: ``Registrations.apply`` (on the SIP thread) brings the accounts in
 with the wanted ``ports.Registration`` values: a new trunk gets an account that sends
 REGISTER at once (``registerOnAdd``), a changed one is re-created (pjsua re-registers),
 a removed one is shut down, which unregisters (expires 0) first. pjsua refreshes the
-binding before it expires, retries after a failure (first after
-``trunks.register_retry_seconds``, then every ``register_retry_max_seconds``, each with
-pjsua's random spread) and sends a CRLF keep-alive over UDP every
+binding before it expires. A failed REGISTER, whatever the answer (pjsua itself would
+give up after a 401/403/404), is retried here with exponential back-off: first after
+``trunks.register_retry_seconds``, doubling up to ``register_retry_max_seconds``
+(``tick`` runs on the SIP thread's loop); none during a drain. pjsua sends a CRLF
+keep-alive over UDP every
 ``trunks.keepalive_seconds`` (RFC 5626 s4.4.1; over TCP pjsip's transport sends CRLFCRLF
 pings itself). The Contact carries the registration's own user, which the guard knows,
 so the provider's INVITEs to it pass the allow-list from any of its addresses.
@@ -48,7 +50,8 @@ class Registrations:
 
     def __init__(self, *, base_config: Callable[[], Any], contact: Callable[[str, str], str],
                  incoming: Callable[[Any, Any], None], retry_first: int, retry_max: int,
-                 keepalive: int, now: Callable[[], datetime] | None = None) -> None:
+                 keepalive: int, clock: Callable[[], float],
+                 now: Callable[[], datetime] | None = None) -> None:
         self._base_config = base_config  # the router's own account settings
         self._contact = contact  # (user, transport) -> Contact URI on our transport
         self.incoming = incoming
@@ -57,6 +60,9 @@ class Registrations:
         self._now = now or (lambda: datetime.now(UTC))
         self._accounts: dict[uuid.UUID, _RegAccount] = {}
         self._status: dict[uuid.UUID, RegistrationStatus] = {}
+        self._clock = clock
+        self._retries: dict[uuid.UUID, tuple[float, int]] = {}  # trunk -> (due, delay)
+        self._stopping = False
 
     def status(self, trunk_id: uuid.UUID) -> RegistrationStatus | None:
         return self._status.get(trunk_id)
@@ -73,8 +79,27 @@ class Registrations:
             if trunk_id not in self._accounts:
                 self._add(registration)
 
+    def tick(self, now: float) -> None:
+        """Send the REGISTERs whose back-off is over (the SIP thread's loop)."""
+        for trunk_id, (due, delay) in list(self._retries.items()):
+            if due > now:
+                continue
+            account = self._accounts.get(trunk_id)
+            del self._retries[trunk_id]
+            if account is None or self._stopping:
+                continue
+            self._retries[trunk_id] = (float("inf"), delay)  # in flight: its answer decides
+            try:
+                account.setRegistration(True)
+            except pj.Error as exc:
+                log.warning("trunk.registration_failed", trunk_id=str(trunk_id),
+                            error=exc.reason or exc.title, retry_seconds=delay)
+                self._retries[trunk_id] = (now + delay, delay)
+
     def unregister_all(self) -> None:
         """Drain: expires 0 to every registrar; the accounts stay until ``close``."""
+        self._stopping = True
+        self._retries.clear()
         for account in self._accounts.values():
             try:
                 account.setRegistration(False)
@@ -92,11 +117,21 @@ class Registrations:
         status = _status(code, reason, expiration, self._now())
         previous = self._status.get(wanted.trunk_id)
         self._status = {**self._status, wanted.trunk_id: status}
+        self._back_off(wanted.trunk_id, failed=status.state is RegistrationState.FAILED)
         if previous is None or previous.state is not status.state or previous.code != code:
             level = log.info if status.state is not RegistrationState.FAILED else log.warning
             level("trunk.registration", trunk_id=str(wanted.trunk_id), state=str(status.state),
                   code=code, reason=reason, expires_seconds=expiration,
                   registrar=wanted.registrar)
+
+    def _back_off(self, trunk_id: uuid.UUID, *, failed: bool) -> None:
+        if not failed or self._stopping:
+            self._retries.pop(trunk_id, None)
+            return
+        first, most = self._retry
+        previous = self._retries.get(trunk_id)
+        delay = first if previous is None else min(previous[1] * 2, most)
+        self._retries[trunk_id] = (self._clock() + delay, delay)
 
     def _add(self, wanted: Registration) -> None:
         account = _RegAccount(self, wanted)
@@ -114,6 +149,7 @@ class Registrations:
 
     def _remove(self, trunk_id: uuid.UUID) -> None:
         account = self._accounts.pop(trunk_id)
+        self._retries.pop(trunk_id, None)
         self._status = {k: v for k, v in self._status.items() if k != trunk_id}
         try:
             account.shutdown()  # pjsua sends REGISTER with expires 0 first
@@ -128,7 +164,7 @@ class Registrations:
         reg.registrarUri = wanted.registrar
         reg.registerOnAdd = True
         reg.timeoutSec = wanted.expires
-        reg.firstRetryIntervalSec, reg.retryIntervalSec = self._retry
+        reg.retryIntervalSec = 0  # retries are ours (tick), for every kind of failure
         reg.dropCallsOnFail = False
         acfg.sipConfig.authCreds.append(
             pj.AuthCredInfo("digest", "*", wanted.username, 0, wanted.password))
