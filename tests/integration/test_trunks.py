@@ -247,3 +247,23 @@ def test_an_inbound_auth_trunk_challenges_and_refuses_a_wrong_password(
     assert metric(router, 'callrouter_engine_guard_total{action="auth_ok"}') == 1
     call = router.wait_for_call(lambda c: c["status"] == "ended")
     assert call["trunk_id"] == made.json()["trunk"]["id"]
+
+
+def test_more_registration_trunks_than_pjsua_accounts_by_default(router_factory: Any) -> None:
+    """pjsua's default PJSUA_MAX_ACC is 8: the ninth registration account failed to be
+    created (PJ_ETOOMANY) before config_site.h raised it."""
+    from tests.support.sipp import free_udp_port
+
+    router: RouterProcess = router_factory(**STATIC_ONLY)
+    silent = f"{PROVIDER}:{free_udp_port(PROVIDER)}"  # a registrar that never answers
+    ids = []
+    for n in range(12):
+        made = router.api("POST", "/sip-trunks", json={
+            "name": f"reg{n}", "outbound_address": silent, "auth_username": f"u{n}",
+            "auth_password": "pw", "register": True})
+        assert made.status_code == 201, made.text
+        ids.append(made.json()["trunk"]["id"])
+    states = wait_for(lambda: all(
+        r := [router.api("GET", f"/sip-trunks/{i}").json()["trunk"]["registration"]
+              for i in ids]) and r)
+    assert all(s["state"] == "unregistered" and s["code"] is None for s in states), states

@@ -30,7 +30,7 @@ from callrouter.sip.stack import (
     LegState,
     Progress,
 )
-from callrouter.sip.trunks import TrunkAccounts
+from callrouter.sip.trunks import TrunkAccounts, trunk_host
 
 
 class PjStack:
@@ -96,10 +96,10 @@ class PjStack:
         prm = pj.CallOpParam(True)
         for name, value in headers:
             _add_header(prm, name, value)
+        if caller_id:  # From (pjsua would put the account's own URI there)
+            prm.txOption.localUri = f"sip:{caller_id}@{trunk_host(target)}"
         with self._translated():
-            trunk = credentials is not None or caller_id is not None
-            account = (self._trunks.get(target, credentials, caller_id or "") if trunk
-                       else self._account())
+            account = self._trunks.get(target, credentials) if credentials else self._account()
             leg.handle = PjLeg(account, leg, self.owner)
             try:
                 leg.handle.makeCall(target, prm)
@@ -140,23 +140,20 @@ class PjStack:
         except pj.Error as exc:
             raise self._translate(exc) from exc
 
-    def _create_trunk(self, host: str, username: str, caller_id: str, password: str) -> Any:
+    def _create_trunk(self, host: str, username: str, password: str) -> Any:
         account = self._new_account()  # an INVITE matched to it is routed like any other
-        account.create(self._trunk_config(host, username, caller_id, password), False)
+        account.create(self._trunk_config(host, username, password), False)
         return account
 
-    def _update_trunk(self, account: Any, host: str, username: str, caller_id: str,
-                      password: str) -> None:
-        account.modify(self._trunk_config(host, username, caller_id, password))
+    def _update_trunk(self, account: Any, host: str, username: str, password: str) -> None:
+        account.modify(self._trunk_config(host, username, password))
 
-    def _trunk_config(self, host: str, username: str, caller_id: str, password: str) -> Any:
-        """The router's account settings, as this trunk user (From: the caller id, else
-        the user), answering digest challenges with its password (no registration)."""
+    def _trunk_config(self, host: str, username: str, password: str) -> Any:
+        """The router's account settings, as this trunk user, answering digest
+        challenges with its password (no registration)."""
         acfg = self._account_config()
-        acfg.idUri = f"sip:{caller_id or username or 'callrouter'}@{host}"
-        if username:
-            acfg.sipConfig.authCreds.append(
-                pj.AuthCredInfo("digest", "*", username, 0, password))
+        acfg.idUri = f"sip:{username}@{host}"
+        acfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", username, 0, password))
         return acfg
 
 

@@ -1,10 +1,9 @@
 """The engine accounts that answer digest challenges for trunk users.
 
-One account per (trunk host, username, caller id), created on first use: pjsua puts an
-account's own URI in From, so a caller id needs an account of its own. The password is
-the trunk's current one on every dial: when it differs from the account's, the account is
+One account per (trunk host, username), created on first use. The password is the
+trunk's current one on every dial: when it differs from the account's, the account is
 updated in place (pjsua2 ``Account.modify``), so a changed password applies to the next
-transfer or outbound call without a restart and calls already up keep their account.
+transfer without a restart and calls already up keep their account.
 """
 
 from __future__ import annotations
@@ -23,17 +22,15 @@ def trunk_host(target: str) -> str:
 
 
 class TrunkAccounts(Generic[A]):
-    def __init__(self, create: Callable[[str, str, str, str], A],
-                 update: Callable[[A, str, str, str, str], None]) -> None:
-        self._create = create  # (host, username, caller id, password) -> account
-        self._update = update  # (account, host, username, caller id, password)
-        self._accounts: dict[tuple[str, str, str], tuple[A, str]] = {}
+    def __init__(self, create: Callable[[str, str, str], A],
+                 update: Callable[[A, str, str, str], None]) -> None:
+        self._create = create  # (host, username, password) -> account
+        self._update = update  # (account, host, username, password)
+        self._accounts: dict[tuple[str, str], tuple[A, str]] = {}
 
-    def get(self, target: str, credentials: Credentials | None, caller_id: str = "") -> A:
-        """The account for dialling ``target`` as ``caller_id`` (``""``: the username),
-        answering challenges with ``credentials`` (None: none)."""
-        username, password = credentials or ("", "")
-        key = (trunk_host(target), username, caller_id)
+    def get(self, target: str, credentials: Credentials) -> A:
+        username, password = credentials
+        key = (trunk_host(target), username)
         known = self._accounts.get(key)
         if known is None:
             account = self._create(*key, password)
