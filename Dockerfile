@@ -11,8 +11,9 @@ RUN apt-get update -q && apt-get install -y -q --no-install-recommends \
         python3 python3-dev python3-venv python3-distutils \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY scripts/ scripts/
 # The engine layer depends only on the build script and engine config: cached across code changes.
+COPY scripts/build-engine.sh scripts/
+COPY scripts/engine/ scripts/engine/
 RUN python3 -m venv /opt/callrouter \
     && PYTHON=/opt/callrouter/bin/python CALLROUTER_ENGINE_CACHE=/tmp/engine \
        bash scripts/build-engine.sh --install \

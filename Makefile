@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-.PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick clean fuzz
+.PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick bench-webhooks \
+	bench-cluster clean fuzz image cluster
 
 run: deps venv engine
 	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
@@ -42,6 +43,16 @@ integration: deps venv engine
 bench: deps venv engine
 	$(PY) bench/run.py
 	$(PY) bench/number_table.py
+	$(PY) bench/webhooks.py
+	$(PY) bench/cluster.py
+
+# The reject path beside INVITEs held for a slow assistant-request webhook (issue 12).
+bench-webhooks: deps venv engine
+	$(PY) bench/webhooks.py
+
+# One router alone against Kamailio + two routers, on this box (docs/benchmarks.md).
+bench-cluster: deps venv engine
+	$(PY) bench/cluster.py
 
 # The number table alone (issue 14): 100,000 and 1,000,000 numbers.
 bench-numbers: deps venv engine
@@ -54,6 +65,16 @@ bench-quick: deps venv engine
 # `make fuzz CALLROUTER_FUZZ_SECONDS=300 FUZZ_ARGS=--merge`
 fuzz: deps
 	bash scripts/fuzz.sh $(FUZZ_ARGS)
+
+# The container image (Dockerfile), with podman where there is no Docker daemon
+# (../shared/containers.md); tests/integration/test_image.py places a call through it.
+IMAGE ?= callrouter:local
+image: deps
+	bash scripts/image.sh build $(IMAGE)
+
+# PostgreSQL + Kamailio + two routers on loopback; Ctrl-C stops them (docs/scaling.md).
+cluster: deps venv engine
+	PY=$(PY) bash scripts/cluster.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

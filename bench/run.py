@@ -119,10 +119,11 @@ def router_system(path: str, workdir: Path) -> Iterator[Target]:
 
 
 def start_router(
-    workdir: Path, sip_port: int, http_port: int, rtp_ports: str, data_dir: Path
+    workdir: Path, sip_port: int, http_port: int, rtp_ports: str, data_dir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> h.Proc:
     """``python -m callrouter serve`` on loopback; returns once its health check answers."""
-    env = h.engine_env() | {
+    env = h.engine_env() | (extra_env or {}) | {
         "CALLROUTER_SIP_LISTEN": f"{h.LOOPBACK}:{sip_port}",
         "CALLROUTER_SIP_ADVERTISE": h.LOOPBACK,
         "CALLROUTER_RTP_PORTS": rtp_ports,
@@ -220,10 +221,14 @@ class RateSweep:
 
 
 def rate_sweep(
-    start: Starter, path: str, rates: Sequence[int], plan: Plan, workdir: Path
+    start: Starter, path: str, rates: Sequence[int], plan: Plan, workdir: Path,
+    bridged_scenario: Sequence[str] = ("-sn", "uac"),
 ) -> RateSweep:
-    """Step the call rate up until a step has failures (each step on a fresh system)."""
-    scenario = ["-sf", str(h.SCENARIOS / "reject_uac.xml")] if path == "reject" else ["-sn", "uac"]
+    """Step the call rate up until a step has failures (each step on a fresh system).
+    ``bridged_scenario``: SIPp's arguments for the bridged path (bench/cluster.py passes
+    one that follows a proxy's Record-Route)."""
+    reject = ["-sf", str(h.SCENARIOS / "reject_uac.xml")]
+    scenario = reject if path == "reject" else list(bridged_scenario)
     hold_ms = 0 if path == "reject" else plan.bridged_hold_ms
     sweep = RateSweep()
     for rate in rates:

@@ -8,8 +8,11 @@ packages=(
   libsrtp2-dev xz-utils debian-archive-keyring                   # pjproject 2.17 (external SRTP) from sid
   python3 python3-dev python3-venv python3-distutils             # the virtualenv
   sip-tester                                                     # SIPp, for tests and bench
+  postgresql                                                     # scripts/pg-local.sh: PostgreSQL store tests
   clang libclang-rt-dev                                          # scripts/fuzz.sh: libFuzzer, ASan, UBSan
   ca-certificates curl
+  kamailio                                                       # the SIP balancer: deploy/kamailio, make cluster, tests
+  podman runc debootstrap                                        # make image without a Docker daemon (scripts/image.sh)
 )
 
 missing=()

@@ -24,7 +24,9 @@
  *    ban it for sip.inbound.flood_ban_seconds: its new requests are dropped (never
  *    in-dialog requests of calls in progress);
  *  - out-of-dialog OPTIONS is answered here, with Allow/Accept/Supported trimmed to
- *    what the router does (no Allow-Events: SUBSCRIBE and REFER are refused);
+ *    what the router does (no Allow-Events: SUBSCRIBE and REFER are refused); while
+ *    the router drains it gets 503 + Retry-After instead, so a load balancer probing
+ *    with OPTIONS (Kamailio's dispatcher) stops sending new calls here;
  *  - a request larger than sip.max_message_bytes gets 513 Message Too Large
  *    (RFC 3261 s21.5.14), a response that large is dropped; a TCP message larger
  *    than the transport's buffer (PJSIP_MAX_PKT_LEN) reaches the drop-data
@@ -62,6 +64,10 @@ void crGuardSetMaxMessageBytes(unsigned bytes);
 unsigned long crGuardTooLarge();
 unsigned long crGuardKeepalivePongs();
 unsigned long crGuardOptionsAnswered();
+/* Draining: out-of-dialog OPTIONS gets 503 with Retry-After: `retry_after` seconds.
+ * Safe from any thread (an atomic flag). */
+void crGuardSetDraining(bool draining, unsigned retry_after);
+unsigned long crGuardOptionsDraining();
 /* Per-source flood control: `limit_per_second` new requests a second (0 = off), then
  * the source's new requests are dropped for `ban_seconds`. */
 void crGuardSetFloodControl(unsigned limit_per_second, unsigned ban_seconds);

@@ -30,7 +30,15 @@ unsigned cr_slot_reserve = 0;
 unsigned cr_max_message = PJSIP_MAX_PKT_LEN;  /* sip.max_message_bytes */
 std::atomic<unsigned long> cr_dropped(0), cr_refused(0), cr_replaces(0), cr_full(0);
 std::atomic<unsigned long> cr_too_large(0), cr_pongs(0), cr_flood_dropped(0), cr_flood_bans(0);
-std::atomic<unsigned long> cr_options(0);
+std::atomic<unsigned long> cr_options(0), cr_options_draining(0);
+std::atomic<bool> cr_draining(false);
+/* Reason phrases of a 503 that means "this router takes no new call, another may": a
+ * balancer in front (deploy/kamailio) fails over on these and passes any other 503 (a
+ * runtime's failure, which every router would meet) to the caller. The Python side
+ * (service.NO_ROOM_PHRASES) uses the same two. */
+const char *const CR_DRAINING = "Draining";
+const char *const CR_OVER_CAPACITY = "Over Capacity";
+std::atomic<unsigned> cr_drain_retry_after(5);
 
 /* ---- per-source flood control -----------------------------------------------------
  * More than `cr_flood_limit` new requests (out of dialog, ACK and CANCEL excepted) in
@@ -111,7 +119,8 @@ bool cr_prefix_match(const unsigned char *a, const unsigned char *b, unsigned bi
     return (a[bytes] & mask) == (b[bytes] & mask);
 }
 
-void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue);
+void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue,
+                const char *reason = NULL);
 
 /* The source's family and raw address; ::ffff:a.b.c.d (dual-stack sockets) as IPv4. */
 const unsigned char *cr_source_raw(const pj_sockaddr *src, int *af, unsigned char *mapped) {
@@ -261,7 +270,8 @@ bool cr_in_live_dialog(pjsip_rx_data *rdata) {
     return dlg != NULL;
 }
 
-void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue) {
+void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue,
+                const char *reason) {
     if (rdata->msg_info.msg->line.req.method.id == PJSIP_ACK_METHOD) return;
     pjsip_hdr hdrs;
     pj_list_init(&hdrs);
@@ -273,7 +283,8 @@ void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *h
             pjsip_generic_string_hdr_create(rdata->tp_info.pool, &name, &value);
         pj_list_push_back(&hdrs, h);
     }
-    pjsip_endpt_respond_stateless(pjsua_get_pjsip_endpt(), rdata, code, NULL,
+    pj_str_t text = pj_str((char *)(reason ? reason : ""));
+    pjsip_endpt_respond_stateless(pjsua_get_pjsip_endpt(), rdata, code, reason ? &text : NULL,
                                   hname ? &hdrs : NULL, NULL);
 }
 
@@ -468,7 +479,15 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
         return PJ_TRUE;
     }
     if (m->id == PJSIP_OPTIONS_METHOD && initial_request) {
-        cr_answer_options(rdata);
+        if (cr_draining.load()) {
+            /* A draining router tells the balancer's probe it takes no new calls. */
+            char retry[16];
+            pj_ansi_snprintf(retry, sizeof retry, "%u", cr_drain_retry_after.load());
+            cr_options_draining++;
+            cr_respond(rdata, PJSIP_SC_SERVICE_UNAVAILABLE, "Retry-After", retry, CR_DRAINING);
+        } else {
+            cr_answer_options(rdata);
+        }
         return PJ_TRUE;
     }
     if (m->id != PJSIP_INVITE_METHOD) return PJ_FALSE;
@@ -487,7 +506,7 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
     if (initial && cr_slot_reserve &&
         pjsua_call_get_count() + cr_slot_reserve >= pjsua_call_get_max_count()) {
         cr_full++;
-        cr_respond(rdata, PJSIP_SC_SERVICE_UNAVAILABLE, "Retry-After", "5");
+        cr_respond(rdata, PJSIP_SC_SERVICE_UNAVAILABLE, "Retry-After", "5", CR_OVER_CAPACITY);
         return PJ_TRUE;
     }
     return PJ_FALSE;
@@ -603,6 +622,11 @@ void crGuardSetMaxMessageBytes(unsigned bytes) { cr_max_message = bytes; }
 unsigned long crGuardTooLarge() { return cr_too_large.load(); }
 unsigned long crGuardKeepalivePongs() { return cr_pongs.load(); }
 unsigned long crGuardOptionsAnswered() { return cr_options.load(); }
+void crGuardSetDraining(bool draining, unsigned retry_after) {
+    cr_drain_retry_after = retry_after;
+    cr_draining = draining;
+}
+unsigned long crGuardOptionsDraining() { return cr_options_draining.load(); }
 void crGuardSetFloodControl(unsigned limit_per_second, unsigned ban_seconds) {
     cr_flood_limit = limit_per_second;
     cr_flood_ban_ms = (pj_uint32_t)ban_seconds * 1000;

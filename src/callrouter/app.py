@@ -4,7 +4,8 @@
 socket, bound but not yet served -> closing calls a crash left open, the heartbeat,
 the call-record writer and its daily prune -> routes -> SIP engine (its own thread)
 -> serving HTTP on the bound socket, then waits for a signal. The first SIGTERM/SIGINT
-starts a drain: readiness turns 503 and new INVITEs get 503 + Retry-After while active calls go on
+starts a drain: readiness turns 503, new INVITEs and out-of-dialog OPTIONS (a balancer's probe)
+get 503 + Retry-After while active calls go on
 until they end or ``drain.timeout_seconds`` passes; then the remaining calls get BYE
 and their records are closed as ``router_shutdown``. A second signal skips the wait.
 
@@ -50,10 +51,22 @@ import uvicorn
 from callrouter import __version__
 from callrouter.cli_client import ensure_first_key
 from callrouter.config import ENGINE_SLOT_RESERVE, Config
-from callrouter.crypto import KEY_FILE, SecretBox
+from callrouter.crypto import KEY_ENV, SecretBox
 from callrouter.domain import session as s
-from callrouter.domain.models import EndReason
+from callrouter.domain.models import CallRecord, EndReason, WebhookDelivery
+from callrouter.domain.routetable import (
+    AssistantRemoved,
+    AssistantUpserted,
+    FeedChange,
+    TrunkChanged,
+)
 from callrouter.domain.routing import Policy, RouteChange, RuntimePool
+from callrouter.domain.webhooks import (
+    WebhookDirectory,
+    WebhookTarget,
+    hooks_of,
+    restart_ended,
+)
 from callrouter.errors import StartupError, StoreError
 from callrouter.http.api import create_app
 from callrouter.http.deps import ApiDeps
@@ -61,13 +74,16 @@ from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
 from callrouter.outbound import OutboundDialer
-from callrouter.ports import ControlCommand
+from callrouter.ports import ControlCommand, RouteFeed, Store
 from callrouter.providers import Providers
 from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
 from callrouter.startup import http_listener, reason, writable_dir
-from callrouter.store.sqlite import SqliteStore
+from callrouter.store import make_store
+from callrouter.store.spool import SPOOL_FILE, CallSpool
+from callrouter.store.sql import safe_url
+from callrouter.webhooks import AssistantRequester, DeliveryWorker, WebhookSender, new_client
 
 log = structlog.get_logger("callrouter.app")
 
@@ -139,7 +155,7 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
     service = CallService(policy=policy, timing=timing,
                           pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                           default_region=cfg.default_region, metrics=metrics,
-                          record=recorder.submit,
+                          record=recorder.submit, notify=recorder.submit_event,
                           rejected_records_per_second=cfg.calls.rejected_records_per_second)
     service.compact_routes_at = cfg.route_compaction_at
     return service
@@ -191,17 +207,23 @@ class Router:
         self._start_metrics()
         writable_dir(cfg.storage.data_dir)
         self.secrets = self._load_secrets()
-        self.store = metered(SqliteStore(cfg.storage.database), self.metrics)
+        raw_store = make_store(cfg.store.database_url, cfg.storage.database,
+                               timeout=cfg.store.timeout_seconds,
+                               pool_size=cfg.store.pool_size)
+        self.store = metered(raw_store, self.metrics)
         await self.store.open()
         stack.push_async_callback(self.store.close)
+        await self._check_key()
         self._bind_http(stack)
+        await self._start_webhooks(stack)
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
-        await self.service.reload_routes(self.store)
+        self.service.router_name = cfg.node_name
         self.providers = Providers(self.store, self.secrets.decrypt,
                                    refresh_seconds=cfg.trunks.resolve_interval_seconds)
-        await self.providers.load()
+        await self._load_routes(stack, raw_store)
         await self._start_engine(stack)
+        await self._ask_assistants(stack)
         await self._first_key()  # before the API answers, so the key is shown first
         await self._serve_http()
         self._log_started()
@@ -219,21 +241,87 @@ class Router:
                              "CALLROUTER_ENGINE_SOURCE=debian-ring)")
 
     def _load_secrets(self) -> SecretBox:
-        data_dir = self.cfg.storage.data_dir
+        key_file = self.cfg.key_file
         try:
-            return SecretBox.load(data_dir, self.environ)
+            return SecretBox.load(key_file, self.environ)
         except OSError as exc:
-            raise StartupError(f"cannot read the trunk-password key {data_dir / KEY_FILE}: "
+            raise StartupError(f"cannot read the trunk-password key {key_file}: "
                                f"{reason(exc)}") from exc
 
+    async def _check_key(self) -> None:
+        """Refuse to start with a key other than the one the database's secrets were
+        written with: its passwords would be unreadable, and new ones unreadable to the
+        other routers."""
+        if not self.secrets.verify(await self.store.key_check(self.secrets.check_value())):
+            where = (KEY_ENV if self.environ.get(KEY_ENV, "").strip()
+                     else str(self.cfg.key_file))
+            raise StartupError(
+                f"the trunk-password key ({where}) is not the one this database was written "
+                f"with: give every router sharing {self._database_name()} the same key file "
+                "(secrets.key_file / CALLROUTER_SECRETS_KEY_FILE)")
+
+    def _database_name(self) -> str:
+        url = self.cfg.store.database_url
+        return safe_url(url) if url else str(self.cfg.storage.database)
+
+    async def _start_webhooks(self, stack: contextlib.AsyncExitStack) -> None:
+        """One HTTP client for every webhook (closed last), and the outbox worker, which
+        resumes what a previous run left pending."""
+        hooks = self.cfg.webhooks
+        client = new_client(hooks.delivery_timeout_seconds)
+        stack.push_async_callback(client.aclose)
+        self.sender = WebhookSender(client, allow_private=hooks.allow_private)
+        self.deliveries = DeliveryWorker(
+            self.store, self.sender, self.metrics, lambda: self.service.webhooks,
+            per_destination=hooks.max_concurrency_per_destination,
+            retry_hours=hooks.retry_hours, attempt_timeout=hooks.delivery_timeout_seconds)
+
+    async def _webhook_directory(self) -> WebhookDirectory:
+        """The account's webhook (config) and every assistant's, secrets decrypted."""
+        hooks = self.cfg.webhooks
+        account = WebhookTarget(hooks.url, hooks.secret or None, frozenset(hooks.events)) \
+            if hooks.url else None
+        assistants = {}
+        for a in await self.store.list_assistants():
+            enc = await self.store.get_assistant_webhook_secret(a.id) \
+                if a.has_webhook_secret else None
+            secret = self.secrets.decrypt(enc) if enc else None
+            assistants[a.id] = hooks_of(a.id, a.runtime_uri, a.webhook_url, a.webhook_events,
+                                        secret)
+        return WebhookDirectory(account, assistants)
+
+    async def _ask_assistants(self, stack: contextlib.AsyncExitStack) -> None:
+        """assistant-request for held INVITEs (the engine resumes them), and the outbox
+        worker (from now on: its events were already written before a restart)."""
+        requester = AssistantRequester(
+            self.sender, self.store, self.metrics, asyncio.get_running_loop(),
+            self.engine.resume, self.cfg.webhooks.assistant_request_timeout_seconds)
+        stack.push_async_callback(requester.close)
+        self.service.ask = requester.ask
+        _spawn(stack, self.deliveries.run(), "webhook-deliveries")
+
     async def _start_records(self, stack: contextlib.AsyncExitStack) -> None:
-        """Close what a crash left open (at the last heartbeat, so before this run's
-        first), then keep the heartbeat and the call-record writer running."""
-        closed = await self.store.close_open_calls(_utcnow())
+        """Write what an outage left spooled (each record with its outbox events), close
+        what a crash left open (this router's calls only, at its last heartbeat, so before
+        this run's first; each closed call with webhook events gets its ``ended`` event in
+        the same transaction), then keep the heartbeat and the call-record writer
+        running."""
+        retry_hours = self.cfg.webhooks.retry_hours
+        spool = await asyncio.to_thread(CallSpool, self.cfg.storage.data_dir / SPOOL_FILE)
+        self.recorder = CallRecorder(self.store, asyncio.get_running_loop(), spool,
+                                     retry_hours=retry_hours, on_outbox=self.deliveries.wake)
+        self.metrics.set_spooled_source(lambda: self.recorder.spooled)
+        if spool.backlog and not await self.recorder.flush_spool():
+            log.warning("call.spool_kept", records=spool.backlog, path=str(spool.path))
+        now = _utcnow()
+
+        def ended(record: CallRecord, last: WebhookDelivery) -> WebhookDelivery | None:
+            return restart_ended(record, last, now, retry_hours)
+
+        closed = await self.store.close_open_calls(now, self.cfg.node_name, ended)
         if closed:
-            log.warning("calls.closed_after_restart", count=closed)
+            log.warning("calls.closed_after_restart", count=closed, router=self.cfg.node_name)
         _spawn(stack, self._beat(), "heartbeat")
-        self.recorder = CallRecorder(self.store, asyncio.get_running_loop())
         _spawn(stack, self.recorder.run(), "call-records")
         stack.push_async_callback(self.recorder.flush)  # runs before the writer's cancel
         pruner = CallPruner(self.store, retention_days=self.cfg.calls.retention_days)
@@ -242,12 +330,78 @@ class Router:
     async def _beat(self) -> None:
         """The router's last sign of life, every ``HEARTBEAT_SECONDS``: after a crash the
         calls it left open end there, so the downtime is not counted as call time."""
+        lost_at: float | None = None  # the database has not answered since (monotonic)
         while True:
             try:
-                await self.store.heartbeat(_utcnow())
-            except StoreError as exc:
-                log.warning("router.heartbeat_failed", error=exc.message)
+                await self.store.heartbeat(_utcnow(), self.cfg.node_name)
+                if lost_at is not None:
+                    log.info("database.back", after_seconds=round(time.monotonic() - lost_at, 1),
+                             spooled_call_records=self.recorder.spooled)
+                    lost_at = None
+            except StoreError as exc:  # said once per outage, not every beat
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.warning("database.lost", error=exc.message,
+                                hint="routing goes on from memory; call records are spooled")
             await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _load_routes(self, stack: contextlib.AsyncExitStack, store: Store) -> None:
+        """The route table's first load; on a shared database the change feed listens
+        first (waiting up to ``store.timeout_seconds``), so no change committed around the
+        load is missed, and its "reload" on connecting is this load."""
+        self._reloading = asyncio.Lock()
+        self._feed_listening = asyncio.Event()
+        if isinstance(store, RouteFeed):  # several routers share this database
+            _spawn(stack, store.watch_routes(self._remote_changes), "route-feed")
+            with contextlib.suppress(TimeoutError):  # it reloads when it does connect
+                await asyncio.wait_for(self._feed_listening.wait(),
+                                       self.cfg.store.timeout_seconds)
+            _spawn(stack, self._reload_periodically(), "route-reload")
+        self._feed_listening.set()  # from now on a feed's "reload" is a real one
+        await self.service.reload_routes(self.store)
+        self.service.webhooks = await self._webhook_directory()
+        await self.providers.load()
+
+    async def _remote_changes(self, feed: Sequence[FeedChange] | None) -> None:
+        """What other routers (or this one) committed, from the store's route feed."""
+        if feed is None:
+            if not self._feed_listening.is_set():  # connected before the first load
+                self._feed_listening.set()
+                return
+            await self._reload("feed")
+            return
+        changes = [c for c in feed if not isinstance(c, TrunkChanged)]
+        try:
+            trunks = [c.trunk_id for c in feed if isinstance(c, TrunkChanged)]
+            if trunks:  # a trunk written through another router: its allow-list entry,
+                await self.providers.refresh(trunks)  # challenge and registration here too
+            if not changes:
+                return
+            await self.service.apply_route_changes(changes, self.store)
+            if any(isinstance(c, AssistantUpserted | AssistantRemoved) for c in changes):
+                # another router may have changed an assistant's webhook
+                self.service.webhooks = await self._webhook_directory()
+        except StoreError as exc:  # a big batch rebuilds from the database, which can fail
+            log.warning("routes.change_failed", error=exc.message, changes=len(changes))
+
+    async def _reload_periodically(self) -> None:
+        """The safety net under the notifications: a full rebuild every
+        ``store.full_reload_seconds``."""
+        while True:
+            await asyncio.sleep(self.cfg.store.full_reload_seconds)
+            await self._reload("periodic")
+
+    async def _reload(self, cause: str) -> None:
+        async with self._reloading:
+            try:
+                await self.service.reload_routes(self.store)
+                self.service.webhooks = await self._webhook_directory()
+                await self.providers.load()
+            except StoreError as exc:
+                log.warning("routes.reload_failed", cause=cause, error=exc.message)
+                return
+        self.metrics.route_reload(cause)
+        log.info("routes.reloaded", cause=cause, routes=len(self.service.routes))
 
     async def _start_engine(self, stack: contextlib.AsyncExitStack) -> None:
         self.engine = SipEngine(engine_settings(self.cfg), self.service)
@@ -323,7 +477,11 @@ class Router:
             await self.service.apply_route_changes(changes, self.store)
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
-                                routing_changed, _utcnow, self.providers.changed)
+                                routing_changed, _utcnow,
+                                on_trunk_change=self.providers.changed,
+                                on_webhook_change=self.service.set_assistant_hooks,
+                                allow_private_webhooks=self.cfg.webhooks.allow_private)
+        management.import_workers = self.cfg.import_workers
         return ApiDeps(
             management=management, store=self.store, version=__version__,
             health=self._health, ready=self._ready, control=self._control,
@@ -335,6 +493,7 @@ class Router:
             registration=self.providers.registration,
             place_call=OutboundDialer(self.service, self.store, self.secrets.decrypt,
                                       self.cfg.default_region).place,
+            retry_delivery=self.deliveries.retry,
         )
 
     async def _serve_http(self) -> None:
@@ -372,6 +531,8 @@ class Router:
                      active_calls=len(self.service.active),
                      timeout_seconds=self.cfg.drain_timeout_seconds)
             self.service.draining = True
+            # OPTIONS turn 503 too: a balancer probing with them stops sending calls here.
+            self.engine.set_draining(True, self.cfg.sip.inbound.retry_after_seconds)
             self.stopping.set()
 
     async def _drain(self) -> None:
@@ -390,10 +551,16 @@ class Router:
     # ---- what the API asks of the router ---------------------------------------------
 
     async def _health(self) -> dict[str, dict[str, Any]]:
-        latency = await self.store.ping()  # timed into the metrics by MeteredStore
+        database: dict[str, Any]
+        try:
+            latency = await self.store.ping()  # timed into the metrics by MeteredStore
+            database = {"status": "ok", "latency_ms": round(latency * 1000, 3)}
+        except StoreError as exc:  # routing goes on from memory; records are spooled
+            database = {"status": "down", "error": exc.message}
+        database["spooled_call_records"] = self.recorder.spooled
         status = self.engine.status()
         return {
-            "database": {"status": "ok", "latency_ms": round(latency * 1000, 3)},
+            "database": database,
             "sip": {"status": "ok" if status.running else "down",
                     "engine": status.version, "listen": str(self.cfg.sip.listen),
                     "active_calls": len(self.service.active),

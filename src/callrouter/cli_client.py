@@ -9,9 +9,10 @@ running router over HTTP (``--url`` / ``CALLROUTER_API_URL``, key from ``--api-k
 ``CALLROUTER_API_KEY``); the answer prints as an aligned table, or as the API's JSON
 with ``--json``. An API error prints its message and field details and exits 1.
 
-``keys create`` does not need a running router: it opens the SQLite database in the data
-dir (``--data-dir`` / ``CALLROUTER_DATA_DIR``, default ``./var``) and prints the new key
-once; only its hash is stored.
+``keys create`` does not need a running router: it opens the router's database, the
+PostgreSQL one of ``--database-url`` / ``CALLROUTER_DATABASE_URL`` when given, else the
+SQLite one in the data dir (``--data-dir`` / ``CALLROUTER_DATA_DIR``, default ``./var``),
+and prints the new key once; only its hash is stored.
 
 ``register(subparsers)`` adds all of this to the ``callrouter`` parser; each leaf sets
 ``func``, which takes the parsed args and returns the exit code.
@@ -36,7 +37,7 @@ import httpx
 from callrouter.domain import numbercsv
 from callrouter.management import issue_api_key
 from callrouter.ports import Store
-from callrouter.store.sqlite import SqliteStore
+from callrouter.store import make_store
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./var"
@@ -71,6 +72,8 @@ class Resource:
 
 
 def _comma_list(text: str) -> list[str]:
+    """``--inbound-addresses a,b`` or ``--webhook-events assistant-request,status-update``
+    ('' for none)."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
@@ -122,11 +125,21 @@ RESOURCES = (
                     nullable=True))),
     Resource(
         command="assistants", path="/api/v1/assistants", one="assistant", many="assistants",
-        columns=(("ID", "id"), ("NAME", "name"), ("RUNTIME URI", "runtime_uri")),
+        columns=(("ID", "id"), ("NAME", "name"), ("RUNTIME URI", "runtime_uri"),
+                 ("WEBHOOK URL", "webhook_url"), ("EVENTS", "webhook_events"),
+                 ("SECRET", "has_webhook_secret")),
         flags=(Flag("--name", "name", "assistant name", required_on_add=True),
                Flag("--runtime-uri", "runtime_uri",
                     "SIP URI of the assistant's runtime ('none': default pool)",
-                    nullable=True))),
+                    nullable=True),
+               Flag("--webhook-url", "webhook_url",
+                    "http(s) URL for its webhooks ('none': the account-level webhook)",
+                    nullable=True),
+               Flag("--webhook-secret", "webhook_secret",
+                    "HMAC secret that signs its webhooks (never shown again)", nullable=True),
+               Flag("--webhook-events", "webhook_events",
+                    "comma-separated: assistant-request,status-update ('' for none)",
+                    kind=_comma_list))),
 )
 _BY_COMMAND = {r.command: r for r in RESOURCES}
 
@@ -210,6 +223,9 @@ def _register_keys(subparsers: SubParsers) -> None:
     create.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("CALLROUTER_DATA_DIR", DEFAULT_DATA_DIR)),
                         help="data directory (env CALLROUTER_DATA_DIR)")
+    create.add_argument("--database-url", default=os.environ.get("CALLROUTER_DATABASE_URL", ""),
+                        help="the routers' PostgreSQL database (env CALLROUTER_DATABASE_URL); "
+                             "unset: SQLite in the data directory")
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(func=run_keys_create)
 
@@ -421,15 +437,16 @@ def _cell(value: object) -> str:
 
 def run_keys_create(args: argparse.Namespace) -> int:
     return asyncio.run(create_key(args.data_dir, name=args.name, read_only=args.read_only,
-                                  as_json=args.json))
+                                  as_json=args.json, database_url=args.database_url))
 
 
 async def create_key(
     data_dir: Path, *, name: str, read_only: bool, as_json: bool = False,
-    out: TextIO | None = None,
+    out: TextIO | None = None, database_url: str = "",
 ) -> int:
-    """Create a key directly in the data dir's database and print it (the only time)."""
-    store = SqliteStore(data_dir / DB_FILE)
+    """Create a key directly in the router's database (PostgreSQL at ``database_url``,
+    else SQLite in ``data_dir``) and print it (the only time)."""
+    store = make_store(database_url, data_dir / DB_FILE)
     await store.open()
     try:
         token, key = await issue_api_key(store, name=name, read_only=read_only, now=_now())
@@ -442,8 +459,9 @@ async def create_key(
 
 
 async def ensure_first_key(store: Store) -> str | None:
-    """If no API key exists yet, create a read-write one and return it (else ``None``)."""
-    if await store.count_api_keys() > 0:
+    """If no API key exists yet, create a read-write one and return it (else ``None``).
+    Of several routers starting together on one empty database only the first makes one."""
+    if await store.count_api_keys() > 0 or not await store.claim("first_api_key"):
         return None
     token, _ = await issue_api_key(store, name="initial", read_only=False, now=_now())
     return token

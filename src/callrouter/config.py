@@ -14,18 +14,21 @@ keeps it in step with ``SETTINGS``.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callrouter.domain.webhooks import EVENTS, destination_problem
 from callrouter.errors import ConfigError
 
 ENV_PREFIX = "CALLROUTER_"
 ENV_ALIASES = {
     "CALLROUTER_RTP_PORTS": "sip.rtp_ports",
     "CALLROUTER_DATA_DIR": "storage.data_dir",
+    "CALLROUTER_DATABASE_URL": "store.database_url",
 }
 ENGINE_SLOT_RESERVE = 16  # pjsua call slots kept free so the router, not pjsua, says 503
 
@@ -100,6 +103,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the router keeps its data: SQLite in the data directory unless
+    ``database_url`` names a PostgreSQL database shared by several routers."""
+
+    # postgresql://user:pass@host:port/db; "" = SQLite. Not in repr: it holds a password.
+    database_url: str = field(default="", repr=False)
+    timeout_seconds: float = 5.0  # connecting and each statement (PostgreSQL)
+    pool_size: int = 10  # connections per router (PostgreSQL)
+    full_reload_seconds: float = 300.0  # route table rebuilt from the database this often
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str  # "json" | "console" | "auto"
     level: str
@@ -124,6 +139,21 @@ class TrunksConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """The account-level webhook (the fallback for assistants without their own) and how
+    every webhook is delivered."""
+
+    url: str = ""  # "" = no account-level webhook
+    secret: str = ""
+    events: tuple[str, ...] = EVENTS
+    assistant_request_timeout_seconds: float = 5.0
+    retry_hours: float = 24.0
+    allow_private: bool = False
+    max_concurrency_per_destination: int = 4
+    delivery_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig
     runtime: RuntimeConfig
@@ -136,6 +166,15 @@ class Config:
     import_max_bytes: int = 256 * 1024 * 1024  # POST /api/v1/numbers/import body limit
     route_compaction_at: int = 4096  # route changes held before they are merged
     trunks: TrunksConfig = TrunksConfig()
+    store: StoreConfig = StoreConfig()
+    node_name: str = ""  # this router's name in call records (default host:sip-port)
+    secrets_key_file: Path | None = None  # the trunk-password key (default data_dir)
+
+    @property
+    def key_file(self) -> Path:
+        return self.secrets_key_file or self.storage.data_dir / "secret.key"
+    import_workers: int = 0  # processes checking an import's rows (0: one per CPU)
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 # ---- parsers: value -> parsed value, or ValueError with a message ------------------
@@ -191,6 +230,27 @@ def _seconds(value: Any) -> float:
     if number <= 0:
         raise ValueError(f"must be positive, got {number}")
     return number
+
+
+def _database_url(value: Any) -> str:
+    text = str(value).strip()
+    if text and not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql://user:password@host:port/database URL "
+                         "(or empty for SQLite in the data directory)")
+    return text
+
+
+def _node_name(value: Any) -> str:
+    text = str(value).strip()
+    if len(text) > 100 or not all(c.isprintable() and not c.isspace() for c in text):
+        raise ValueError(f"expected at most 100 printable characters without spaces, "
+                         f"got {text!r}")
+    return text
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = str(value).strip()
+    return Path(text) if text else None
 
 
 def _sip_code(low: int, high: int) -> Callable[[Any], int]:
@@ -276,6 +336,34 @@ def _message_size(value: Any) -> int:
     return size
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _webhook_url(value: Any) -> str:
+    text = str(value).strip()
+    if text:
+        problem = destination_problem(text, allow_private=True)  # private: cross-checked
+        if problem is not None:
+            raise ValueError(f"{text!r} {problem}")
+    return text
+
+
+def _events(value: Any) -> tuple[str, ...]:
+    events = _str_list(value)
+    unknown = sorted(set(events) - set(EVENTS))
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}")
+    return tuple(dict.fromkeys(events))
+
+
 @dataclass(frozen=True)
 class Setting:
     path: str
@@ -313,12 +401,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http.rate_limit_per_minute", 100, _positive_int),
     Setting("http.max_body_bytes", 1024 * 1024, _positive_int),
     Setting("storage.data_dir", "./var", lambda v: Path(str(v))),
+    Setting("store.database_url", "", _database_url),
+    Setting("store.timeout_seconds", 5, _seconds),
+    Setting("store.pool_size", 10, _positive_int),
+    Setting("store.full_reload_seconds", 300, _seconds),
+    Setting("secrets.key_file", "", _optional_path),
+    Setting("node.name", "", _node_name),
     Setting("log.format", "auto", _choice("auto", "json", "console")),
     Setting("log.level", "info", _choice("debug", "info", "warning", "error")),
     Setting("log.engine_level", 1, _int),
     Setting("numbers.default_region", "NL", _region),
     Setting("numbers.import_max_bytes", 256 * 1024 * 1024, _positive_int),
     Setting("numbers.route_compaction_at", 4096, _positive_int),
+    Setting("numbers.import_workers", 0, _non_negative_int),
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
@@ -327,6 +422,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trunks.register_retry_seconds", 30, _positive_int),
     Setting("trunks.register_retry_max_seconds", 300, _positive_int),
     Setting("trunks.keepalive_seconds", 15, _non_negative_int),
+    Setting("webhooks.url", "", _webhook_url),
+    Setting("webhooks.secret", "", str),
+    Setting("webhooks.events", list(EVENTS), _events),
+    Setting("webhooks.assistant_request_timeout_seconds", 5, _seconds),
+    Setting("webhooks.retry_hours", 24, _seconds),
+    Setting("webhooks.allow_private", False, _bool),
+    Setting("webhooks.max_concurrency_per_destination", 4, _positive_int),
+    Setting("webhooks.delivery_timeout_seconds", 10, _seconds),
 )
 
 
@@ -381,6 +484,10 @@ def _cross_checks(v: Mapping[str, Any], engine_max_calls: int | None) -> list[st
             f"sip.rtp_ports: {v['sip.rtp_ports'].size} ports cannot carry sip.max_calls="
             f"{v['sip.max_calls']} bridged calls (needs {needed_ports})"
         )
+    if v["webhooks.url"]:
+        problem = destination_problem(v["webhooks.url"], v["webhooks.allow_private"])
+        if problem is not None:
+            problems.append(f"webhooks.url: {problem}")
     slots = v["sip.max_calls"] * 2 + ENGINE_SLOT_RESERVE
     if engine_max_calls is not None and slots > engine_max_calls:
         problems.append(
@@ -453,4 +560,17 @@ def _build(v: Mapping[str, Any]) -> Config:
             register_retry_seconds=v["trunks.register_retry_seconds"],
             register_retry_max_seconds=v["trunks.register_retry_max_seconds"],
             keepalive_seconds=v["trunks.keepalive_seconds"]),
+        store=StoreConfig(database_url=v["store.database_url"],
+                          timeout_seconds=v["store.timeout_seconds"],
+                          pool_size=v["store.pool_size"],
+                          full_reload_seconds=v["store.full_reload_seconds"]),
+        node_name=v["node.name"] or f"{socket.gethostname()}:{sip.listen.port}",
+        secrets_key_file=v["secrets.key_file"],
+        import_workers=v["numbers.import_workers"],
+        webhooks=WebhooksConfig(
+            url=v["webhooks.url"], secret=v["webhooks.secret"], events=v["webhooks.events"],
+            assistant_request_timeout_seconds=v["webhooks.assistant_request_timeout_seconds"],
+            retry_hours=v["webhooks.retry_hours"], allow_private=v["webhooks.allow_private"],
+            max_concurrency_per_destination=v["webhooks.max_concurrency_per_destination"],
+            delivery_timeout_seconds=v["webhooks.delivery_timeout_seconds"]),
     )

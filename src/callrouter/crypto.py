@@ -3,10 +3,15 @@
 How it works:
 
 - ``SecretBox`` encrypts trunk passwords with Fernet (AES-128-CBC + HMAC-SHA256). The
-  key comes from ``CALLROUTER_SECRET_KEY`` when set, otherwise from ``secret.key`` in
-  the data dir, created on first use with mode 0600 (``O_EXCL``, so two processes
-  starting together agree on one key). Losing the key makes stored passwords
+  key comes from ``CALLROUTER_SECRET_KEY`` when set, otherwise from the key file
+  (``secrets.key_file``, default ``secret.key`` in the data dir), created on first use
+  with mode 0600 (``O_EXCL``, so two processes starting together agree on one key).
+  Routers sharing a database share the key file. Losing the key makes stored passwords
   unreadable, never readable by someone else.
+- The database keeps a check value: the key encrypting ``KEY_CHECK_TEXT``, written by the
+  first router to start (``Store.key_check``). A router whose key cannot decrypt it
+  refuses to start (``SecretBox.verify``) instead of writing passwords no other router
+  can read.
 - API keys are ``cr_`` + 32 random bytes (urlsafe base64). Only ``sha256(token)`` is
   stored; the token is shown once. A plain hash suffices because the token has 256
   bits of entropy: there is nothing to brute-force, so no slow KDF is needed, and
@@ -31,6 +36,7 @@ from callrouter.errors import ConfigError, StoreError
 
 KEY_ENV = "CALLROUTER_SECRET_KEY"
 KEY_FILE = "secret.key"
+KEY_CHECK_TEXT = "callrouter trunk-password key check"
 API_KEY_PREFIX = "cr_"
 
 
@@ -44,12 +50,23 @@ class SecretBox:
             raise ConfigError([f"{KEY_ENV}/{KEY_FILE}: not a Fernet key ({exc})"]) from exc
 
     @classmethod
-    def load(cls, data_dir: Path, environ: Mapping[str, str]) -> SecretBox:
-        """The key from the environment, else from (or newly into) ``data_dir/secret.key``."""
+    def load(cls, key_file: Path, environ: Mapping[str, str]) -> SecretBox:
+        """The key from the environment, else from (or newly into) ``key_file``."""
         from_env = environ.get(KEY_ENV, "").strip()
         if from_env:
             return cls(from_env.encode())
-        return cls(_read_or_create_key(data_dir / KEY_FILE))
+        return cls(_read_or_create_key(key_file))
+
+    def check_value(self) -> bytes:
+        """This key's check value, for a database that has none yet."""
+        return self.encrypt(KEY_CHECK_TEXT)
+
+    def verify(self, stored_check: bytes) -> bool:
+        """Whether this key wrote ``stored_check`` (and so can read the stored secrets)."""
+        try:
+            return self._fernet.decrypt(stored_check).decode() == KEY_CHECK_TEXT
+        except (InvalidToken, UnicodeDecodeError):
+            return False
 
     def encrypt(self, plaintext: str) -> bytes:
         return self._fernet.encrypt(plaintext.encode())

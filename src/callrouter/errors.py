@@ -11,6 +11,7 @@ exceptions. Every exception that can reach a peer knows what to answer with:
     ├── Conflict (409)                 duplicate number, object still referenced
     │   └── CommandRefused (409)       the call's state refuses a control command now
     ├── StoreError (500)               the database failed (translated in store/ only)
+    │   └── StoreUnavailable (503)     the database cannot be reached now (PostgreSQL)
     ├── EngineError (500, SIP 500)     pjsua2 failed (translated in sip/ only)
     ├── EngineUnavailable (503)        no SIP engine to carry a control command
     ├── EngineTimeout (504)            the SIP engine did not rule on a command in time
@@ -82,6 +83,15 @@ class CommandRefused(Conflict):
 
 class StoreError(CallrouterError):
     code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The database is unreachable (down, restarting, network): the router goes on routing
+    from memory and spools call records; what needs the database answers 503."""
+
+    status = 503
+    code = "database_unavailable"
+    public = True
 
 
 class EngineError(CallrouterError):

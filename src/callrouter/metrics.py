@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from callrouter import __version__
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Outcome
+from callrouter.domain.webhooks import EVENTS, ReplyKind
 from callrouter.ports import EngineEntry, RegistrationState, RegistrationStatus
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
@@ -67,10 +68,12 @@ class GuardAction(enum.StrEnum):
     AUTH_CHALLENGED = "auth_challenged"  # 407 to an INVITE from an inbound_auth trunk
     AUTH_FAILED = "auth_failed"  # 403: its credentials were wrong
     AUTH_OK = "auth_ok"  # its credentials were right
+    DRAINING_OPTIONS = "draining_options"  # OPTIONS answered 503 while draining (balancer probes)
 
 
 # SIP codes the router sends on purpose get their own series; anything else is "other".
-SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503, 513})
+SIP_CODES = frozenset({100, 180, 183, 200, 403, 404, 405, 480, 486, 487, 488, 500, 503, 513,
+                       603})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # INVITE -> response on loopback is sub-millisecond; a slow runtime answers in seconds.
@@ -108,6 +111,7 @@ class Metrics:
         self._define_calls()
         self._define_io()
         self._define_engine_failures()
+        self._define_webhooks()
         self._build_info = Gauge(
             "callrouter_build_info",
             "Router build: version and the pjproject the engine was built from; always 1.",
@@ -186,6 +190,16 @@ class Metrics:
             buckets=STORE_BUCKETS, registry=r,
         )  # fmt: skip
         self._store = {op: store.labels(op.value) for op in StoreOperation}
+        self._spooled = Gauge(
+            "callrouter_call_records_spooled", "Call records kept on local disk because the "
+            "database is unreachable, waiting to be written.", registry=r,
+        )  # fmt: skip
+        self._route_reloads = Counter(
+            "callrouter_route_reloads", "Full rebuilds of the route table from the database "
+            "after start, by cause: feed (a bulk change, or the change feed (re)connected) or "
+            "periodic (store.full_reload_seconds).", ["cause"],
+            registry=r,
+        )  # fmt: skip
         self._http_count = Counter(
             "callrouter_http_requests", "API requests, by route template, method and status.",
             ["route", "method", "status"], registry=r,
@@ -194,6 +208,52 @@ class Metrics:
             "callrouter_http_request_duration_seconds", "API request handling time.",
             ["route", "method"], buckets=HTTP_BUCKETS, registry=r,
         )  # fmt: skip
+
+    def _define_webhooks(self) -> None:
+        r = self.registry
+        answers = Counter(
+            "callrouter_webhook_assistant_requests",
+            "assistant-request replies, by how they decided the call (saved, assistant, "
+            "refused) or why the saved assistant was used (timeout, http_error, invalid, "
+            "unknown_assistant).", ["outcome"], registry=r,
+        )  # fmt: skip
+        self._answers = {k: answers.labels(k.value) for k in ReplyKind}
+        delivered = Counter(
+            "callrouter_webhook_deliveries", "Webhook requests answered 2xx, by event.",
+            ["event"], registry=r)
+        failed = Counter(
+            "callrouter_webhook_delivery_failures",
+            "Webhook attempts that failed (connection, timeout, non-2xx), by event.",
+            ["event"], registry=r)
+        given_up = Counter(
+            "callrouter_webhook_given_up",
+            "status-update events given up (a 4xx other than 429, or webhooks.retry_hours "
+            "passed), by event.", ["event"], registry=r)
+        backlog = Gauge(
+            "callrouter_webhook_backlog", "Events waiting in the outbox, by event.",
+            ["event"], registry=r)
+        latency = Histogram(
+            "callrouter_webhook_latency_seconds",
+            "One webhook request, sent to reply read (or failure), by event.", ["event"],
+            buckets=HTTP_BUCKETS, registry=r)
+        self._hook = {e: (delivered.labels(e), failed.labels(e), given_up.labels(e),
+                          backlog.labels(e), latency.labels(e)) for e in EVENTS}
+
+    # --- webhooks ------------------------------------------------------------------------------
+
+    def assistant_request(self, kind: ReplyKind | str) -> None:
+        self._answers[ReplyKind(kind)].inc()
+
+    def webhook_attempt(self, event: str, ok: bool, seconds: float) -> None:
+        delivered, failed, _, _, latency = self._hook[event]
+        (delivered if ok else failed).inc()
+        latency.observe(seconds)
+
+    def webhook_given_up(self, event: str) -> None:
+        self._hook[event][2].inc()
+
+    def webhook_backlog(self, event: str, count: int) -> None:
+        self._hook[event][3].set(count)
 
     # --- SIP and routing -------------------------------------------------------------------
 
@@ -273,6 +333,13 @@ class Metrics:
         self._callback_failures[EngineEntry(where)].inc()
 
     # --- engine (read at scrape time) --------------------------------------------------------
+
+    def set_spooled_source(self, source: Callable[[], int]) -> None:
+        """``source() -> count`` of call records spooled on disk, read on every scrape."""
+        self._spooled.set_function(source)
+
+    def route_reload(self, cause: str) -> None:
+        self._route_reloads.labels(cause).inc()
 
     def set_engine_slots_source(self, source: EngineSlotsSource | None) -> None:
         """``source() -> (max_calls, in_use)``, called on every scrape; None to detach."""

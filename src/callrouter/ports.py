@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from callrouter.domain.models import (
     ApiKey,
     Assistant,
     CallRecord,
     CallStatus,
+    DeliveryStatus,
     PhoneNumber,
     Trunk,
+    WebhookDelivery,
 )
+from callrouter.domain.routetable import FeedChange
 from callrouter.domain.session import Command, DialCustomer, Event, Refused, Request
 from callrouter.domain.trunknets import TrunkNetwork
+from callrouter.domain.webhooks import AssistantReply
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class CallQuery:
 # One number as the route table's full rebuild reads it: (E.164, number id, assistant id,
 # is_active), ids as UUID text (see ``domain.routetable.RouteTableBuilder.add_rows``).
 RouteRow = tuple[str, str, str | None, bool]
+
+# What ``close_open_calls`` asks about each call it closes: given the closed record and the
+# call's last outbox event, the ``ended`` event to add in the same transaction (or None).
+EndedEvent = Callable[[CallRecord, WebhookDelivery], WebhookDelivery | None]
 
 
 @dataclass(frozen=True)
@@ -89,35 +97,100 @@ class Store(Protocol):
     async def delete_trunk(self, trunk_id: uuid.UUID) -> bool: ...
     async def get_trunk_password(self, trunk_id: uuid.UUID) -> bytes | None: ...
 
-    # assistants
+    # assistants: the webhook secret is passed encrypted, like a trunk password, and
+    # kept as it is unless ``keep_webhook_secret`` is False
     async def list_assistants(self) -> Sequence[Assistant]: ...
     async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None: ...
-    async def create_assistant(self, assistant: Assistant) -> Assistant: ...
-    async def update_assistant(self, assistant: Assistant) -> Assistant: ...
+    async def create_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None) -> Assistant: ...
+    async def update_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None,
+                               keep_webhook_secret: bool = True) -> Assistant: ...
     async def delete_assistant(self, assistant_id: uuid.UUID) -> bool: ...
+    async def get_assistant_webhook_secret(self, assistant_id: uuid.UUID) -> bytes | None: ...
 
-    # calls: written by the service as a call progresses
-    async def upsert_calls(self, records: Sequence[CallRecord]) -> None: ...
+    # calls: written by the service as a call progresses; the webhook events that a change
+    # causes are written to the outbox in the same transaction
+    async def upsert_calls(self, records: Sequence[CallRecord],
+                           deliveries: Sequence[WebhookDelivery] = ()) -> None: ...
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None: ...
     async def list_calls(self, query: CallQuery) -> tuple[Sequence[CallRecord], int]: ...
-    async def close_open_calls(self, now: datetime) -> int:
-        """Close every call still connecting/in-progress as failed/router_restart, ended
-        at the last heartbeat (``now`` if none was written) but never before the call's
-        own last update; ``updated_at`` becomes ``now``."""
+    async def close_open_calls(self, now: datetime, router: str,
+                               ended: EndedEvent | None = None) -> int:
+        """Close every call of ``router`` (``CallRecord.router``; records from before
+        routers were named, ``""``, count as anyone's) still connecting/in-progress as
+        failed/router_restart, ended at that router's last heartbeat (``now`` if none was
+        written) but never before the call's own last update; ``updated_at`` becomes
+        ``now``. Other routers' calls are left alone: they may still be running. With
+        ``ended``, each closed call that has outbox events gets the event ``ended`` makes,
+        in the same transaction."""
         ...
 
-    # the router's last sign of life, so a crash does not count as call time
-    async def heartbeat(self, at: datetime) -> None: ...
+    # a router's last sign of life, so a crash does not count as call time; one per router
+    async def heartbeat(self, at: datetime, router: str) -> None: ...
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         """Delete at most ``limit`` ended/failed calls created before ``before``, oldest
         first, in one transaction; returns how many (the retention prune's one batch)."""
         ...
 
+    # the webhook outbox (status-update events), delivered at least once, in order per call
+    async def due_deliveries(self, now: datetime, limit: int) -> Sequence[WebhookDelivery]:
+        """Pending events due by ``now``, oldest first, at most one per call (the first
+        pending one: a later event of a call waits for the earlier)."""
+        ...
+    async def next_delivery_at(self) -> datetime | None:
+        """When the earliest pending event is due (None: nothing pending)."""
+        ...
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        """Take a due event for one attempt: its next attempt becomes ``until`` if it is
+        still pending and due when ``delivery`` was read (compare and set); False when
+        someone (another router sharing the outbox) took or settled it first."""
+        ...
+    async def update_delivery(self, delivery: WebhookDelivery) -> None:
+        """Store an attempt's outcome (status, attempts, next attempt, expiry, error)."""
+        ...
+    async def get_delivery(self, delivery_id: uuid.UUID) -> WebhookDelivery | None: ...
+    async def list_deliveries(self, status: DeliveryStatus | None, limit: int,
+                              offset: int) -> tuple[Sequence[WebhookDelivery], int]:
+        """Newest first, and how many match in all."""
+        ...
+    async def count_deliveries(self, status: DeliveryStatus) -> int: ...
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        """Delete at most ``limit`` delivered or given-up events created before ``before``
+        (never a pending one), oldest first, in one transaction; returns how many."""
+        ...
+
     # API keys: only the hash is stored
     async def create_api_key(self, key: ApiKey, key_hash: bytes) -> ApiKey: ...
     async def find_api_key(self, key_hash: bytes) -> ApiKey | None: ...
     async def count_api_keys(self) -> int: ...
+
+    # the trunk-password key's check value (the key encrypting a known text)
+    async def key_check(self, candidate: bytes) -> bytes:
+        """Keep ``candidate`` as the check value unless one is stored already; return
+        the stored one (so the first router to start decides, as for migrations)."""
+        ...
+
+    async def claim(self, name: str) -> bool:
+        """True for the first caller ever to claim ``name``, False for every later one
+        (any process on the same database): a one-time step of several routers."""
+        ...
+
+
+# Route changes made by other routers sharing the database (PostgreSQL's LISTEN/NOTIFY).
+OnRouteChanges = Callable[[Sequence[FeedChange] | None], Awaitable[None]]
+
+
+@runtime_checkable
+class RouteFeed(Protocol):
+    """A store shared by several routers tells each of them what the others changed."""
+
+    async def watch_routes(self, on_changes: OnRouteChanges) -> None:
+        """Until cancelled: hand each batch of committed changes to ``on_changes``, in
+        commit order, and ``None`` (reload the whole table) whenever changes may have
+        been missed: after every (re)connection and for a bulk change."""
+        ...
 
 
 class RegistrationState(enum.StrEnum):
@@ -221,6 +294,15 @@ class Rejected:
     code: int
     reason: str
     retry_after: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. Reason (RFC 3326) on a 603
+
+
+@dataclass(frozen=True)
+class Held:
+    """The INVITE waits for an ``assistant-request`` reply: the caller hears ringing (180)
+    until the decision comes back through ``CallControl.resume`` (``on_decided``)."""
+
+    call_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -272,7 +354,17 @@ class EngineEntry(enum.StrEnum):
 class CallHandler(Protocol):
     """What the SIP adapter asks of the service, on the SIP thread."""
 
-    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected: ...
+    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected | Held: ...
+
+    def on_decided(self, call_id: uuid.UUID, reply: AssistantReply,
+                   now: float) -> Accepted | Rejected | None:
+        """The ``assistant-request`` reply for a held INVITE (None: it is gone already)."""
+        ...
+
+    def on_held_ended(self, call_id: uuid.UUID, now: float) -> None:
+        """The caller of a held INVITE gave up (CANCEL) before the decision."""
+        ...
+
     def on_outbound(self, call: OutboundCall, now: float) -> Accepted | Rejected:
         """An outbound call to start (capacity and drain apply as to an INVITE)."""
         ...
@@ -323,6 +415,10 @@ class CallControl(Protocol):
         ...
 
     def status(self) -> EngineStatus: ...
+
+    def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        """Hand the ``assistant-request`` reply for a held INVITE to the SIP thread."""
+        ...
 
 
 # ---- call control from the API ------------------------------------------------------

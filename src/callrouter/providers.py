@@ -62,9 +62,29 @@ class Providers:
         self.sip: ProviderControl | None = None
 
     async def load(self) -> None:
-        for trunk in await self._store.list_trunks():
+        """Every stored trunk, anew (at start, and on a full reload of a shared
+        database's changes): trunks gone from the store are forgotten."""
+        trunks = await self._store.list_trunks()
+        for gone in self._trunks.keys() - {t.id for t in trunks}:
+            self._forget(gone)
+        for trunk in trunks:
             await self._remember(trunk)
-        await self._resolve_names(trunknets.names_to_resolve(self._trunks.values()))
+        fresh = trunknets.names_to_resolve(self._trunks.values()) - self._resolved.keys()
+        await self._resolve_names(fresh)
+        self._publish()
+
+    async def refresh(self, trunk_ids: Iterable[uuid.UUID]) -> None:
+        """Trunks another router (or this one) wrote or deleted, from the change feed:
+        each read back from the store, then one new policy."""
+        for trunk_id in set(trunk_ids):
+            trunk = await self._store.get_trunk(trunk_id)
+            if trunk is None:
+                self._forget(trunk_id)
+            else:
+                await self._remember(trunk)
+        fresh = trunknets.names_to_resolve(self._trunks.values()) - self._resolved.keys()
+        await self._resolve_names(fresh)
+        self._publish()
 
     def attach(self, sip: ProviderControl) -> None:
         """From now on every change reaches ``sip``; the current policy at once."""

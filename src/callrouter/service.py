@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import assert_never
@@ -40,7 +41,7 @@ from typing import assert_never
 import structlog
 
 from callrouter.domain import session as s
-from callrouter.domain.models import CallRecord, CallStatus, EndReason, Trunk
+from callrouter.domain.models import CallRecord, CallStatus, EndReason, Trunk, WebhookDelivery
 from callrouter.domain.numbers import mask, normalise
 from callrouter.domain.routetable import (
     COMPACT_AT,
@@ -54,20 +55,39 @@ from callrouter.domain.routing import (
     Outcome,
     Policy,
     Reject,
+    Route,
     RouteChange,
     RouteTable,
     RuntimePool,
+    bridge,
     decide,
 )
 from callrouter.domain.sampling import PerSecondSampler
 from callrouter.domain.sipuri import dialled_user, runtime_request_uri, uri_of, user_part
+from callrouter.domain.webhooks import (
+    ASSISTANT_REQUEST,
+    STATUS_UPDATE,
+    AssistantAsk,
+    AssistantHooks,
+    AssistantReply,
+    CallFacts,
+    ReplyKind,
+    StatusEvent,
+    WebhookDirectory,
+    WebhookTarget,
+    new_delivery,
+    reason_header,
+    status_update_body,
+)
 from callrouter.errors import (
     CommandRefused,
+    Conflict,
     EngineTimeout,
     EngineUnavailable,
     InvalidNumber,
     NotFound,
     StoreError,
+    StoreUnavailable,
     ValidationError,
 )
 from callrouter.metrics import Metrics
@@ -77,6 +97,7 @@ from callrouter.ports import (
     ControlCommand,
     EndCall,
     EngineEntry,
+    Held,
     InboundInvite,
     OutboundCall,
     Reaction,
@@ -86,6 +107,7 @@ from callrouter.ports import (
     Store,
     TransferCall,
 )
+from callrouter.store.spool import CallSpool, Entry
 
 log = structlog.get_logger("callrouter.calls")
 
@@ -93,6 +115,11 @@ REASON_PHRASES = {
     404: "Not Found", 403: "Forbidden", 480: "Temporarily Unavailable",
     486: "Busy Here", 503: "Service Unavailable", 603: "Decline",
 }
+# A 503 that means "this router takes no new call, another may" says so in its phrase:
+# a balancer in front (deploy/kamailio) fails over on these and passes any other 503 (a
+# runtime's failure, which every router would meet) to the caller. The engine's guard
+# answers with the same phrases (scripts/engine/callrouter_guard_impl.hpp).
+NO_ROOM_PHRASES = {Outcome.DRAINING: "Draining", Outcome.OVER_CAPACITY: "Over Capacity"}
 
 
 def _utcnow() -> datetime:
@@ -107,6 +134,18 @@ class ActiveCall:
     dial_at: float
     dialled: str
     caller: str
+    hook: WebhookTarget | None = None  # where its status-update events go
+    facts: CallFacts | None = None
+
+
+@dataclass
+class HeldInvite:
+    """An INVITE ringing while its ``assistant-request`` is out (never on the SIP thread)."""
+
+    invite: InboundInvite
+    record: CallRecord
+    caller: str
+    route: Route
 
 
 class CallRecorder:
@@ -116,54 +155,187 @@ class CallRecorder:
     deque goes from empty to non-empty; the writer then waits ``BATCH_WINDOW`` so a burst
     becomes one transaction. Writes are serialised, so a later state of a call never
     lands before an earlier one, and a failed write is retried, never dropped.
+
+    With a ``spool`` (``store.spool.CallSpool``, on disk), a batch the database cannot
+    take now (``StoreUnavailable``) is spooled instead of retried in memory, and so is
+    every batch after it until the spool has been written (``flush_spool``, tried every
+    ``SPOOL_RETRY`` seconds and before each batch): records survive an outage and a
+    restart during it, in order, each with the outbox events it caused (their bodies
+    carry the number names last read), written back in the same transaction as it.
     """
 
     BATCH_WINDOW = 0.1
+    SPOOL_RETRY = 1.0
+    SPOOL_BATCH = 500
+    NAMES_KEPT = 10_000  # number names remembered for events built during an outage
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
+                 spool: CallSpool | None = None, *, retry_hours: float = 24.0,
+                 on_outbox: Callable[[], None] | None = None,
+                 wall: Callable[[], datetime] = _utcnow) -> None:
         self._store = store
         self._loop = loop
-        self._pending: collections.deque[CallRecord] = collections.deque()
+        self.spool = spool
+        self._retry_hours = retry_hours
+        self._on_outbox = on_outbox
+        self._wall = wall
+        self._pending: collections.deque[tuple[CallRecord, StatusEvent | None]] = \
+            collections.deque()
+        self._names: dict[uuid.UUID, str] = {}  # number names last read (for an outage)
         self._lock = threading.Lock()
         self._scheduled = False
         self._wakeup = asyncio.Event()
         self._writing = asyncio.Lock()
 
     def submit(self, record: CallRecord) -> None:
+        self.submit_event(record, None)
+
+    def submit_event(self, record: CallRecord, event: StatusEvent | None) -> None:
+        """``record``, and the ``status-update`` it causes, to be written in one transaction."""
         with self._lock:
-            self._pending.append(record)
+            self._pending.append((record, event))
             if self._scheduled:
                 return
             self._scheduled = True
         self._loop.call_soon_threadsafe(self._wakeup.set)
 
+    @property
+    def spooled(self) -> int:
+        """Records waiting on disk for the database."""
+        return 0 if self.spool is None else self.spool.backlog
+
     async def run(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if self.spooled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.SPOOL_RETRY)
+            else:
+                await self._wakeup.wait()
+            if not self._wakeup.is_set():  # the spool's retry, nothing new
+                async with self._writing:
+                    await self._flush_spool()
+                continue
             self._wakeup.clear()
             await asyncio.sleep(self.BATCH_WINDOW)
             await self.flush()
 
     async def flush(self) -> None:
-        """Write everything submitted so far."""
+        """Write everything submitted so far (to the spool if the database is away)."""
         async with self._writing:
             with self._lock:
                 batch = list(self._pending)
                 self._pending.clear()
                 self._scheduled = False
             if batch:
-                await self._write(list({r.id: r for r in batch}.values()))
+                records = list({r.id: r for r, _ in batch}.values())
+                await self._write(records, [(r, e) for r, e in batch if e is not None])
 
-    async def _write(self, records: list[CallRecord]) -> None:
+    async def flush_spool(self) -> bool:
+        """Write the spooled records (and their outbox events) to the database; True when
+        none are left."""
+        async with self._writing:
+            return await self._flush_spool()
+
+    async def _flush_spool(self) -> bool:
+        spool = self.spool
+        if spool is None or not spool.backlog:
+            return True
+        entries = await asyncio.to_thread(spool.read)
+        written = 0
+        try:
+            for start in range(0, len(entries), self.SPOOL_BATCH):
+                written += await self._replay(entries[start:start + self.SPOOL_BATCH])
+        except StoreError as exc:
+            log.debug("call.spool_flush_failed", error=str(exc), spooled=spool.backlog)
+            return False
+        await asyncio.to_thread(spool.clear)
+        log.info("call.spool_written", records=len(entries), deliveries=written)
+        if written and self._on_outbox is not None:
+            self._on_outbox()
+        return True
+
+    async def _replay(self, chunk: Sequence[Entry]) -> int:
+        """Spooled records and their outbox events in one transaction; how many events."""
+        records = [r for r, _ in chunk]
+        deliveries = [d for _, outbox in chunk for d in outbox]
+        try:
+            await self._store.upsert_calls(records, deliveries)
+        except Conflict:
+            # Written once already, by a run that crashed before emptying the spool: the
+            # records are upserted again, the events already stored are not added twice.
+            deliveries = [d for d in deliveries
+                          if await self._store.get_delivery(d.id) is None]
+            await self._store.upsert_calls(records, deliveries)
+        return len(deliveries)
+
+    async def _write(self, records: list[CallRecord],
+                     events: list[tuple[CallRecord, StatusEvent]]) -> None:
+        if self.spool is not None and (self.spool.backlog and not await self._flush_spool()):
+            await self._spool(records, events)
+            return
         delay = 0.05
         while True:
             try:
-                await self._store.upsert_calls(records)
+                deliveries = await self._deliveries(events)
+                await self._store.upsert_calls(records, deliveries)
+                if deliveries and self._on_outbox is not None:
+                    self._on_outbox()
+                return
+            except StoreUnavailable as exc:
+                if self.spool is None:
+                    log.error("call.record_write_failed", error=str(exc), records=len(records))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                log.warning("call.records_spooled", error=str(exc), records=len(records),
+                            path=str(self.spool.path))
+                await self._spool(records, events)
                 return
             except StoreError as exc:
                 log.error("call.record_write_failed", error=str(exc), records=len(records))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _spool(self, records: list[CallRecord],
+                     events: list[tuple[CallRecord, StatusEvent]]) -> None:
+        """``records`` to the spool, each with the outbox events it causes (built with the
+        number names last read: the database is away)."""
+        assert self.spool is not None
+        deliveries = await self._deliveries(events, offline=True)
+        outbox: dict[uuid.UUID, list[WebhookDelivery]] = {}
+        for delivery in deliveries:
+            if delivery.call_id is not None:
+                outbox.setdefault(delivery.call_id, []).append(delivery)
+        await asyncio.to_thread(self.spool.append,
+                                [(r, outbox.get(r.id, [])) for r in records])
+
+    async def _deliveries(self, events: list[tuple[CallRecord, StatusEvent]], *,
+                          offline: bool = False) -> list[WebhookDelivery]:
+        """Each event's body, with the number's current name (the SIP thread does not know
+        it), built here on the loop, never on the SIP thread. ``offline`` (the database is
+        away): the name last read, if any."""
+        names: dict[uuid.UUID, str] = {}
+        deliveries = []
+        for record, event in events:
+            facts = event.facts
+            if facts.number_id is not None and facts.number_id not in names:
+                names[facts.number_id] = await self._number_name(facts.number_id, offline)
+            if facts.number_id is not None:
+                facts = dataclasses.replace(facts, number_name=names[facts.number_id])
+            body = status_update_body(facts, record, event.at)
+            deliveries.append(new_delivery(record.id, event.target.url,
+                                           event.target.assistant_id, body, event.at,
+                                           self._retry_hours))
+        return deliveries
+
+    async def _number_name(self, number_id: uuid.UUID, offline: bool) -> str:
+        if offline:
+            return self._names.get(number_id, "")
+        number = await self._store.get_number(number_id)
+        if len(self._names) >= self.NAMES_KEPT:
+            self._names.clear()
+        name = self._names[number_id] = number.name if number else ""
+        return name
 
 
 class CallPruner:
@@ -195,11 +367,19 @@ class CallPruner:
             await asyncio.sleep(self.INTERVAL)
 
     async def prune_once(self) -> int:
+        """Calls, then the webhook events (delivered or given up) of the same age."""
         if not self._retention:
             return 0
-        before, pruned = self._wall() - self._retention, 0
+        before = self._wall() - self._retention
+        pruned = await self._prune(self._store.delete_calls_before, before)
+        await self._prune(self._store.delete_deliveries_before, before)
+        return pruned
+
+    async def _prune(self, delete: Callable[[datetime, int], Awaitable[int]],
+                     before: datetime) -> int:
+        pruned = 0
         while True:
-            deleted = await self._store.delete_calls_before(before, self._batch)
+            deleted = await delete(before, self._batch)
             pruned += deleted
             if deleted < self._batch:
                 return pruned
@@ -216,19 +396,27 @@ class CallService:
                  default_region: str, metrics: Metrics, record: Callable[[CallRecord], None],
                  wall: Callable[[], datetime] = _utcnow,
                  clock: Callable[[], float] = time.monotonic,
-                 rejected_records_per_second: int = 10) -> None:
+                 rejected_records_per_second: int = 10,
+                 notify: Callable[[CallRecord, StatusEvent], None] | None = None) -> None:
         self.policy = policy
         self.timing = timing
         self.pool = pool
         self.region = default_region
         self.metrics = metrics
         self.record = record
+        # A record change that comes with a status-update (written together).
+        self.notify = notify or (lambda changed, _event: record(changed))
+        self.webhooks = WebhookDirectory()  # swapped whole on every change, like routes
+        # Sends an assistant-request on the asyncio side (app wires it); None: never asks.
+        self.ask: Callable[[AssistantAsk], None] | None = None
+        self._held: dict[uuid.UUID, HeldInvite] = {}
         self.wall = wall
         self.clock = clock
         self.routes = RouteTable()
         self._rebuilding: list[list[RouteChange]] = []  # changes to replay after a rebuild
         self._compacting: asyncio.Task[None] | None = None
         self.compact_routes_at = COMPACT_AT  # config numbers.route_compaction_at
+        self.router_name = ""  # config node.name, in every call record
         self.draining = False
         self.active: dict[uuid.UUID, ActiveCall] = {}
         # Ended calls whose legs the engine still holds: a late answer must reach the session.
@@ -300,19 +488,26 @@ class CallService:
         finally:
             self._rebuilding.remove(replay)
 
+    def set_assistant_hooks(self, assistant_id: uuid.UUID, hooks: AssistantHooks | None) -> None:
+        """An assistant's webhook (and runtime) changed, or it was deleted (None)."""
+        self.webhooks = self.webhooks.with_assistant(assistant_id, hooks)
+
     # ---- CallHandler: the SIP thread -------------------------------------------------
 
-    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected:
+    def on_invite(self, invite: InboundInvite) -> Accepted | Rejected | Held:
         self.metrics.invite_received()
         # An INVITE to a registration's Contact names our Contact user in the Request-URI;
         # the number the caller dialled is in To then.
         request_uri = "" if invite.via_registration else invite.request_uri
         dialled_raw = dialled_user(request_uri, invite.to_header)
         dialled = self._e164(dialled_raw)
-        ctx = CallContext(dialled, len(self.active), self.draining)
+        ctx = CallContext(dialled, len(self.active) + len(self._held), self.draining)
         decision = decide(ctx, self.routes, self.policy, self.pool)
         caller = self._caller(invite.from_header)
         record = self._new_record(invite, dialled or dialled_raw, caller, decision)
+        target = self._asked(decision)
+        if target is not None and decision.route is not None:
+            return self._hold(invite, record, caller, decision.route, target)
         # Counted once, here: what later becomes of a bridged call goes to calls_ended.
         self.metrics.routing_decision(decision.outcome, self.clock() - invite.received_at)
         if isinstance(decision, Reject):
@@ -331,10 +526,13 @@ class CallService:
             assistant_phone=call.number, number_id=call.number_id,
             assistant_id=call.assistant_id, sip_call_id="", started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=wall, updated_at=wall,
-            direction="outbound", trunk_id=call.trunk_id)
+            direction="outbound", trunk_id=call.trunk_id, router=self.router_name)
         session = s.CallSession(call.targets, self.timing, call.customer)
+        hook = self.webhooks.subscriber(call.assistant_id, STATUS_UPDATE)
+        facts = None if hook is None else _call_facts(record, call.number_id, call.number,
+                                                      call.destination)
         self.active[record.id] = ActiveCall(record, session, now, now, call.number,
-                                            call.destination)
+                                            call.destination, hook, facts)
         self.record(record)
         self.metrics.call_started()
         log.info("call.placed", call_id=str(record.id), number=call.number,
@@ -356,6 +554,45 @@ class CallService:
         if call is not None:
             call.record = dataclasses.replace(call.record, sip_call_id=sip_call_id)
             self.record(call.record)
+
+    def on_decided(self, call_id: uuid.UUID, reply: AssistantReply,
+                   now: float) -> Accepted | Rejected | None:
+        held = self._held.pop(call_id, None)
+        if held is None:
+            return None  # the caller gave up, or the engine failed on it, meanwhile
+        route, kind = self._replied_route(held, reply)
+        self.metrics.assistant_request(kind)
+        if kind is not ReplyKind.SAVED and kind is not ReplyKind.ASSISTANT:
+            log.info("call.assistant_request", call_id=str(call_id), outcome=str(kind),
+                     detail=reply.detail or None)
+        decision: Bridge | Reject
+        if reply.kind is ReplyKind.REFUSED:
+            decision = Reject(603, Outcome.WEBHOOK_REFUSED, EndReason.REJECTED_BY_WEBHOOK,
+                              held.route)
+        elif self.draining:
+            decision = Reject(503, Outcome.DRAINING, EndReason.REJECTED_DRAINING, held.route,
+                              self.policy.retry_after_seconds)
+        elif route is None:
+            decision = Reject(self.policy.unassigned_code, Outcome.UNASSIGNED,
+                              EndReason.REJECTED_UNASSIGNED, held.route)
+        else:
+            decision = bridge(route, self.policy, self.pool)
+        self.metrics.routing_decision(decision.outcome, now - held.invite.received_at)
+        record = held.record
+        if route is not None:
+            record = dataclasses.replace(record, assistant_id=route.assistant_id)
+        if isinstance(decision, Reject):
+            return self._refuse_held(held, record, decision, reply)
+        timing = self.timing if reply.max_duration_seconds is None else dataclasses.replace(
+            self.timing, max_duration=float(reply.max_duration_seconds))
+        facts = dataclasses.replace(_facts(record, decision.route, held.caller),
+                                    extras=reply.extras)
+        return self._bridge(held.invite, record, decision, held.caller, timing, facts)
+
+    def on_held_ended(self, call_id: uuid.UUID, now: float) -> None:
+        held = self._held.pop(call_id, None)
+        if held is not None:
+            self._close_held(held, CallStatus.ENDED, EndReason.CALLER_CANCELLED, None)
 
     def on_event(self, call_id: uuid.UUID, event: s.Event, now: float) -> Reaction:
         call = self.active.get(call_id)
@@ -380,6 +617,9 @@ class CallService:
     def on_engine_failure(self, where: EngineEntry, call_id: uuid.UUID | None, error: str,
                           now: float) -> Reaction:
         self.metrics.engine_callback_failed(where)
+        held = self._held.pop(call_id, None) if call_id else None
+        if held is not None:
+            self._close_held(held, CallStatus.FAILED, EndReason.ERROR, error)
         call = self.active.get(call_id) if call_id else None
         if call is None:
             return Reaction((), None)
@@ -435,6 +675,7 @@ class CallService:
             sip_call_id=invite.sip_call_id, started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=now, updated_at=now,
             trunk_id=invite.trunk_id,
+            router=self.router_name,
         )
 
     def _reject(self, invite: InboundInvite, record: CallRecord, decision: Reject) -> Rejected:
@@ -444,7 +685,7 @@ class CallService:
                      count=sample.skipped_before)  # the previous second's, beyond the limit
         if sample.admitted:
             self._record_rejection(invite, record, decision)
-        phrase = REASON_PHRASES.get(decision.code, "")
+        phrase = NO_ROOM_PHRASES.get(decision.outcome) or REASON_PHRASES.get(decision.code, "")
         return Rejected(decision.code, phrase, decision.retry_after)
 
     def _record_rejection(self, invite: InboundInvite, record: CallRecord,
@@ -456,14 +697,88 @@ class CallService:
         self.record(closed)
         self._log_decision(invite, closed, decision.outcome, decision.code)
 
+    # ---- assistant-request: the INVITE held while the asyncio side asks ---------------
+
+    def _asked(self, decision: Bridge | Reject) -> WebhookTarget | None:
+        """Who is asked before this INVITE is answered: a number with an assistant, by
+        that assistant's webhook (or the account's); an unassigned one, by the account's."""
+        if self.ask is None:
+            return None
+        if isinstance(decision, Bridge):
+            return self.webhooks.subscriber(decision.route.assistant_id, ASSISTANT_REQUEST)
+        if decision.outcome is Outcome.UNASSIGNED:
+            return self.webhooks.subscriber(None, ASSISTANT_REQUEST)
+        return None
+
+    def _hold(self, invite: InboundInvite, record: CallRecord, caller: str, route: Route,
+              target: WebhookTarget) -> Held:
+        assert self.ask is not None
+        self._held[record.id] = HeldInvite(invite, record, caller, route)
+        self.record(record)
+        facts = _facts(record, route, caller)
+        self.ask(AssistantAsk(record.id, target, facts, self.wall()))
+        return Held(record.id)
+
+    def _replied_route(self, held: HeldInvite, reply: AssistantReply
+                       ) -> tuple[Route | None, ReplyKind]:
+        """The route the reply picks: another assistant (one the router has), else the
+        number's saved assistant as the route table says now (None: unassigned)."""
+        kind = reply.kind
+        if kind is ReplyKind.ASSISTANT and reply.assistant_id is not None:
+            hooks = self.webhooks.assistants.get(reply.assistant_id)
+            if hooks is not None:
+                return dataclasses.replace(held.route, assistant_id=reply.assistant_id,
+                                           runtime_uri=hooks.runtime_uri, is_active=True), kind
+            kind = ReplyKind.UNKNOWN_ASSISTANT
+        saved = self.routes.get(held.route.e164)
+        if saved is None or not saved.is_active or saved.assistant_id is None:
+            return None, kind
+        return saved, kind
+
+    def _refuse_held(self, held: HeldInvite, record: CallRecord, decision: Reject,
+                     reply: AssistantReply) -> Rejected:
+        """A held INVITE refused: always recorded (the webhook already rate-limits it)."""
+        error = reply.error if decision.outcome is Outcome.WEBHOOK_REFUSED else None
+        now = self.wall()
+        closed = dataclasses.replace(
+            record, status=CallStatus.FAILED, end_reason=decision.end_reason, ended_at=now,
+            updated_at=now, error=error)
+        self.record(closed)
+        self._log_decision(held.invite, closed, decision.outcome, decision.code)
+        phrase = REASON_PHRASES.get(decision.code, "")
+        headers = (("Reason", reason_header(error)),) if error else ()
+        return Rejected(decision.code, phrase, decision.retry_after, headers)
+
+    def _close_held(self, held: HeldInvite, status: CallStatus, reason: EndReason,
+                    error: str | None) -> None:
+        now = self.wall()
+        closed = dataclasses.replace(held.record, status=status, end_reason=reason,
+                                     ended_at=now, updated_at=now, error=error)
+        target = self.webhooks.subscriber(closed.assistant_id, STATUS_UPDATE)
+        if target is None:
+            self.record(closed)
+        else:
+            facts = _facts(closed, held.route, held.caller)
+            self.notify(closed, StatusEvent(facts, target, now))
+        log.info("call.ended", call_id=str(closed.id), sip_call_id=closed.sip_call_id,
+                 dialled=closed.assistant_phone, caller=mask(held.caller),
+                 status=str(status), end_reason=str(reason), error=error,
+                 held_for_assistant_request=True)
+
+    # ---- bridged calls ------------------------------------------------------------------
+
     def _bridge(self, invite: InboundInvite, record: CallRecord, decision: Bridge,
-                caller: str) -> Accepted:
+                caller: str, timing: s.Timing | None = None,
+                facts: CallFacts | None = None) -> Accepted:
         assistant = str(decision.route.assistant_id)
         targets = tuple(runtime_request_uri(t, assistant) for t in decision.targets)
         now = self.clock()
-        session = s.CallSession(targets, self.timing)
+        session = s.CallSession(targets, timing or self.timing)
+        hook = self.webhooks.subscriber(decision.route.assistant_id, STATUS_UPDATE)
+        if hook is not None and facts is None:
+            facts = _facts(record, decision.route, caller)
         call = ActiveCall(record, session, invite.received_at, now,
-                          record.assistant_phone, caller)
+                          record.assistant_phone, caller, hook, facts)
         self.active[record.id] = call
         self.record(record)
         self.metrics.call_started()
@@ -507,7 +822,7 @@ class CallService:
         wall = self.wall()
         call.record = dataclasses.replace(
             call.record, status=CallStatus.IN_PROGRESS, started_at=wall, updated_at=wall)
-        self.record(call.record)
+        self._write_with_event(call)
         self.metrics.caller_answered(now - call.invite_at)
 
     def _transferred(self, call: ActiveCall, target: str) -> None:
@@ -517,7 +832,7 @@ class CallService:
         call.record = dataclasses.replace(
             call.record, status=CallStatus.ENDED, end_reason=EndReason.TRANSFERRED,
             ended_at=wall, updated_at=wall)
-        self.record(call.record)
+        self._write_with_event(call)
         log.info("call.transferred", call_id=str(call.record.id), target=target,
                  duration_seconds=call.record.duration_seconds)
 
@@ -533,12 +848,19 @@ class CallService:
         call.record = dataclasses.replace(
             call.record, status=finish.status, end_reason=finish.reason, ended_at=wall,
             updated_at=wall, error=finish.error)
-        self.record(call.record)
+        self._write_with_event(call)
         duration = call.record.duration_seconds
         self.metrics.call_ended(finish.reason, None if call.record.started_at is None
                                 else float(duration or 0))
         if log.is_enabled_for(logging.INFO):
             self._log_end(call, now, duration)
+
+    def _write_with_event(self, call: ActiveCall) -> None:
+        """The call's record, with its status-update when someone subscribes."""
+        if call.hook is None or call.facts is None:
+            self.record(call.record)
+        else:
+            self.notify(call.record, StatusEvent(call.facts, call.hook, call.record.updated_at))
 
     def _log_end(self, call: ActiveCall, now: float, duration: int | None) -> None:
         record = call.record
@@ -573,9 +895,26 @@ class CallService:
 
     def abandon_all(self, reason: EndReason) -> None:
         """Close the records of calls the engine can no longer end (it has stopped)."""
+        for held in list(self._held.values()):
+            self._held.pop(held.record.id, None)
+            self._close_held(held, CallStatus.ENDED, reason, None)
         for call in list(self.active.values()):
             self._finished(call, s.Finish(CallStatus.ENDED, reason, self.clock()), self.clock())
         self._ended.clear()
+
+
+def _facts(record: CallRecord, route: Route, caller: str) -> CallFacts:
+    return _call_facts(record, route.number_id, route.e164, caller)
+
+
+def _call_facts(record: CallRecord, number_id: uuid.UUID | None, number: str,
+                customer: str) -> CallFacts:
+    """What the call's webhook events say about it (the number's name is added on the
+    asyncio side, where the store is); ``customer``: the caller, or an outbound call's
+    destination."""
+    call_type = "outbound_phone_call" if record.direction == "outbound" else "inbound_phone_call"
+    return CallFacts(record.id, number_id, number, "", customer, record.assistant_id,
+                     call_type=call_type)
 
 
 CONTROL_TIMEOUT = 2.0  # seconds the API waits for the SIP thread's verdict

@@ -67,6 +67,21 @@ def test_bridged_call_carries_rtp_both_ways() -> None:
     assert rtp.count(uac.media_port, PCMA) > 20, rtp.payload_types(uac.media_port)
 
 
+@pytest.mark.parametrize(("peer", "ok"), [("uas-ring-603-reason", True),
+                                          ("uas-ring-603-bare", False)])
+def test_webhook_refusal_scenario_checks_ringing_and_the_reason_header(peer: str,
+                                                                      ok: bool) -> None:
+    far_end = Sipp(PEERS / f"{peer}.xml", role="uas", timeout_s=5).start()
+    try:
+        result = Sipp(scenario("uac-invite-603-reason"), target=far_end.address, keys=KEYS,
+                      timeout_s=5).run()
+    finally:
+        far_end.stop()
+    assert result.ok is ok, result.explain()
+    if ok:
+        assert result.sequence() == ["INVITE", 100, 180, 603, "ACK"], result.explain()
+
+
 @pytest.mark.parametrize("transport", ["u1", "t1"])
 def test_bridged_call_accepts_a_reinvite_from_its_peer(transport: str) -> None:
     caller, runtime, _, _, _ = call_pair("uac-call-bridged", "uas-runtime-reinvite",
@@ -134,6 +149,15 @@ def test_reject_scenarios_against_a_stub(name: str, status: int, sequence: list[
                       timeout_s=5).run()
     assert result.ok, result.explain()
     assert result.sequence() == sequence, result.explain()
+
+
+@pytest.mark.parametrize(("options_status", "passes"), [(503, True), (200, False)])
+def test_draining_options_scenario_wants_503(options_status: int, passes: bool) -> None:
+    with torture.StubServer(options_status=options_status) as stub:
+        result = Sipp(scenario("uac-options-503-draining"), target=f"127.0.0.1:{stub.port}",
+                      keys=KEYS, timeout_s=3).run()
+    assert result.ok is passes, result.explain()
+    assert result.sequence()[:2] == ["OPTIONS", options_status], result.explain()
 
 
 def test_reject_scenario_fails_on_the_wrong_code() -> None:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import PostgresCluster
 from tests.support.router import RouterProcess
-from tests.support.sipp import LOOPBACK
+from tests.support.sipp import LOOPBACK, free_port
 
 pytestmark = pytest.mark.sip
 
@@ -123,6 +124,22 @@ def test_database_that_cannot_be_opened(router: RouterProcess, make: Callable[[P
     make(database)
     failure = fail_to_start(router)
     one_line(failure, f"cannot open the database {database}: {reason}")
+
+
+def test_postgresql_that_cannot_be_reached(router: RouterProcess) -> None:
+    port = free_port(socket.SOCK_STREAM)
+    url = f"postgresql://router:secret@{LOOPBACK}:{port}/callrouter"
+    failure = fail_to_start(router, CALLROUTER_DATABASE_URL=url)
+    one_line(failure, f"cannot reach the database postgresql://router@{LOOPBACK}:{port}"
+                      "/callrouter: connection refused")
+
+
+def test_postgresql_database_that_does_not_exist(router: RouterProcess,
+                                                 postgres_cluster: PostgresCluster) -> None:
+    url = postgres_cluster.base() + "/no_such_database"
+    failure = fail_to_start(router, CALLROUTER_DATABASE_URL=url)
+    one_line(failure, f"cannot open the database {url}: database \"no_such_database\" "
+                      "does not exist")
 
 
 def _stub_engine(directory: Path, *, with_info: bool) -> Path:

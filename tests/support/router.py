@@ -77,11 +77,14 @@ class RouterProcess:
         env.update(self.env_extra)
         return env
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "callrouter", "serve"]
+
     def start(self, timeout: float = 20.0) -> RouterProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "callrouter", "serve"],
-                                         env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -93,6 +96,14 @@ class RouterProcess:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"router did not become healthy:\n{self.logs()}")
+
+    def restart(self) -> RouterProcess:
+        """Start again after the process ended, keeping the API key (the first key is
+        printed only on a database that had none)."""
+        key = self.key
+        self.start()
+        self.key = key
+        return self
 
     def _healthy(self) -> bool:
         try:

@@ -16,8 +16,9 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def options(host: str, port: int, timeout: float) -> int | None:
-    """A fresh OPTIONS (new socket, branch, Call-ID) over UDP: its final status, or None."""
+def options(host: str, port: int, timeout: float, *, to_user: bool = True) -> int | None:
+    """A fresh OPTIONS (new socket, branch, Call-ID) over UDP: its final status, or None.
+    ``to_user=False`` addresses the server itself (no user part: a proxy answers it)."""
     with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
         sock.connect((host, port))  # picks the source address the target will answer
         local_host, local_port = sock.getsockname()[:2]
@@ -25,7 +26,10 @@ def options(host: str, port: int, timeout: float) -> int | None:
         ids = sipfuzz.Ids(f"z9hG4bK{token}", f"{token}@sip-fuzz", token[:10])
         bracketed = f"[{local_host}]" if ":" in local_host else local_host
         ctx = sipfuzz.Context(host=host, port=port, sent_by=f"{bracketed}:{local_port}")
-        sock.send(sipfuzz.request(ctx, "OPTIONS", ids=ids).render())
+        message = sipfuzz.request(ctx, "OPTIONS", ids=ids)
+        if not to_user:
+            message.start = f"OPTIONS sip:{ctx.hostport} SIP/2.0".encode()
+        sock.send(message.render())
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)

@@ -343,15 +343,18 @@ class StubServer:
     """A tiny stateless SIP answerer on loopback UDP and TCP, the test double for the tools.
 
     Requests it cannot read are dropped, like pjsip does; responses are dropped; a version
-    other than SIP/2.0 gets 505; OPTIONS 200; INVITE 100 then ``invite_status`` (with
-    Retry-After on 503); ACK nothing; anything else 405 with Allow. Answers go back to the
-    source address (or the TCP connection).
+    other than SIP/2.0 gets 505; OPTIONS ``options_status`` (200; 503 with Retry-After, as
+    a draining router); INVITE 100 then ``invite_status`` (with Retry-After on 503); ACK
+    nothing; anything else 405 with Allow. Answers go back to the source address (or the
+    TCP connection).
     """
 
     ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS"
 
-    def __init__(self, invite_status: int = 404, host: str = "127.0.0.1") -> None:
+    def __init__(self, invite_status: int = 404, host: str = "127.0.0.1",
+                 options_status: int = 200, invite_reason: str = "Stub") -> None:
         self.invite_status, self.host = invite_status, host
+        self.options_status, self.invite_reason = options_status, invite_reason
         self.port = 0
         self.received: list[bytes] = []
         self._socks: list[socket.socket] = []
@@ -401,11 +404,13 @@ class StubServer:
             return [reply(505, "Version Not Supported")]
         if method == "ACK":
             return []
+        if method == "OPTIONS" and self.options_status == 503:  # draining
+            return [reply(503, "Draining", "Retry-After: 5\r\n")]
         if method == "OPTIONS":
-            return [reply(200, "OK", f"Allow: {self.ALLOW}\r\n")]
+            return [reply(self.options_status, "OK", f"Allow: {self.ALLOW}\r\n")]
         if method == "INVITE":
             extra = "Retry-After: 5\r\n" if self.invite_status == 503 else ""
-            return [reply(100, "Trying"), reply(self.invite_status, "Stub", extra)]
+            return [reply(100, "Trying"), reply(self.invite_status, self.invite_reason, extra)]
         return [reply(405, "Method Not Allowed", f"Allow: {self.ALLOW}\r\n")]
 
     def _serve_udp(self) -> None:

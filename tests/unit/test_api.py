@@ -72,7 +72,7 @@ async def build(tmp_path: Path, rate_limit: int = 1000,
     async def on_change(changes: Sequence[RouteChange]) -> None:
         env.routing_changes.extend(changes)
 
-    management = Management(store, SecretBox.load(tmp_path, {}), "NL", on_change,
+    management = Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", on_change,
                             now=lambda: T0)
     rw, _ = await issue_api_key(store, name="rw", read_only=False, now=T0)
     ro, _ = await issue_api_key(store, name="ro", read_only=True, now=T0)
@@ -491,6 +491,53 @@ async def test_assistant_validation(env: Env) -> None:
     assistant = await make_assistant(env)
     assert_error(await env.client.patch(f"/api/v1/assistants/{assistant}", json={"name": None}),
                  422, "name")
+
+
+async def test_assistant_webhook_fields_and_the_secret_is_never_returned(env: Env) -> None:
+    r = await env.post("/api/v1/assistants", {
+        "name": "Hooked", "webhook_url": "https://hooks.example.com/a",
+        "webhook_secret": "top-secret"})
+    assert r.status_code == 201, r.text
+    body = r.json()["assistant"]
+    assert body["webhook_url"] == "https://hooks.example.com/a"
+    assert body["webhook_events"] == ["assistant-request", "status-update"]
+    assert body["has_webhook_secret"] is True
+    url = f"/api/v1/assistants/{body['id']}"
+    r = await env.client.patch(url, json={"webhook_events": ["status-update"]})
+    assert r.json()["assistant"]["webhook_events"] == ["status-update"]
+    assert r.json()["assistant"]["has_webhook_secret"] is True  # kept
+    for response in (r, await env.client.get(url), await env.client.get("/api/v1/assistants")):
+        assert "top-secret" not in response.text
+    r = await env.client.patch(url, json={"webhook_secret": None, "webhook_url": None})
+    assert r.json()["assistant"]["has_webhook_secret"] is False
+    assert r.json()["assistant"]["webhook_url"] is None
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"webhook_url": "ftp://hooks.example.com/"}, "webhook_url"),
+    ({"webhook_url": "http://169.254.169.254/latest/meta-data"}, "webhook_url"),
+    ({"webhook_url": "http://10.0.0.5/hook"}, "webhook_url"),
+    ({"webhook_url": "http://user:pw@hooks.example.com/"}, "webhook_url"),
+    ({"webhook_events": ["call-started"]}, "webhook_events"),
+    ({"webhook_events": "status-update"}, "webhook_events"),
+])
+async def test_assistant_webhook_validation_names_the_field(
+        env: Env, body: dict[str, Any], field: str) -> None:
+    assert_error(await env.post("/api/v1/assistants", {"name": "x", **body}), 422, field)
+    assistant = await make_assistant(env)
+    assert_error(await env.client.patch(f"/api/v1/assistants/{assistant}", json=body), 422,
+                 field)
+
+
+async def test_webhook_deliveries_are_listed_by_status(env: Env) -> None:
+    r = await env.client.get("/api/v1/webhooks/deliveries", params={"status": "failed"})
+    assert r.status_code == 200
+    assert r.json() == {"deliveries": [], "pagination": {"total": 0, "limit": 100,
+                                                         "offset": 0}}
+    assert_error(await env.client.get("/api/v1/webhooks/deliveries",
+                                      params={"status": "lost"}), 422, "status")
+    r = await env.client.post(f"/api/v1/webhooks/deliveries/{uuid.uuid4()}/retry")
+    assert r.status_code == 503  # no delivery worker in this app
 
 
 async def test_assistant_in_use_cannot_be_deleted(env: Env) -> None:

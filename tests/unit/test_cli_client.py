@@ -25,7 +25,7 @@ from callrouter import cli_client
 from callrouter.crypto import SecretBox, hash_api_key
 from callrouter.http import ApiDeps, create_app
 from callrouter.management import Management, issue_api_key
-from callrouter.store import MemoryStore, SqliteStore
+from callrouter.store import MemoryStore, PostgresStore, SqliteStore
 
 pytestmark = pytest.mark.anyio
 T0 = datetime(2025, 12, 13, 10, 0, tzinfo=UTC)
@@ -77,7 +77,7 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
     store = SqliteStore(tmp_path / "callrouter.db")
     await store.open()
     ticks = itertools.count()
-    management = Management(store, SecretBox.load(tmp_path, {}), "NL", _nothing,
+    management = Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", _nothing,
                             lambda: T0 + timedelta(seconds=next(ticks)))
     key, _ = await issue_api_key(store, name="t", read_only=False, now=T0)
     app = create_app(ApiDeps(management=management, store=store, version="t",
@@ -107,10 +107,29 @@ async def test_list_table_aligns_columns_and_json_is_the_api_body(cli: Cli) -> N
     assert len(table) == 3
     column = table[0].index("RUNTIME URI")
     assert column > len("A much longer name")  # the widest name pushes the column right
-    assert table[2][column:] == "sips:runtime@example.com:5061"
-    assert table[1][column:] == "-"
+    assert table[2][column:].split()[0] == "sips:runtime@example.com:5061"
+    assert table[1][column:].split()[0] == "-"
     listed = (await cli("assistants", "list", "--json")).json()
     assert [a["name"] for a in listed["assistants"]] == ["A", "A much longer name"]
+
+
+async def test_assistant_webhook_flags_and_the_secret_is_never_printed(cli: Cli) -> None:
+    added = await cli("assistants", "add", "--name", "Hooked", "--webhook-url",
+                      "https://hooks.example.com/h", "--webhook-secret", "sekrit",
+                      "--webhook-events", "status-update")
+    assert added.code == 0, added.err
+    header, row = added.out.splitlines()
+    assert "WEBHOOK URL" in header and "sekrit" not in added.out
+    assert "https://hooks.example.com/h" in row and "status-update" in row
+    assert row.rstrip().endswith("yes")  # has a secret
+    assistant_id = (await cli("assistants", "list", "--json")).json()["assistants"][0]["id"]
+    cleared = await cli("assistants", "update", assistant_id, "--webhook-url", "none",
+                        "--webhook-secret", "none", "--webhook-events", "", "--json")
+    body = cleared.json()["assistant"]
+    assert (body["webhook_url"], body["has_webhook_secret"], body["webhook_events"]) == (
+        None, False, [])
+    bad = await cli("assistants", "update", assistant_id, "--webhook-events", "tool-calls")
+    assert bad.code == 1 and "webhook_events" in bad.err
 
 
 async def test_update_with_none_detaches_and_delete(cli: Cli) -> None:
@@ -176,6 +195,26 @@ async def test_keys_create_prints_a_key_whose_hash_is_stored(tmp_path: Path) -> 
         assert found is not None and found.read_only and found.name == "ops"
     finally:
         await store.close()
+
+
+async def test_keys_create_writes_to_the_routers_postgresql(tmp_path: Path,
+                                                            postgres_url: str) -> None:
+    """Guards item 1: with a database URL the key lands in the shared database, not in a
+    SQLite file of the data directory."""
+    out = io.StringIO()
+    parser = argparse.ArgumentParser()
+    cli_client.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["keys", "create", "--name", "ops", "--data-dir", str(tmp_path),
+                              "--database-url", postgres_url])
+    assert await cli_client.create_key(args.data_dir, name=args.name, read_only=False,
+                                       database_url=args.database_url, out=out) == 0
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        assert await store.find_api_key(hash_api_key(out.getvalue().strip())) is not None
+    finally:
+        await store.close()
+    assert not (tmp_path / cli_client.DB_FILE).exists()
 
 
 async def test_ensure_first_key_creates_one_only_when_none_exist() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 
@@ -113,3 +114,30 @@ def test_call_record_settings_have_defaults_and_refuse_negatives() -> None:
                      "CALLROUTER_CALLS_REJECTED_RECORDS_PER_SECOND": "many"})
     assert "calls.retention_days" in str(caught.value)
     assert "calls.rejected_records_per_second" in str(caught.value)
+
+
+def test_cluster_settings_defaults_and_environment() -> None:
+    """Guards issue 10's settings: SQLite by default; the PostgreSQL URL (also by its short
+    name), the shared key file and the node name from the environment."""
+    cfg = config.load({})
+    assert cfg.store.database_url == "" and cfg.key_file == Path("./var/secret.key")
+    assert cfg.node_name == f"{socket.gethostname()}:5060"
+    cfg = config.load({"CALLROUTER_DATABASE_URL": "postgresql://cr:pw@db:5432/cr",
+                       "CALLROUTER_SECRETS_KEY_FILE": "/etc/callrouter/key",
+                       "CALLROUTER_NODE_NAME": "edge-a", "CALLROUTER_SIP_LISTEN": "0.0.0.0:5070",
+                       "CALLROUTER_STORE_FULL_RELOAD_SECONDS": "60"})
+    assert cfg.store.database_url == "postgresql://cr:pw@db:5432/cr"
+    assert "pw" not in repr(cfg.store)  # check-config prints the configuration
+    assert cfg.key_file == Path("/etc/callrouter/key")
+    assert (cfg.node_name, cfg.store.full_reload_seconds) == ("edge-a", 60)
+    assert config.load({"CALLROUTER_SIP_LISTEN": "0.0.0.0:5070"}).node_name.endswith(":5070")
+
+
+def test_cluster_settings_refuse_bad_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load({"CALLROUTER_DATABASE_URL": "mysql://db/cr", "CALLROUTER_NODE_NAME": "a b",
+                     "CALLROUTER_STORE_POOL_SIZE": "0", "CALLROUTER_STORE_TIMEOUT_SECONDS": "-1"})
+    text = "\n".join(err.value.problems)
+    for fragment in ("store.database_url", "node.name", "store.pool_size",
+                     "store.timeout_seconds"):
+        assert fragment in text, fragment

@@ -25,7 +25,7 @@ from callrouter.metrics import Metrics
 from callrouter.service import CallService
 from callrouter.sip.adapter import CallAdapter
 from callrouter.sip.fake import FakeStack
-from callrouter.sip.stack import Leg, LegKind
+from callrouter.sip.stack import Headers, Leg, LegKind
 from callrouter.store.memory import MemoryStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -49,10 +49,10 @@ class RefusingStack(FakeStack):
     refused_codes: frozenset[int] = frozenset()
 
     def answer(self, leg: Leg, code: int, reason: str = "",
-               retry_after: int | None = None) -> None:
+               retry_after: int | None = None, headers: Headers = ()) -> None:
         if code in self.refused_codes:
             raise EngineError(f"pjsua2 would not send {code}")
-        super().answer(leg, code, reason, retry_after)
+        super().answer(leg, code, reason, retry_after, headers)
 
 
 class Router:

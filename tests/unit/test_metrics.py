@@ -58,6 +58,12 @@ def test_every_metric_is_exposed_under_its_documented_name(metrics: Metrics) -> 
     assert names == {
         "callrouter_sip_invites_received",
         "callrouter_routing_decisions",
+        "callrouter_webhook_assistant_requests",
+        "callrouter_webhook_deliveries",
+        "callrouter_webhook_delivery_failures",
+        "callrouter_webhook_given_up",
+        "callrouter_webhook_backlog",
+        "callrouter_webhook_latency_seconds",
         "callrouter_sip_responses_sent",
         "callrouter_call_setup_first_response_seconds",
         "callrouter_call_setup_decision_seconds",
@@ -67,6 +73,8 @@ def test_every_metric_is_exposed_under_its_documented_name(metrics: Metrics) -> 
         "callrouter_runtime_answer_seconds",
         "callrouter_call_duration_seconds",
         "callrouter_store_query_seconds",
+        "callrouter_call_records_spooled",
+        "callrouter_route_reloads",
         "callrouter_http_requests",
         "callrouter_http_request_duration_seconds",
         "callrouter_build_info",
@@ -286,3 +294,13 @@ def test_the_grafana_dashboard_only_queries_metrics_that_exist(metrics: Metrics)
     }
     assert queried, "the dashboard queries nothing"
     assert queried <= exposed, sorted(queried - exposed)
+
+
+def test_spooled_records_are_read_from_their_source_at_each_scrape(metrics: Metrics) -> None:
+    backlog = [0]
+    metrics.set_spooled_source(lambda: backlog[0])
+    assert value(metrics, "callrouter_call_records_spooled") == 0
+    backlog[0] = 42
+    assert value(metrics, "callrouter_call_records_spooled") == 42
+    metrics.route_reload("reconnect")
+    assert value(metrics, "callrouter_route_reloads_total", cause="reconnect") == 1

@@ -6,13 +6,27 @@ both bridged; capacity and drain apply; bad input is a 422 naming the field."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from dataclasses import replace
 
 import pytest
 
 from callrouter.domain import session as s
-from callrouter.domain.models import CallStatus, EndReason, PhoneNumber, Trunk, TrunkTransport
+from callrouter.domain.models import (
+    CallRecord,
+    CallStatus,
+    EndReason,
+    PhoneNumber,
+    Trunk,
+    TrunkTransport,
+)
+from callrouter.domain.webhooks import (
+    StatusEvent,
+    WebhookDirectory,
+    WebhookTarget,
+    status_update_body,
+)
 from callrouter.errors import EngineUnavailable, ValidationError
 from callrouter.outbound import OutboundDialer, OutboundRequest
 from callrouter.sip.stack import LegKind
@@ -73,6 +87,29 @@ def test_an_outbound_call_dials_the_customer_then_the_runtime_then_bridges() -> 
     h.sip.hang_up(customer.leg)
     assert h.records[-1].end_reason is EndReason.CALLER_HANGUP
     assert h.sip.asked("hangup", runtime.leg)
+
+
+def test_an_outbound_call_sends_its_status_updates_as_an_outbound_phone_call() -> None:
+    """Guards issue 12's events on issue 11's calls: in-progress on answer, ended on hang-up,
+    ``call.type`` outbound_phone_call, the destination as the customer."""
+    h = harness()
+    events: list[tuple[CallRecord, StatusEvent]] = []
+    h.service.notify = lambda record, event: events.append((record, event))
+    h.service.webhooks = WebhookDirectory(
+        WebhookTarget("http://127.0.0.1:9/hook", None, frozenset({"status-update"})))
+    store = asyncio.run(seeded())
+    call_id = asyncio.run(place(h, store, OutboundRequest("+31612345678", NUMBER_ID)))
+    customer = h.sip.dialled[0].leg
+    h.sip.pick_up(customer)
+    h.sip.pick_up(h.sip.dialled[-1].leg)
+    h.sip.hang_up(customer)
+    bodies = [json.loads(status_update_body(e.facts, r, T0))["message"] for r, e in events]
+    assert [b["call"]["status"] for b in bodies] == ["in-progress", "ended"]
+    assert {b["call"]["type"] for b in bodies} == {"outbound_phone_call"}
+    assert {b["call"]["id"] for b in bodies} == {str(call_id)}
+    assert bodies[0]["customer"]["number"] == "+31612345678"
+    assert bodies[0]["phone_number"]["number"] == "+31850835037"
+    assert events[-1][0].direction == "outbound" and events[-1][0].trunk_id == TRUNK.id
 
 
 def test_end_call_works_on_an_outbound_call_and_a_busy_customer_fails_it() -> None:

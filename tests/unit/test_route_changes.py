@@ -51,7 +51,7 @@ def _management(store: MemoryStore, service: CallService, tmp_path: Path) -> Man
     async def changed(changes: Sequence[RouteChange]) -> None:
         await service.apply_route_changes(changes, store)
 
-    return Management(store, SecretBox.load(tmp_path, {}), "NL", changed, lambda: T0)
+    return Management(store, SecretBox.load(tmp_path / "secret.key", {}), "NL", changed, lambda: T0)
 
 
 def _invite(e164: str) -> InboundInvite:

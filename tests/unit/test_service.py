@@ -128,10 +128,13 @@ def test_capacity_and_draining_get_503_with_retry_after() -> None:
     assert isinstance(service.on_invite(invite("sip:+31850835037@r")), Accepted)
     full = service.on_invite(invite("sip:+31850835037@r"))  # max_calls is 1
     assert isinstance(full, Rejected) and (full.code, full.retry_after) == (503, 5)
+    # The phrase says "no room here": a balancer in front tries another router on it.
+    assert full.reason == "Over Capacity"
     service.active.clear()
     service.draining = True
     drained = service.on_invite(invite("sip:+31850835037@r"))
     assert isinstance(drained, Rejected) and drained.code == 503
+    assert drained.reason == "Draining"
 
 
 def test_runtime_failures_fall_back_to_the_pool_then_503() -> None:

@@ -1,7 +1,8 @@
-"""One contract suite for ``ports.Store``, run against ``SqliteStore`` and ``MemoryStore``.
+"""One contract suite for ``ports.Store``, run against ``SqliteStore``, ``PostgresStore``
+(a fresh database in the session's throw-away cluster) and ``MemoryStore``.
 
-The in-memory fake is only worth having if it behaves like the real store; every test
-here runs on both, so a rule enforced by one but not the other (a UNIQUE number, a
+The in-memory fake is only worth having if it behaves like the real stores; every test
+here runs on all three, so a rule enforced by one but not another (a UNIQUE number, a
 RESTRICT on delete, newest-first calls) fails here.
 """
 
@@ -22,17 +23,22 @@ from callrouter.domain.models import (
     Assistant,
     CallRecord,
     CallStatus,
+    DeliveryStatus,
     EndReason,
     PhoneNumber,
     Trunk,
     TrunkTransport,
+    WebhookDelivery,
 )
 from callrouter.errors import Conflict, NotFound, StoreError
 from callrouter.ports import CallQuery, NumberQuery, Store
-from callrouter.store import MemoryStore, SqliteStore
+from callrouter.store import MemoryStore, PostgresStore, SqliteStore, rows
+from callrouter.store.rows import DELIVERY_COLS, insert_sql
+from callrouter.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
 pytestmark = pytest.mark.anyio
 T0 = datetime(2025, 12, 13, 10, 0, 0, 123456, tzinfo=UTC)
+ROUTER = "edge-a:5060"
 
 
 @pytest.fixture
@@ -40,10 +46,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made: Store = SqliteStore(tmp_path / "db" / "callrouter.db") if request.param == "sqlite" \
-        else MemoryStore()
+    made: Store
+    if request.param == "sqlite":
+        made = SqliteStore(tmp_path / "db" / "callrouter.db")
+    elif request.param == "postgres":
+        made = PostgresStore(request.getfixturevalue("postgres_url"))
+    else:
+        made = MemoryStore()
     await made.open()
     yield made
     await made.close()
@@ -72,7 +83,8 @@ def call(created: datetime, status: CallStatus = CallStatus.ENDED, **changes: ob
     base = CallRecord(id=uuid.uuid4(), status=status, caller_phone="+31612345678",
                       assistant_phone="+31850835037", number_id=None, assistant_id=None,
                       sip_call_id=f"sip-{uuid.uuid4()}", started_at=None, ended_at=None,
-                      end_reason=None, error=None, created_at=created, updated_at=created)
+                      end_reason=None, error=None, created_at=created, updated_at=created,
+                      router=ROUTER)
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -235,6 +247,26 @@ async def test_assistant_crud(store: Store) -> None:
     assert [x.id for x in await store.list_assistants()] == [a.id]
 
 
+async def test_assistant_webhook_fields_round_trip_and_the_secret_stays_apart(
+        store: Store) -> None:
+    a = replace(assistant(), webhook_url="https://hooks.example.com/x",
+                webhook_events=("assistant-request", "status-update"))
+    created = await store.create_assistant(a, b"enc-1")
+    assert created.has_webhook_secret and created.webhook_events == a.webhook_events
+    assert await store.get_assistant(a.id) == created
+    assert await store.get_assistant_webhook_secret(a.id) == b"enc-1"
+    kept = await store.update_assistant(replace(created, name="Renamed"))
+    assert kept.has_webhook_secret and await store.get_assistant_webhook_secret(a.id) == b"enc-1"
+    replaced = await store.update_assistant(kept, b"enc-2", keep_webhook_secret=False)
+    assert replaced.has_webhook_secret
+    assert await store.get_assistant_webhook_secret(a.id) == b"enc-2"
+    cleared = await store.update_assistant(
+        replace(kept, webhook_url=None, webhook_events=()), None, keep_webhook_secret=False)
+    assert not cleared.has_webhook_secret and cleared.webhook_url is None
+    assert await store.get_assistant(a.id) == cleared
+    assert await store.get_assistant_webhook_secret(a.id) is None
+
+
 # -- calls -------------------------------------------------------------------------------
 
 async def test_call_direction_and_trunk_round_trip(store: Store) -> None:
@@ -278,7 +310,7 @@ async def test_close_open_calls_marks_them_failed_router_restart(store: Store) -
     done = call(T0, CallStatus.ENDED, end_reason=EndReason.CALLER_HANGUP)
     await store.upsert_calls([*open_calls, done])
     later = T0 + timedelta(minutes=1)
-    assert await store.close_open_calls(later) == 2
+    assert await store.close_open_calls(later, ROUTER) == 2
     for c in open_calls:
         closed = await store.get_call(c.id)
         assert closed is not None
@@ -297,10 +329,11 @@ async def test_close_open_calls_ends_them_at_the_last_heartbeat(store: Store) ->
     late = call(T0 + timedelta(seconds=25), CallStatus.IN_PROGRESS,
                 started_at=T0 + timedelta(seconds=25))
     await store.upsert_calls([ringing, talking, late])
-    await store.heartbeat(T0 + timedelta(seconds=10))
-    await store.heartbeat(T0 + timedelta(seconds=20))
+    await store.heartbeat(T0 + timedelta(seconds=10), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=20), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=50), "other:5060")
     restart = T0 + timedelta(hours=1)
-    assert await store.close_open_calls(restart) == 3
+    assert await store.close_open_calls(restart, ROUTER) == 3
     closed = [await store.get_call(c.id) for c in (ringing, talking, late)]
     assert [c and (c.status, c.end_reason, c.ended_at, c.updated_at) for c in closed] == [
         (CallStatus.FAILED, EndReason.ROUTER_RESTART, T0 + timedelta(seconds=20), restart),
@@ -325,6 +358,36 @@ async def test_prune_deletes_old_closed_calls_oldest_first_at_most_limit_at_a_ti
     assert await store.delete_calls_before(cutoff, limit=4) == 2
     assert await store.delete_calls_before(cutoff, limit=4) == 0
     assert (await store.list_calls(CallQuery()))[1] == 2
+
+
+async def test_close_open_calls_closes_only_the_restarting_routers_calls(
+        store: Store) -> None:
+    """Guards a shared database: a restarting router must not end the calls another
+    router is still carrying, and its own end at its own last heartbeat."""
+    mine = call(T0, CallStatus.IN_PROGRESS, started_at=T0)
+    theirs = call(T0, CallStatus.IN_PROGRESS, started_at=T0, router="edge-b:5060")
+    unnamed = call(T0, CallStatus.CONNECTING, router="")  # written before routers had names
+    await store.upsert_calls([mine, theirs, unnamed])
+    await store.heartbeat(T0 + timedelta(seconds=7), ROUTER)
+    await store.heartbeat(T0 + timedelta(seconds=90), "edge-b:5060")
+    assert await store.close_open_calls(T0 + timedelta(hours=1), ROUTER) == 2
+    closed = await store.get_call(mine.id)
+    assert closed is not None and closed.ended_at == T0 + timedelta(seconds=7)
+    assert closed.router == ROUTER
+    assert await store.get_call(theirs.id) == theirs
+    still = await store.get_call(unnamed.id)
+    assert still is not None and still.status == CallStatus.FAILED
+
+
+async def test_a_claim_is_won_once(store: Store) -> None:
+    assert await asyncio.gather(*(store.claim("first_api_key") for _ in range(3))) in (
+        [True, False, False], [False, True, False], [False, False, True])
+    assert await store.claim("something else")
+
+
+async def test_key_check_keeps_the_first_value(store: Store) -> None:
+    assert await store.key_check(b"first") == b"first"
+    assert await store.key_check(b"second") == b"first"
 
 
 # -- API keys ----------------------------------------------------------------------------
@@ -366,17 +429,48 @@ async def test_sqlite_heartbeat_survives_a_reopen(tmp_path: Path) -> None:
     talking = call(T0, CallStatus.IN_PROGRESS, started_at=T0)
     try:
         await first.upsert_calls([talking])
-        await first.heartbeat(T0 + timedelta(seconds=30))
+        await first.heartbeat(T0 + timedelta(seconds=30), ROUTER)
     finally:
         await first.close()
     second = SqliteStore(path)
     await second.open()
     try:
-        await second.close_open_calls(T0 + timedelta(hours=2))
+        await second.close_open_calls(T0 + timedelta(hours=2), ROUTER)
         closed = await second.get_call(talking.id)
         assert closed is not None and closed.ended_at == T0 + timedelta(seconds=30)
     finally:
         await second.close()
+
+
+async def test_sqlite_upgrades_a_webhooks_schema_keeping_its_heartbeat_and_outbox(
+        tmp_path: Path) -> None:
+    """Guards the migration order: a database at version 3 (the webhooks) gets version 4
+    (named routers), its one heartbeat becoming the unnamed router's."""
+    path = tmp_path / "callrouter.db"
+    talking = call(T0, CallStatus.IN_PROGRESS, started_at=T0, router="")
+    event = delivery(talking.id)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER)")
+        for version, statements in enumerate(SQLITE_MIGRATIONS[:3], 1):
+            for statement in statements:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        row = rows.call_to_row(talking)
+        del row["router"], row["trunk_id"]  # added by versions 4 and 5
+        db.execute(insert_sql("calls", tuple(row)), row)
+        db.execute(insert_sql("webhook_outbox", DELIVERY_COLS), rows.delivery_to_row(event))
+        db.execute("INSERT INTO heartbeat (id, at) VALUES (1, ?)",
+                   (rows.to_text(T0 + timedelta(seconds=30)),))
+    db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.get_delivery(event.id) == event
+        assert await store.close_open_calls(T0 + timedelta(hours=2), ROUTER) == 1
+        closed = await store.get_call(talking.id)
+        assert closed is not None and closed.ended_at == T0 + timedelta(seconds=30)
+    finally:
+        await store.close()
 
 
 async def test_sqlite_refuses_a_database_from_a_newer_router(tmp_path: Path) -> None:
@@ -400,3 +494,108 @@ async def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "callrouter.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+# -- the webhook outbox ---------------------------------------------------------------------
+
+def delivery(call_id: uuid.UUID | None, at: datetime = T0, **changes: object) -> WebhookDelivery:
+    base = WebhookDelivery(
+        id=uuid.uuid4(), call_id=call_id, event="status-update", url="http://127.0.0.1:9/x",
+        assistant_id=None, body='{"message": {}}', status=DeliveryStatus.PENDING, attempts=0,
+        next_attempt_at=at, expires_at=at + timedelta(hours=24), last_error=None,
+        created_at=at, updated_at=at)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def test_outbox_is_written_with_the_call_and_due_in_order_one_per_call(
+        store: Store) -> None:
+    c1, c2 = call(T0, CallStatus.IN_PROGRESS), call(T0, CallStatus.IN_PROGRESS)
+    first, second = delivery(c1.id), delivery(c1.id)
+    other = delivery(c2.id, at=T0 + timedelta(seconds=30))
+    await store.upsert_calls([c1, c2], [first, second, other])
+    assert await store.get_call(c1.id) == c1
+    assert [d.id for d in await store.due_deliveries(T0, 10)] == [first.id]
+    assert [d.id for d in await store.due_deliveries(T0 + timedelta(minutes=1), 10)] == [
+        first.id, other.id]
+    assert await store.next_delivery_at() == T0
+    done = replace(first, status=DeliveryStatus.DELIVERED, attempts=1, updated_at=T0)
+    await store.update_delivery(done)
+    assert await store.get_delivery(first.id) == done
+    assert [d.id for d in await store.due_deliveries(T0, 10)] == [second.id]
+    assert await store.count_deliveries(DeliveryStatus.PENDING) == 2
+
+
+async def test_a_due_event_is_claimed_by_one_attempt_only(store: Store) -> None:
+    """Guards routers sharing an outbox: of two that read the same due event, one takes
+    it; it is not due again until the claim runs out."""
+    c = call(T0, CallStatus.IN_PROGRESS)
+    d, later = delivery(c.id), delivery(c.id)
+    await store.upsert_calls([c], [d, later])
+    until = T0 + timedelta(seconds=15)
+    assert await store.claim_delivery(d, until)
+    assert not await store.claim_delivery(d, until)  # the other router read it as due too
+    assert await store.due_deliveries(T0 + timedelta(seconds=10), 10) == []  # order kept
+    assert [x.id for x in await store.due_deliveries(until, 10)] == [d.id]
+    claimed = await store.get_delivery(d.id)
+    assert claimed is not None and claimed.next_attempt_at == until
+    await store.update_delivery(replace(claimed, status=DeliveryStatus.DELIVERED))
+    assert not await store.claim_delivery(claimed, until)  # settled: nothing to take
+
+
+async def test_a_duplicate_delivery_id_fails_the_whole_write(store: Store) -> None:
+    c = call(T0)
+    d = delivery(c.id)
+    await store.upsert_calls([c], [d])
+    changed = replace(c, status=CallStatus.FAILED)
+    with pytest.raises(Conflict):
+        await store.upsert_calls([changed], [d])
+    assert await store.get_call(c.id) == c  # the record change was not kept either
+
+
+async def test_failed_deliveries_are_listed_newest_first_and_retried(store: Store) -> None:
+    c = call(T0)
+    old, new = delivery(c.id), delivery(c.id)
+    await store.upsert_calls([c], [old, new])
+    for d in (old, new):
+        await store.update_delivery(replace(d, status=DeliveryStatus.FAILED, attempts=3,
+                                            last_error="HTTP 410"))
+    found, total = await store.list_deliveries(DeliveryStatus.FAILED, 1, 0)
+    assert total == 2 and [d.id for d in found] == [new.id]
+    assert found[0].last_error == "HTTP 410" and found[0].attempts == 3
+    assert await store.due_deliveries(T0 + timedelta(days=1), 10) == []
+    assert await store.next_delivery_at() is None
+    with pytest.raises(NotFound):
+        await store.update_delivery(delivery(c.id))
+
+
+async def test_close_open_calls_adds_the_ended_event_after_the_last_one(store: Store) -> None:
+    open_call = call(T0, CallStatus.IN_PROGRESS)
+    quiet = call(T0, CallStatus.IN_PROGRESS)
+    last = delivery(open_call.id, body='{"last": true}')
+    await store.upsert_calls([open_call, quiet], [delivery(open_call.id), last])
+    seen: list[tuple[CallRecord, WebhookDelivery]] = []
+
+    def ended(record: CallRecord, previous: WebhookDelivery) -> WebhookDelivery:
+        seen.append((record, previous))
+        return delivery(record.id, body=f"ended {record.end_reason}")
+
+    assert await store.close_open_calls(T0 + timedelta(hours=1), ROUTER, ended) == 2
+    assert [(r.id, r.end_reason, p.id) for r, p in seen] == [
+        (open_call.id, EndReason.ROUTER_RESTART, last.id)]
+    found, total = await store.list_deliveries(None, 10, 0)
+    assert total == 3 and found[0].body == "ended router_restart"
+
+
+async def test_old_delivered_and_failed_events_are_pruned_never_pending_ones(
+        store: Store) -> None:
+    c = call(T0)
+    done, failed, waiting = delivery(c.id), delivery(c.id), delivery(c.id)
+    young = delivery(c.id, at=T0 + timedelta(days=2))
+    await store.upsert_calls([c], [done, failed, waiting, young])
+    await store.update_delivery(replace(done, status=DeliveryStatus.DELIVERED))
+    await store.update_delivery(replace(failed, status=DeliveryStatus.FAILED))
+    await store.update_delivery(replace(young, status=DeliveryStatus.DELIVERED))
+    assert await store.delete_deliveries_before(T0 + timedelta(days=1), 1) == 1
+    assert await store.delete_deliveries_before(T0 + timedelta(days=1), 10) == 1
+    left, total = await store.list_deliveries(None, 10, 0)
+    assert total == 2 and {d.id for d in left} == {waiting.id, young.id}

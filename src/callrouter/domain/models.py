@@ -73,6 +73,9 @@ class Assistant:
     runtime_uri: str | None  # None: use the default runtime pool from config
     created_at: datetime
     updated_at: datetime
+    webhook_url: str | None = None  # None: the account-level webhook (config), if any
+    webhook_events: tuple[str, ...] = ()  # subset of domain.webhooks.EVENTS
+    has_webhook_secret: bool = False  # the secret itself is stored encrypted, never shown
 
 
 class CallStatus(enum.StrEnum):
@@ -92,6 +95,7 @@ class EndReason(enum.StrEnum):
     REJECTED_UNASSIGNED = "rejected_unassigned"
     REJECTED_OVER_CAPACITY = "rejected_over_capacity"
     REJECTED_DRAINING = "rejected_draining"
+    REJECTED_BY_WEBHOOK = "rejected_by_webhook"  # assistant-request answered {"error": ...}
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     CALLER_CANCELLED = "caller_cancelled"
     CUSTOMER_BUSY = "customer_busy"  # an outbound call's destination: 486, 600, 603
@@ -121,6 +125,7 @@ class CallRecord:
     updated_at: datetime
     direction: str = "inbound"
     trunk_id: uuid.UUID | None = None  # the trunk the call came in on (or went out through)
+    router: str = ""  # the node name of the router that handled it (config node.name)
 
     @property
     def duration_seconds(self) -> int | None:
@@ -129,6 +134,32 @@ class CallRecord:
         if self.ended_at is None:
             return None
         return int((self.ended_at - self.started_at).total_seconds())
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its (next) attempt
+    DELIVERED = "delivered"  # a 2xx was received
+    FAILED = "failed"  # given up: a 4xx other than 429, or retries ran out
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One event in the durable outbox (``status-update``): the exact body to sign and
+    send, where, and how its delivery goes. ``id`` is the ``X-Webhook-Id``."""
+
+    id: uuid.UUID
+    call_id: uuid.UUID | None
+    event: str
+    url: str
+    assistant_id: uuid.UUID | None  # whose webhook secret signs it (None: the account's)
+    body: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime
+    expires_at: datetime  # retried until then (webhooks.retry_hours), then given up
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from callrouter.domain.numbers import normalise
+from callrouter.domain.numbers import normalise_uncached
 from callrouter.errors import InvalidNumber
 
 COLUMNS = ("phone_number", "name", "assistant_id", "transfer_trunk_id", "is_active")
@@ -46,18 +46,42 @@ class BadHeader(ValueError):
 
 def parse(lines: Iterable[str], default_region: str) -> Iterator[CsvNumber | RowProblem]:
     """Each data line of ``lines`` (the header first) as a value; see the module doc."""
+    header, rows = read(lines)
+    for line, cells in rows:
+        yield check(line, cells, header, default_region)
+
+
+def read(lines: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """The checked header and each non-blank data row with its first line number: the cheap
+    half of ``parse``. ``check`` is the other half; a caller may run it elsewhere (a bulk
+    import spreads it over worker processes)."""
     reader = csv.reader(lines)
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration as exc:
         raise BadHeader("the file is empty: expected a header line") from exc
     _check_header(header)
-    ended = reader.line_num
-    for row in reader:
-        line, ended = ended + 1, reader.line_num  # a quoted field may span lines
-        if row and any(cell.strip() for cell in row):
-            yield _row(line, dict(zip(header, row, strict=False)), len(row), len(header),
-                       default_region)
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        ended = reader.line_num
+        for row in reader:
+            line, ended = ended + 1, reader.line_num  # a quoted field may span lines
+            if row and any(cell.strip() for cell in row):
+                yield line, row
+    return header, rows()
+
+
+def check(line: int, cells: list[str], header: list[str],
+          default_region: str) -> CsvNumber | RowProblem:
+    """One data row (from ``read``) as a number or a problem."""
+    return _row(line, dict(zip(header, cells, strict=False)), len(cells), len(header),
+                default_region)
+
+
+def check_many(rows: list[tuple[int, list[str]]], header: list[str],
+               default_region: str) -> list[CsvNumber | RowProblem]:
+    """``check`` over a batch: the unit of work a worker process gets."""
+    return [check(line, cells, header, default_region) for line, cells in rows]
 
 
 def _check_header(header: list[str]) -> None:
@@ -72,7 +96,7 @@ def _row(line: int, cells: dict[str, str], width: int, expected: int,
     reasons = [] if width == expected else [f"{width} fields, the header has {expected}"]
     e164 = ""
     try:
-        e164 = normalise(cells.get("phone_number", ""), region)
+        e164 = normalise_uncached(cells.get("phone_number", ""), region)
     except InvalidNumber as exc:
         reasons.append(f"phone_number {exc.details[0].message if exc.details else exc}")
     name = cells.get("name", "").strip()

@@ -46,6 +46,7 @@ class Outcome(enum.StrEnum):
     OVER_CAPACITY = "over_capacity"
     DRAINING = "draining"
     RUNTIME_UNAVAILABLE = "runtime_unavailable"  # the number's assistant has no runtime at all
+    WEBHOOK_REFUSED = "webhook_refused"  # assistant-request answered {"error": ...}
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,12 @@ def decide(ctx: CallContext, table: RouteTable, policy: Policy, pool: RuntimePoo
     if route.assistant_id is None:
         return Reject(policy.unassigned_code, Outcome.UNASSIGNED,
                       EndReason.REJECTED_UNASSIGNED, route)
+    return bridge(route, policy, pool)
+
+
+def bridge(route: Route, policy: Policy, pool: RuntimePool) -> Decision:
+    """Bridge to the route's assistant (its own runtime first, then the pool), or 503
+    when it has no runtime at all."""
     targets = _targets(route, pool)
     if not targets:
         return Reject(503, Outcome.RUNTIME_UNAVAILABLE, EndReason.RUNTIME_UNAVAILABLE, route,

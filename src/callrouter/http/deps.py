@@ -10,6 +10,8 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from callrouter.domain.models import WebhookDelivery
+from callrouter.errors import EngineUnavailable
 from callrouter.management import Management
 from callrouter.outbound import OutboundRequest
 from callrouter.ports import ControlCommand, RegistrationStatus, Store
@@ -21,6 +23,10 @@ def _ignore_request(route: str, method: str, status: int, seconds: float) -> Non
 
 def _no_registration(trunk_id: uuid.UUID) -> RegistrationStatus | None:
     return None
+
+
+async def _no_webhook_worker(delivery_id: uuid.UUID) -> WebhookDelivery:
+    raise EngineUnavailable("webhook delivery is not running")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class ApiDeps:
     given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits;
     ``registration`` tells a trunk's registration state.
     ``max_body_bytes``: larger request bodies get 413 (``import_max_bytes`` for the bulk
-    number import).
+    number import). ``retry_delivery`` makes a stuck webhook delivery due now (``NotFound``,
+    ``Conflict`` when it was delivered already) and returns it.
     """
 
     management: Management
@@ -58,3 +65,4 @@ class ApiDeps:
     registration: Callable[[uuid.UUID], RegistrationStatus | None] = _no_registration
     # POST /calls/outbound: places the call, returns its id (None: 503)
     place_call: Callable[[OutboundRequest], Awaitable[uuid.UUID]] | None = None
+    retry_delivery: Callable[[uuid.UUID], Awaitable[WebhookDelivery]] = _no_webhook_worker

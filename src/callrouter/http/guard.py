@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from callrouter.domain.models import ApiKey
+from callrouter.errors import StoreUnavailable
 from callrouter.http.failures import BodyTooLarge, error_response, http_error_response
 from callrouter.http.ratelimit import FixedWindowLimiter
 
@@ -51,7 +52,11 @@ class Guard:
                 path.rstrip("/") in self._open_paths):
             await self._app(scope, receive, send)
             return
-        key = await self._key(scope)
+        try:
+            key = await self._key(scope)
+        except StoreUnavailable as exc:  # no key can be checked while the database is away
+            await _refuse(scope, receive, send, exc.status, exc.code, exc.message, {})
+            return
         if key is None:
             await _refuse(scope, receive, send, 401, "unauthorized",
                           "a valid API key is required (Authorization: Bearer <key>)",

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
-from callrouter.domain.models import CallStatus, PhoneNumber
+from callrouter.domain.models import CallStatus, DeliveryStatus, PhoneNumber
 from callrouter.errors import EngineUnavailable, NotFound, ValidationError
 from callrouter.http import schemas
 from callrouter.http import views as v
@@ -73,16 +73,18 @@ async def list_numbers(
 ) -> StreamingResponse:
     """Every number (what the SDK expects) without parameters, or a page: ``limit`` and
     ``offset``, numbers starting with ``phone_number``; in ``phone_number`` order. Streamed
-    a batch at a time, so a million numbers are never one response in memory."""
+    a batch at a time, so a million numbers are never one response in memory. The first
+    batch is read before the response starts, so an unreachable database is a 503."""
     query = NumberQuery(limit=limit or NUMBER_BATCH, offset=offset,
                         prefix=_number_prefix(phone_number))
-    return StreamingResponse(v.number_list_stream(_number_pages(deps, query, limit is None)),
-                             media_type="application/json")
+    first = await deps.store.page_numbers(query)
+    return StreamingResponse(
+        v.number_list_stream(_number_pages(deps, query, first, limit is None)),
+        media_type="application/json")
 
 
-async def _number_pages(deps: ApiDeps, query: NumberQuery,
+async def _number_pages(deps: ApiDeps, query: NumberQuery, page: Sequence[PhoneNumber],
                         every: bool) -> AsyncIterator[Sequence[PhoneNumber]]:
-    page = await deps.store.page_numbers(query)
     yield page
     # Without a limit: every number from the offset on, by keyset (never OFFSET again).
     while every and len(page) == query.limit:
@@ -280,13 +282,36 @@ def _command(body: schemas.ControlCommand, deps: ApiDeps) -> ControlCommand:
     return TransferCall(deps.management.control_destination(body.destination), body.message)
 
 
+# -- webhook deliveries (status-update outbox) --------------------------------------------
+
+@router.get("/webhooks/deliveries", tags=["webhooks"])
+async def list_deliveries(
+    deps: Deps,
+    status: DeliveryStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> v.DeliveryList:
+    """Newest first; ``status=failed`` lists what was given up, ``pending`` what waits."""
+    found, total = await deps.store.list_deliveries(status, limit, offset)
+    return v.DeliveryList(deliveries=[v.DeliveryView.of(d) for d in found],
+                          pagination=v.Pagination(total=total, limit=limit, offset=offset))
+
+
+@router.post("/webhooks/deliveries/{delivery_id}/retry", tags=["webhooks"])
+async def retry_delivery(delivery_id: uuid.UUID, deps: Deps) -> v.DeliveryEnvelope:
+    """Try a failed (or waiting) delivery again now, with a fresh ``retry_hours``."""
+    return v.DeliveryEnvelope(delivery=v.DeliveryView.of(await deps.retry_delivery(delivery_id)))
+
+
 # -- health (open) ---------------------------------------------------------------------
 
 @open_router.get("/health", tags=["health"], responses={503: {"model": v.Health}})
 async def health(deps: Deps, response: Response) -> v.Health:
     checks = await deps.health()
     healthy = all(check.get("status") == "ok" for check in checks.values())
-    if checks.get("database", {}).get("status") != "ok":
+    # Liveness: the router is alive while its SIP side is. A database outage is
+    # "degraded" (calls are routed from memory and their records spooled), not down.
+    if checks.get("sip", {}).get("status") == "down":
         response.status_code = 503
     return v.Health(status="ok" if healthy else "degraded", version=deps.version, checks=checks)
 

@@ -221,25 +221,44 @@ def _port(text: str, field: str) -> int:
     return int(text)
 
 
-class AssistantCreate(BaseModel):
+class AssistantWebhookFields(BaseModel):
+    """``webhook_secret`` is write-only: responses say only ``has_webhook_secret``."""
+
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_events: list[str] | None = None
+
+
+class AssistantCreate(AssistantWebhookFields):
     id: uuid.UUID | None = None
     name: str
     runtime_uri: str | None = None
 
     def to_input(self) -> AssistantInput:
-        return AssistantInput(id=self.id, name=self.name, runtime_uri=self.runtime_uri)
+        events = None if self.webhook_events is None else tuple(self.webhook_events)
+        return AssistantInput(id=self.id, name=self.name, runtime_uri=self.runtime_uri,
+                              webhook_url=self.webhook_url, webhook_secret=self.webhook_secret,
+                              webhook_events=events)
 
 
-class AssistantPatch(BaseModel):
+class AssistantPatch(AssistantWebhookFields):
     name: str | None = None
     runtime_uri: str | None = None
 
     def to_changes(self) -> AssistantChanges:
         not_null(self, "name")
         sent = self.model_fields_set
+
+        def sent_or_unset(name: str) -> Any:
+            return getattr(self, name) if name in sent else UNSET
+
+        events = sent_or_unset("webhook_events")
         return AssistantChanges(
             name=self.name if self.name is not None else UNSET,
-            runtime_uri=self.runtime_uri if "runtime_uri" in sent else UNSET)
+            runtime_uri=sent_or_unset("runtime_uri"),
+            webhook_url=sent_or_unset("webhook_url"),
+            webhook_secret=sent_or_unset("webhook_secret"),
+            webhook_events=tuple(events) if isinstance(events, list) else events)
 
 
 class OutboundCallBody(BaseModel):

@@ -10,6 +10,7 @@ no field here, so no response can carry one.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from callrouter.domain.models import (
     PhoneNumber,
     Trunk,
     TrunkTransport,
+    WebhookDelivery,
 )
 from callrouter.errors import FieldProblem
 from callrouter.ports import RegistrationStatus
@@ -31,8 +33,7 @@ from callrouter.ports import RegistrationStatus
 
 def iso_ms(moment: datetime) -> str:
     """``2025-12-13T10:00:00.000Z``: UTC, milliseconds, ``Z``."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 Timestamp = Annotated[datetime, PlainSerializer(iso_ms, return_type=str)]
@@ -143,12 +144,17 @@ class AssistantView(BaseModel):
     id: uuid.UUID
     name: str
     runtime_uri: str | None
+    webhook_url: str | None
+    webhook_events: list[str]
+    has_webhook_secret: bool  # the secret itself is never returned
     created_at: Timestamp
     updated_at: Timestamp
 
     @classmethod
     def of(cls, a: Assistant) -> AssistantView:
         return cls(id=a.id, name=a.name, runtime_uri=a.runtime_uri,
+                   webhook_url=a.webhook_url, webhook_events=list(a.webhook_events),
+                   has_webhook_secret=a.has_webhook_secret,
                    created_at=a.created_at, updated_at=a.updated_at)
 
 
@@ -179,6 +185,7 @@ class CallView(BaseModel):
     error: str | None
     created_at: Timestamp
     updated_at: Timestamp
+    router: str  # extra field: which router handled the call (config node.name)
 
     @classmethod
     def fields_of(cls, c: CallRecord) -> dict[str, Any]:
@@ -190,7 +197,7 @@ class CallView(BaseModel):
                 "sip_call_id": c.sip_call_id, "started_at": c.started_at,
                 "ended_at": c.ended_at, "duration_seconds": c.duration_seconds,
                 "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
-                "created_at": c.created_at, "updated_at": c.updated_at}
+                "created_at": c.created_at, "updated_at": c.updated_at, "router": c.router}
 
     @classmethod
     def of(cls, c: CallRecord) -> CallView:
@@ -216,6 +223,44 @@ class Pagination(BaseModel):
 class CallList(BaseModel):
     calls: list[CallView]
     pagination: Pagination
+
+
+class DeliveryView(BaseModel):
+    """One status-update event in the outbox; ``id`` is its ``X-Webhook-Id``."""
+
+    id: uuid.UUID
+    call_id: uuid.UUID | None
+    event: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: Timestamp
+    expires_at: Timestamp
+    last_error: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    payload: Any
+
+    @classmethod
+    def of(cls, d: WebhookDelivery) -> DeliveryView:
+        try:
+            payload = json.loads(d.body)
+        except ValueError:
+            payload = d.body
+        return cls(id=d.id, call_id=d.call_id, event=d.event, url=d.url, status=d.status.value,
+                   attempts=d.attempts, next_attempt_at=d.next_attempt_at,
+                   expires_at=d.expires_at, last_error=d.last_error, created_at=d.created_at,
+                   updated_at=d.updated_at, payload=payload)
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryView]
+    pagination: Pagination
+
+
+class DeliveryEnvelope(BaseModel):
+    success: bool = True
+    delivery: DeliveryView
 
 
 class Success(BaseModel):

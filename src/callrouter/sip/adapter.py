@@ -37,11 +37,13 @@ import structlog
 
 from callrouter.domain import session as s
 from callrouter.domain.sipuri import user_part
+from callrouter.domain.webhooks import AssistantReply
 from callrouter.errors import EngineError
 from callrouter.ports import (
     Accepted,
     CallHandler,
     EngineEntry,
+    Held,
     InboundInvite,
     OutboundCall,
     Reaction,
@@ -93,6 +95,7 @@ class CallAdapter:
         self._timers: list[tuple[float, int, uuid.UUID]] = []
         self._seq = itertools.count()
         self._calls: dict[uuid.UUID, BridgedCall] = {}
+        self._held: dict[uuid.UUID, Leg] = {}  # callers ringing while a webhook decides
         self._live: set[Leg] = set()  # every leg not yet disconnected
         self._released: list[Leg] = []
         self._recovering: set[uuid.UUID] = set()
@@ -113,6 +116,10 @@ class CallAdapter:
         future: Future[Accepted | Rejected] = Future()
         self.call_soon(lambda: self._place(call, future))
         return future
+
+    def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        """The ``assistant-request`` decision for a held INVITE, from the asyncio side."""
+        self.call_soon(lambda: self._resume(call_id, reply))
 
     def leg_dtmf(self, leg: Leg, digit: str) -> None:
         # Reported on pjmedia's thread: hop to the SIP thread before touching the stack.
@@ -135,6 +142,7 @@ class CallAdapter:
             self._released.extend(call.legs())
         self._released.extend(self._live)
         self._calls.clear()
+        self._held.clear()
         self._live.clear()
         self._release()
 
@@ -172,6 +180,8 @@ class CallAdapter:
     def _recover(self, where: EngineEntry, subject: Leg | uuid.UUID | None,
                  exc: Exception) -> None:
         call_id = subject.call_id if isinstance(subject, Leg) else subject
+        if call_id is not None:
+            self._held.pop(call_id, None)
         error = f"{type(exc).__name__}: {exc}"
         log.error("sip.callback_failed", where=str(where), error=error,
                   call_id=str(call_id) if call_id else None, exc_info=exc)
@@ -226,6 +236,8 @@ class CallAdapter:
             answer = self.handler.on_invite(invite)
             if isinstance(answer, Rejected):
                 self._reject(leg, answer)
+            elif isinstance(answer, Held):
+                self._hold(leg, answer)
             else:
                 self._accept(leg, answer)
 
@@ -244,6 +256,9 @@ class CallAdapter:
                 event = _event_for(leg, state)
                 if event is not None:
                     self._queue_event(leg.call_id, event)
+            if leg.ended and leg.call_id is not None and \
+                    self._held.pop(leg.call_id, None) is not None:
+                self.handler.on_held_ended(leg.call_id, self.clock())  # CANCEL while held
             if leg.ended and leg in self._live:
                 self._disconnected(leg)
 
@@ -294,11 +309,32 @@ class CallAdapter:
         self._apply(call, ruling.reaction)
         return ruling.refused
 
+    def _hold(self, leg: Leg, held: Held) -> None:
+        """Ring the caller while the asyncio side asks the webhook (never waited for here)."""
+        leg.call_id = held.call_id
+        self._held[held.call_id] = leg
+        self.stack.answer(leg, 180)
+        self._sent(leg, 180)
+
+    def _resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        leg = self._held.pop(call_id, None)
+        if leg is None:
+            return  # the caller gave up meanwhile (the handler was told then)
+        with self.guarded(EngineEntry.INCOMING_CALL, leg):
+            answer = self.handler.on_decided(call_id, reply, self.clock())
+            if isinstance(answer, Rejected):
+                self._reject(leg, answer)
+            elif isinstance(answer, Accepted):
+                self._accept(leg, answer)
+            else:
+                self._drop(leg)
+
     # ---- events and commands -------------------------------------------------------
 
     def _reject(self, leg: Leg, rejected: Rejected) -> None:
         try:
-            self._respond(leg, rejected.code, rejected.reason, rejected.retry_after)
+            self._respond(leg, rejected.code, rejected.reason, rejected.retry_after,
+                          rejected.headers)
         except EngineError as exc:  # logged, as a refused command is
             log.warning("sip.answer_failed", code=rejected.code, error=exc.message)
 
@@ -394,12 +430,12 @@ class CallAdapter:
         self._live.add(leg)
 
     def _respond(self, leg: Leg, code: int, reason: str = "",
-                 retry_after: int | None = None) -> None:
+                 retry_after: int | None = None, headers: Headers = ()) -> None:
         """A final response to the caller's INVITE: 200, or a refusal."""
         if leg.ended or leg.final_sent:
             return
         leg.final_sent = True
-        self.stack.answer(leg, code, reason, retry_after)
+        self.stack.answer(leg, code, reason, retry_after, headers)
         self._sent(leg, code)
 
     def _sent(self, leg: Leg, code: int) -> None:

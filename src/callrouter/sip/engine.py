@@ -33,6 +33,7 @@ import pjsua2 as pj
 import structlog
 
 from callrouter.domain import session as s
+from callrouter.domain.webhooks import AssistantReply
 from callrouter.errors import EngineError
 from callrouter.ports import (
     Accepted,
@@ -167,6 +168,12 @@ class SipEngine:
     def running(self) -> bool:
         return self._ready.is_set() and self._failure is None and not self._stop.is_set()
 
+    def set_draining(self, draining: bool, retry_after: int) -> None:
+        """Out-of-dialog OPTIONS gets 503 + Retry-After while draining, so a balancer's
+        OPTIONS probe (Kamailio's dispatcher) takes this router out. Safe from any thread:
+        the guard keeps the flag in an atomic."""
+        pj.crGuardSetDraining(draining, retry_after)
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         self.adapter.call_soon(fn)
 
@@ -204,6 +211,9 @@ class SipEngine:
         """Drain: every registration is ended (expires 0) on the SIP thread."""
         self.call_soon(self.registrations.unregister_all)
 
+    def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
+        self.adapter.resume(call_id, reply)
+
     def status(self) -> EngineStatus:
         return EngineStatus(
             running=self.running,
@@ -225,6 +235,7 @@ class SipEngine:
                 "auth_challenged": int(pj.crGuardAuthChallenged()),
                 "auth_failed": int(pj.crGuardAuthFailed()),
                 "auth_ok": int(pj.crGuardAuthOk()),
+                "draining_options": int(pj.crGuardOptionsDraining()),
             },
             version=self._version,
         )

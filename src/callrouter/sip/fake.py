@@ -50,6 +50,7 @@ class FakeStack:
     callers: list[Leg] = field(default_factory=list)
     trunk_sources: dict[str, str] = field(default_factory=dict)  # source ip -> trunk id
     registration_users: dict[str, str] = field(default_factory=dict)  # contact user -> trunk
+    answer_headers: dict[Leg, Headers] = field(default_factory=dict)  # of final refusals
     _owner: LegOwner | None = None
     _states: dict[Leg, LegState] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -68,8 +69,10 @@ class FakeStack:
         return self._states.get(leg)
 
     def answer(self, leg: Leg, code: int, reason: str = "",
-               retry_after: int | None = None) -> None:
+               retry_after: int | None = None, headers: Headers = ()) -> None:
         self.requests.append(("answer", leg, code))
+        if headers:
+            self.answer_headers[leg] = headers
         if code >= 300:
             self._set(leg, Disconnected(code, reason))
 

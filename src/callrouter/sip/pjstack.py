@@ -77,13 +77,15 @@ class PjStack:
             return _state(call.getInfo())
 
     def answer(self, leg: Leg, code: int, reason: str = "",
-               retry_after: int | None = None) -> None:
+               retry_after: int | None = None, headers: Headers = ()) -> None:
         prm = pj.CallOpParam(True) if code < 300 else pj.CallOpParam()
         prm.statusCode = code
         if reason:
             prm.reason = reason
         if retry_after is not None:
             _add_header(prm, "Retry-After", str(retry_after))
+        for name, value in headers:
+            _add_header(prm, name, value)
         with self._translated():
             leg.handle.answer(prm)
 

@@ -98,8 +98,8 @@ class SipStack(Protocol):
         ...
 
     def answer(self, leg: Leg, code: int, reason: str = "",
-               retry_after: int | None = None) -> None:
-        """Respond to an inbound leg: 180, 200, or a final refusal."""
+               retry_after: int | None = None, headers: Headers = ()) -> None:
+        """Respond to an inbound leg: 180, 200, or a final refusal (with ``headers``)."""
         ...
 
     def hangup(self, leg: Leg) -> None:

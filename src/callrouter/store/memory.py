@@ -14,9 +14,17 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
-from callrouter.domain.models import ApiKey, Assistant, CallRecord, PhoneNumber, Trunk
+from callrouter.domain.models import (
+    ApiKey,
+    Assistant,
+    CallRecord,
+    DeliveryStatus,
+    PhoneNumber,
+    Trunk,
+    WebhookDelivery,
+)
 from callrouter.errors import Conflict
-from callrouter.ports import CallQuery, NumberQuery, RouteRow
+from callrouter.ports import CallQuery, EndedEvent, NumberQuery, RouteRow
 from callrouter.store import rules
 
 
@@ -29,7 +37,11 @@ class MemoryStore:
         self._assistants: dict[uuid.UUID, Assistant] = {}
         self._calls: dict[uuid.UUID, CallRecord] = {}
         self._keys: dict[bytes, ApiKey] = {}
-        self._heartbeat: datetime | None = None
+        self._heartbeats: dict[str, datetime] = {}
+        self._key_check: bytes | None = None
+        self._claims: set[str] = set()
+        self._webhook_secrets: dict[uuid.UUID, bytes] = {}
+        self._outbox: dict[uuid.UUID, WebhookDelivery] = {}  # insertion order is seq order
 
     async def open(self) -> None:
         return None
@@ -155,31 +167,52 @@ class MemoryStore:
     async def get_assistant(self, assistant_id: uuid.UUID) -> Assistant | None:
         return self._assistants.get(assistant_id)
 
-    async def create_assistant(self, assistant: Assistant) -> Assistant:
+    async def create_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None) -> Assistant:
         if assistant.id in self._assistants:
             raise rules.duplicate_id()
-        self._assistants[assistant.id] = assistant
-        return assistant
+        stored = replace(assistant, has_webhook_secret=webhook_secret_enc is not None)
+        self._assistants[assistant.id] = stored
+        if webhook_secret_enc is not None:
+            self._webhook_secrets[assistant.id] = webhook_secret_enc
+        return stored
 
-    async def update_assistant(self, assistant: Assistant) -> Assistant:
+    async def update_assistant(self, assistant: Assistant,
+                               webhook_secret_enc: bytes | None = None,
+                               keep_webhook_secret: bool = True) -> Assistant:
         old = self._assistants.get(assistant.id)
         if old is None:
             raise rules.not_found("assistant")
-        self._assistants[assistant.id] = replace(assistant, created_at=old.created_at)
-        return assistant
+        if not keep_webhook_secret:
+            self._webhook_secrets.pop(assistant.id, None)
+            if webhook_secret_enc is not None:
+                self._webhook_secrets[assistant.id] = webhook_secret_enc
+        stored = replace(assistant, created_at=old.created_at,
+                         has_webhook_secret=assistant.id in self._webhook_secrets)
+        self._assistants[assistant.id] = stored
+        return stored
 
     async def delete_assistant(self, assistant_id: uuid.UUID) -> bool:
         if self._numbers_using(assistant=assistant_id):
             raise Conflict(rules.ASSISTANT_IN_USE)
+        self._webhook_secrets.pop(assistant_id, None)
         return self._assistants.pop(assistant_id, None) is not None
+
+    async def get_assistant_webhook_secret(self, assistant_id: uuid.UUID) -> bytes | None:
+        return self._webhook_secrets.get(assistant_id)
 
     # -- calls -----------------------------------------------------------------------
 
-    async def upsert_calls(self, records: Sequence[CallRecord]) -> None:
+    async def upsert_calls(self, records: Sequence[CallRecord],
+                           deliveries: Sequence[WebhookDelivery] = ()) -> None:
+        if any(d.id in self._outbox for d in deliveries):
+            raise rules.duplicate_id()
         for record in records:
             old = self._calls.get(record.id)
             created = record.created_at if old is None else old.created_at
             self._calls[record.id] = replace(record, created_at=created)
+        for delivery in deliveries:
+            self._outbox[delivery.id] = delivery
 
     async def get_call(self, call_id: uuid.UUID) -> CallRecord | None:
         return self._calls.get(call_id)
@@ -188,15 +221,24 @@ class MemoryStore:
         matching = rules.newest_first([c for c in self._calls.values() if _matches(c, query)])
         return matching[query.offset:query.offset + query.limit], len(matching)
 
-    async def close_open_calls(self, now: datetime) -> int:
-        open_ids = [i for i, c in self._calls.items() if c.status in rules.OPEN_STATUSES]
+    async def close_open_calls(self, now: datetime, router: str,
+                               ended: EndedEvent | None = None) -> int:
+        open_ids = [i for i, c in self._calls.items()
+                    if c.status in rules.OPEN_STATUSES and c.router in (router, "")]
+        last_alive = self._heartbeats.get(router, now)
+        events = []
         for call_id in open_ids:
-            self._calls[call_id] = rules.closed_after_restart(
-                self._calls[call_id], self._heartbeat or now, now)
+            closed = self._calls[call_id] = rules.closed_after_restart(
+                self._calls[call_id], last_alive, now)
+            last = [d for d in self._outbox.values() if d.call_id == call_id][-1:]
+            event = ended(closed, last[0]) if ended is not None and last else None
+            if event is not None:
+                events.append(event)
+        self._outbox.update((e.id, e) for e in events)
         return len(open_ids)
 
-    async def heartbeat(self, at: datetime) -> None:
-        self._heartbeat = at
+    async def heartbeat(self, at: datetime, router: str) -> None:
+        self._heartbeats[router] = at
 
     async def delete_calls_before(self, before: datetime, limit: int) -> int:
         expired = [c for c in self._calls.values()
@@ -204,6 +246,60 @@ class MemoryStore:
         for record in rules.newest_first(expired)[::-1][:limit]:
             del self._calls[record.id]
         return min(len(expired), limit)
+
+    # -- the webhook outbox ----------------------------------------------------------
+
+    async def due_deliveries(self, now: datetime, limit: int) -> Sequence[WebhookDelivery]:
+        due, waiting = [], set()
+        for delivery in self._outbox.values():
+            if delivery.status is not DeliveryStatus.PENDING:
+                continue
+            first_of_call = delivery.call_id is None or delivery.call_id not in waiting
+            if delivery.call_id is not None:
+                waiting.add(delivery.call_id)
+            if first_of_call and delivery.next_attempt_at <= now:
+                due.append(delivery)
+        return due[:limit]
+
+    async def next_delivery_at(self) -> datetime | None:
+        return min((d.next_attempt_at for d in self._outbox.values()
+                    if d.status is DeliveryStatus.PENDING), default=None)
+
+    async def claim_delivery(self, delivery: WebhookDelivery, until: datetime) -> bool:
+        old = self._outbox.get(delivery.id)
+        if old is None or old.status is not DeliveryStatus.PENDING or \
+                old.next_attempt_at != delivery.next_attempt_at:
+            return False
+        self._outbox[delivery.id] = replace(old, next_attempt_at=until)
+        return True
+
+    async def update_delivery(self, delivery: WebhookDelivery) -> None:
+        old = self._outbox.get(delivery.id)
+        if old is None:
+            raise rules.not_found("delivery")
+        self._outbox[delivery.id] = replace(
+            old, status=delivery.status, attempts=delivery.attempts,
+            next_attempt_at=delivery.next_attempt_at, expires_at=delivery.expires_at,
+            last_error=delivery.last_error, updated_at=delivery.updated_at)
+
+    async def get_delivery(self, delivery_id: uuid.UUID) -> WebhookDelivery | None:
+        return self._outbox.get(delivery_id)
+
+    async def list_deliveries(self, status: DeliveryStatus | None, limit: int,
+                              offset: int) -> tuple[Sequence[WebhookDelivery], int]:
+        matching = [d for d in self._outbox.values() if status is None or d.status is status]
+        matching.reverse()
+        return matching[offset:offset + limit], len(matching)
+
+    async def count_deliveries(self, status: DeliveryStatus) -> int:
+        return sum(1 for d in self._outbox.values() if d.status is status)
+
+    async def delete_deliveries_before(self, before: datetime, limit: int) -> int:
+        old = [d.id for d in self._outbox.values()
+               if d.created_at < before and d.status is not DeliveryStatus.PENDING][:limit]
+        for delivery_id in old:
+            del self._outbox[delivery_id]
+        return len(old)
 
     # -- API keys --------------------------------------------------------------------
 
@@ -218,6 +314,17 @@ class MemoryStore:
 
     async def count_api_keys(self) -> int:
         return len(self._keys)
+
+    async def claim(self, name: str) -> bool:
+        if name in self._claims:
+            return False
+        self._claims.add(name)
+        return True
+
+    async def key_check(self, candidate: bytes) -> bytes:
+        if self._key_check is None:
+            self._key_check = candidate
+        return self._key_check
 
 
 def _matches(call: CallRecord, query: CallQuery) -> bool:
