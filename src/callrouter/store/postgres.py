@@ -58,7 +58,15 @@ from callrouter.errors import Conflict, StoreError, StoreUnavailable
 from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations, safe_url
+from callrouter.store.sql import (
+    TRUNKS_BOTH_WAYS,
+    Params,
+    Query,
+    SqlStore,
+    Tx,
+    pending_migrations,
+    safe_url,
+)
 
 log = structlog.get_logger("callrouter.store")
 
@@ -207,12 +215,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX webhook_outbox_call ON webhook_outbox(call_id, status, seq)",
     ),
     (  # issue 11: providers as trunks, both directions; trunk changes reach every router
-        "ALTER TABLE trunks ADD COLUMN inbound_addresses TEXT NOT NULL DEFAULT '[]'",
-        "ALTER TABLE trunks ADD COLUMN outbound_number TEXT",
-        "ALTER TABLE trunks ADD COLUMN register INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE trunks ADD COLUMN register_expires INTEGER NOT NULL DEFAULT 300",
-        "ALTER TABLE trunks ADD COLUMN inbound_auth INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE calls ADD COLUMN trunk_id TEXT",
+        *TRUNKS_BOTH_WAYS,
         _NOTIFY_WITH_TRUNKS,
         *_notify_triggers("trunks"),
     ),

@@ -36,7 +36,14 @@ from callrouter.domain.models import (
 from callrouter.errors import Conflict, StoreError
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations
+from callrouter.store.sql import (
+    TRUNKS_BOTH_WAYS,
+    Params,
+    Query,
+    SqlStore,
+    Tx,
+    pending_migrations,
+)
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -92,12 +99,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
     (  # issue 11: providers as trunks, both directions
-        "ALTER TABLE trunks ADD COLUMN inbound_addresses TEXT NOT NULL DEFAULT '[]'",
-        "ALTER TABLE trunks ADD COLUMN outbound_number TEXT",
-        "ALTER TABLE trunks ADD COLUMN register INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE trunks ADD COLUMN register_expires INTEGER NOT NULL DEFAULT 300",
-        "ALTER TABLE trunks ADD COLUMN inbound_auth INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE calls ADD COLUMN trunk_id TEXT",
+        *TRUNKS_BOTH_WAYS,
     ),
 )
 
