@@ -9,8 +9,12 @@
  * must act before pjsua lives here, in C++, compiled into the SWIG module:
  *
  *  - source allowlist: a request from an address outside the allowed networks
- *    is dropped silently (default) or answered statelessly with a configured
- *    code, unless it belongs to a live dialog (the runtime's BYE, say);
+ *    (the static sip.inbound.allowed_sources and the live trunk networks) is
+ *    dropped silently (default) or answered statelessly with a configured
+ *    code, unless it belongs to a live dialog (the runtime's BYE, say) or is an
+ *    INVITE to the Contact user a trunk registration advertised;
+ *  - an INVITE from a trunk with inbound_auth is challenged (407, RFC 3261 s22.3)
+ *    and refused 403 when its credentials are wrong;
  *  - methods a router must not act on (REFER, MESSAGE, SUBSCRIBE, NOTIFY,
  *    PUBLISH, REGISTER) get 405 with an Allow header (RFC 3261 s21.4.6);
  *  - an INVITE carrying Replaces (RFC 3891) is refused with 403;
@@ -43,8 +47,9 @@
  * Allow and Supported capabilities, so pjsua never advertises them.
  *
  * Threading: every function below is called on the SIP thread (the one
- * thread that owns the pjsua2 endpoint); the counters are atomics so a
- * metrics scrape may read them from anywhere.
+ * thread that owns the pjsua2 endpoint), except the crGuardTrunks* ones, which
+ * publish an immutable snapshot (see the implementation); the counters are
+ * atomics so a metrics scrape may read them from anywhere.
  */
 #ifndef CALLROUTER_GUARD_HPP
 #define CALLROUTER_GUARD_HPP
@@ -77,5 +82,23 @@ unsigned long crGuardRefusedReplaces();
 unsigned long crGuardEngineFull();
 unsigned long crGuardMalformed();
 unsigned long crGuardUnparsable();
+
+/* Trunks (issue 11): the live part of the allow-list, swapped in whole. Begin, add the
+ * entries, Publish: the next request sees the new table. Safe from any thread. */
+void crGuardTrunksBegin();
+int crGuardTrunksAddNetwork(const std::string &addr, unsigned prefix, const std::string &trunk);
+void crGuardTrunksAddAuth(const std::string &trunk, const std::string &username,
+                          const std::string &password);
+void crGuardTrunksAddRegistrationUser(const std::string &user, const std::string &trunk);
+void crGuardTrunksPublish();
+/* The trunk an INVITE came in on: the one whose networks hold `source` ("ip:port",
+ * "[v6]:port"), else the registration that advertised the Request-URI `user`, else "". */
+std::string crGuardTrunkFor(const std::string &source, const std::string &user);
+/* 1 when `user` is the Contact user of a trunk registration. */
+int crGuardIsRegistrationUser(const std::string &user);
+unsigned long crGuardAuthChallenged();
+unsigned long crGuardAuthFailed();
+unsigned long crGuardAuthOk();
+unsigned long crGuardTrunkAllowed();
 
 #endif

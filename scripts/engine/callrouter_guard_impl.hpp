@@ -9,6 +9,8 @@
 #include <cctype>
 #include <cstddef>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -60,6 +62,55 @@ std::atomic<unsigned long> cr_malformed_count(0), cr_unparsable(0);
 pjsip_module cr_mod, cr_fallback_mod;
 bool cr_installed = false;
 
+/* ---- trunks: the live part of the allow-list ---------------------------------------
+ * The API changes trunks while the SIP thread routes, so the trunk table is an immutable
+ * snapshot behind a shared_ptr (RCU style): a change builds a new table (staging) and
+ * publishes it with one pointer swap under a mutex; a reader copies the pointer under the
+ * same mutex and reads the table without holding it. Per request that is one lock and
+ * one reference count, then a scan over the trunk networks (most specific first). */
+struct CrTrunkNet {
+    int af;
+    unsigned char addr[16];
+    unsigned prefix;
+    std::string trunk;
+};
+struct CrTrunks {
+    std::vector<CrTrunkNet> nets;
+    /* trunk id -> digest (username, password) for trunks with inbound_auth */
+    std::unordered_map<std::string, std::pair<std::string, std::string>> auth;
+    /* Request-URI user a registration advertised in its Contact -> trunk id */
+    std::unordered_map<std::string, std::string> users;
+};
+std::mutex cr_trunks_mu, cr_staging_mu;
+std::shared_ptr<const CrTrunks> cr_trunks = std::make_shared<CrTrunks>();
+CrTrunks cr_staging;
+std::atomic<unsigned long> cr_auth_challenged(0), cr_auth_failed(0), cr_auth_ok(0);
+std::atomic<unsigned long> cr_trunk_allowed(0), cr_registration_allowed(0);
+pjsip_auth_srv cr_auth_srv;  /* initialised once at install (its realm lives in a pool) */
+bool cr_auth_ready = false;
+const char *const CR_REALM = "callrouter";
+/* The credentials pjsip_auth_srv_verify checks against (the SIP thread only). */
+const std::pair<std::string, std::string> *cr_auth_current = NULL;
+
+std::shared_ptr<const CrTrunks> cr_trunks_now() {
+    std::lock_guard<std::mutex> hold(cr_trunks_mu);
+    return cr_trunks;
+}
+
+bool cr_parse_net(const std::string &addr, unsigned prefix, int *af, unsigned char *out) {
+    std::memset(out, 0, 16);
+    pj_str_t s = pj_str((char *)addr.c_str());
+    if (pj_inet_pton(pj_AF_INET(), &s, out) == PJ_SUCCESS) {
+        *af = pj_AF_INET();
+        return prefix <= 32;
+    }
+    if (pj_inet_pton(pj_AF_INET6(), &s, out) == PJ_SUCCESS) {
+        *af = pj_AF_INET6();
+        return prefix <= 128;
+    }
+    return false;
+}
+
 bool cr_prefix_match(const unsigned char *a, const unsigned char *b, unsigned bits) {
     unsigned bytes = bits / 8, rest = bits % 8;
     if (std::memcmp(a, b, bytes) != 0) return false;
@@ -68,23 +119,103 @@ bool cr_prefix_match(const unsigned char *a, const unsigned char *b, unsigned bi
     return (a[bytes] & mask) == (b[bytes] & mask);
 }
 
-bool cr_source_allowed(const pj_sockaddr *src) {
-    int af = src->addr.sa_family;
+void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue,
+                const char *reason = NULL);
+
+/* The source's family and raw address; ::ffff:a.b.c.d (dual-stack sockets) as IPv4. */
+const unsigned char *cr_source_raw(const pj_sockaddr *src, int *af, unsigned char *mapped) {
+    *af = src->addr.sa_family;
     const unsigned char *raw = (const unsigned char *)pj_sockaddr_get_addr(src);
-    unsigned char mapped[4];
-    if (af == pj_AF_INET6()) {
-        /* ::ffff:a.b.c.d arrives on dual-stack sockets: match it as IPv4. */
+    if (*af == pj_AF_INET6()) {
         static const unsigned char v4prefix[12] = {0,0,0,0,0,0,0,0,0,0,0xff,0xff};
         if (std::memcmp(raw, v4prefix, 12) == 0) {
             std::memcpy(mapped, raw + 12, 4);
-            raw = mapped;
-            af = pj_AF_INET();
+            *af = pj_AF_INET();
+            return mapped;
         }
     }
+    return raw;
+}
+
+bool cr_source_allowed(const pj_sockaddr *src) {
+    int af;
+    unsigned char mapped[4];
+    const unsigned char *raw = cr_source_raw(src, &af, mapped);
     for (const CrNet &n : cr_nets) {
         if (n.af == af && cr_prefix_match(raw, n.addr, n.prefix)) return true;
     }
     return false;
+}
+
+/* The trunk whose networks hold the source (most specific first), or NULL. */
+const std::string *cr_trunk_of(const CrTrunks &trunks, const pj_sockaddr *src) {
+    int af;
+    unsigned char mapped[4];
+    const unsigned char *raw = cr_source_raw(src, &af, mapped);
+    for (const CrTrunkNet &n : trunks.nets) {
+        if (n.af == af && cr_prefix_match(raw, n.addr, n.prefix)) return &n.trunk;
+    }
+    return NULL;
+}
+
+/* The trunk of the registration an INVITE's Request-URI user was advertised by, or NULL:
+ * a provider delivers calls to the Contact the router registered. */
+const std::string *cr_registration_of(const CrTrunks &trunks, pjsip_rx_data *rdata) {
+    if (trunks.users.empty()) return NULL;
+    pjsip_uri *uri = rdata->msg_info.msg->line.req.uri;
+    if (!PJSIP_URI_SCHEME_IS_SIP(uri) && !PJSIP_URI_SCHEME_IS_SIPS(uri)) return NULL;
+    const pjsip_sip_uri *sip = (const pjsip_sip_uri *)pjsip_uri_get_uri(uri);
+    auto found = trunks.users.find(std::string(sip->user.ptr, (std::size_t)sip->user.slen));
+    return found == trunks.users.end() ? NULL : &found->second;
+}
+
+pj_status_t cr_auth_lookup(pj_pool_t *pool, const pj_str_t *realm, const pj_str_t *acc_name,
+                           pjsip_cred_info *cred) {
+    PJ_UNUSED_ARG(realm);
+    if (cr_auth_current == NULL) return PJ_ENOTFOUND;
+    const std::string &user = cr_auth_current->first;
+    if ((std::size_t)acc_name->slen != user.size() ||
+        std::memcmp(acc_name->ptr, user.data(), user.size()) != 0)
+        return PJ_ENOTFOUND;
+    pj_bzero(cred, sizeof(*cred));
+    pj_strdup2(pool, &cred->realm, CR_REALM);
+    pj_strdup2(pool, &cred->scheme, "digest");
+    pj_strdup2(pool, &cred->username, user.c_str());
+    pj_strdup2(pool, &cred->data, cr_auth_current->second.c_str());
+    cred->data_type = PJSIP_CRED_DATA_PLAIN_PASSWD;
+    return PJ_SUCCESS;
+}
+
+/* A digest-authenticated trunk (RFC 3261 s22.3): an INVITE without credentials gets 407
+ * with a challenge, one with wrong credentials 403. True when it was answered here. */
+bool cr_challenged(pjsip_rx_data *rdata, const std::pair<std::string, std::string> &creds) {
+    if (!cr_auth_ready) {  /* never challenged: refuse rather than let it through */
+        cr_respond(rdata, PJSIP_SC_SERVICE_UNAVAILABLE, NULL, NULL);
+        return true;
+    }
+    int code = 0;
+    cr_auth_current = &creds;
+    pj_status_t st = pjsip_auth_srv_verify(&cr_auth_srv, rdata, &code);
+    cr_auth_current = NULL;
+    if (st == PJ_SUCCESS) {
+        cr_auth_ok++;
+        return false;
+    }
+    if (code != PJSIP_SC_PROXY_AUTHENTICATION_REQUIRED) {
+        cr_auth_failed++;
+        cr_respond(rdata, PJSIP_SC_FORBIDDEN, NULL, NULL);
+        return true;
+    }
+    cr_auth_challenged++;
+    pjsip_endpoint *endpt = pjsua_get_pjsip_endpt();
+    pjsip_tx_data *tdata;
+    if (pjsip_endpt_create_response(endpt, rdata, code, NULL, &tdata) != PJ_SUCCESS) return true;
+    pjsip_response_addr addr;
+    if (pjsip_auth_srv_challenge(&cr_auth_srv, NULL, NULL, NULL, PJ_FALSE, tdata) != PJ_SUCCESS ||
+        pjsip_get_response_addr(tdata->pool, rdata, &addr) != PJ_SUCCESS ||
+        pjsip_endpt_send_response(endpt, &addr, tdata, NULL, NULL) != PJ_SUCCESS)
+        pjsip_tx_data_dec_ref(tdata);
+    return true;
 }
 
 /* Tick arithmetic in unsigned 32-bit ms: wraps every 49 days, compared by difference. */
@@ -140,7 +271,7 @@ bool cr_in_live_dialog(pjsip_rx_data *rdata) {
 }
 
 void cr_respond(pjsip_rx_data *rdata, int code, const char *hname, const char *hvalue,
-                const char *reason = NULL) {
+                const char *reason) {
     if (rdata->msg_info.msg->line.req.method.id == PJSIP_ACK_METHOD) return;
     pjsip_hdr hdrs;
     pj_list_init(&hdrs);
@@ -250,7 +381,8 @@ void cr_on_dropped(pjsip_tp_dropped_data *dd) {
         dst = rdata->pkt_info.src_addr;
         dst_len = rdata->pkt_info.src_addr_len;
     }
-    if (!cr_source_allowed(&dst)) return;  /* the source policy applies here too */
+    /* the source policy applies here too */
+    if (!cr_source_allowed(&dst) && cr_trunk_of(*cr_trunks_now(), &dst) == NULL) return;
     if (!overflow) cr_unparsable++;
     cr_send_raw(dd->tp, &dst, dst_len, response);
 }
@@ -304,12 +436,22 @@ bool cr_is_refused_method(const pjsip_method *m) {
 
 pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
     const pjsip_method *m = &rdata->msg_info.msg->line.req.method;
-    if (!cr_source_allowed(&rdata->pkt_info.src_addr) && !cr_in_live_dialog(rdata)) {
+    bool initial_request = rdata->msg_info.to == NULL || rdata->msg_info.to->tag.slen == 0;
+    bool initial_invite = m->id == PJSIP_INVITE_METHOD && initial_request;
+    bool static_allowed = cr_source_allowed(&rdata->pkt_info.src_addr);
+    std::shared_ptr<const CrTrunks> trunks;
+    const std::string *trunk = NULL;
+    if (!static_allowed || initial_invite) {
+        trunks = cr_trunks_now();
+        trunk = cr_trunk_of(*trunks, &rdata->pkt_info.src_addr);
+        if (trunk == NULL && m->id == PJSIP_INVITE_METHOD) trunk = cr_registration_of(*trunks, rdata);
+    }
+    if (!static_allowed && trunk == NULL && !cr_in_live_dialog(rdata)) {
         cr_dropped++;
         if (cr_reject_code) cr_respond(rdata, cr_reject_code, NULL, NULL);
         return PJ_TRUE;
     }
-    bool initial_request = rdata->msg_info.to == NULL || rdata->msg_info.to->tag.slen == 0;
+    if (!static_allowed && trunk != NULL && initial_invite) cr_trunk_allowed++;
     /* A To tag that matches no dialog does not make a request in-dialog. */
     if (m->id != PJSIP_ACK_METHOD && m->id != PJSIP_CANCEL_METHOD &&
         (initial_request || !cr_in_live_dialog(rdata)) && cr_flooding(rdata)) {
@@ -355,6 +497,10 @@ pj_bool_t cr_on_rx_request(pjsip_rx_data *rdata) {
         cr_replaces++;
         cr_respond(rdata, PJSIP_SC_FORBIDDEN, NULL, NULL);
         return PJ_TRUE;
+    }
+    if (initial_invite && trunk != NULL) {
+        auto creds = trunks->auth.find(*trunk);
+        if (creds != trunks->auth.end() && cr_challenged(rdata, creds->second)) return PJ_TRUE;
     }
     bool initial = rdata->msg_info.to->tag.slen == 0;
     if (initial && cr_slot_reserve &&
@@ -430,6 +576,11 @@ int crGuardInstall() {
     st = pjsip_endpt_register_module(pjsua_get_pjsip_endpt(), &cr_fallback_mod);
     if (st != PJ_SUCCESS) return (int)st;
     pjsip_tpmgr_set_drop_data_cb(pjsip_endpt_get_tpmgr(pjsua_get_pjsip_endpt()), &cr_on_dropped);
+    pj_str_t realm = pj_str((char *)CR_REALM);
+    pj_pool_t *auth_pool = pjsua_pool_create("crguard-auth", 256, 256);
+    cr_auth_ready = auth_pool != NULL &&
+        pjsip_auth_srv_init(auth_pool, &cr_auth_srv, &realm, &cr_auth_lookup,
+                            PJSIP_AUTH_SRV_IS_PROXY) == PJ_SUCCESS;
     cr_strip_capability(PJSIP_H_ALLOW, CR_REFUSED, sizeof(CR_REFUSED) / sizeof(CR_REFUSED[0]));
     /* No call takeover, no REFER, no ICE: only 100rel and timer stay. */
     static const char *const unsupported[] = {"replaces", "norefersub", "trickle-ice"};
@@ -496,3 +647,68 @@ unsigned long crGuardRefusedReplaces() { return cr_replaces.load(); }
 unsigned long crGuardEngineFull() { return cr_full.load(); }
 unsigned long crGuardMalformed() { return cr_malformed_count.load(); }
 unsigned long crGuardUnparsable() { return cr_unparsable.load(); }
+
+void crGuardTrunksBegin() {
+    std::lock_guard<std::mutex> hold(cr_staging_mu);
+    cr_staging = CrTrunks();
+}
+
+int crGuardTrunksAddNetwork(const std::string &addr, unsigned prefix, const std::string &trunk) {
+    CrTrunkNet n;
+    if (!cr_parse_net(addr, prefix, &n.af, n.addr)) return PJ_EINVAL;
+    n.prefix = prefix;
+    n.trunk = trunk;
+    std::lock_guard<std::mutex> hold(cr_staging_mu);
+    cr_staging.nets.push_back(n);
+    return 0;
+}
+
+void crGuardTrunksAddAuth(const std::string &trunk, const std::string &username,
+                          const std::string &password) {
+    std::lock_guard<std::mutex> hold(cr_staging_mu);
+    cr_staging.auth[trunk] = std::make_pair(username, password);
+}
+
+void crGuardTrunksAddRegistrationUser(const std::string &user, const std::string &trunk) {
+    std::lock_guard<std::mutex> hold(cr_staging_mu);
+    cr_staging.users[user] = trunk;
+}
+
+void crGuardTrunksPublish() {
+    std::shared_ptr<CrTrunks> next;
+    {
+        std::lock_guard<std::mutex> hold(cr_staging_mu);
+        next = std::make_shared<CrTrunks>(cr_staging);
+    }
+    std::stable_sort(next->nets.begin(), next->nets.end(),
+                     [](const CrTrunkNet &a, const CrTrunkNet &b) { return a.prefix > b.prefix; });
+    std::shared_ptr<const CrTrunks> old;
+    {
+        std::lock_guard<std::mutex> hold(cr_trunks_mu);
+        old = cr_trunks;
+        cr_trunks = next;
+    }
+    /* `old` is freed here, outside the lock, or by the last reader still holding it. */
+}
+
+std::string crGuardTrunkFor(const std::string &source, const std::string &user) {
+    std::shared_ptr<const CrTrunks> trunks = cr_trunks_now();
+    pj_sockaddr addr;
+    pj_str_t text = pj_str((char *)source.c_str());
+    if (pj_sockaddr_parse(pj_AF_UNSPEC(), 0, &text, &addr) == PJ_SUCCESS) {
+        const std::string *trunk = cr_trunk_of(*trunks, &addr);
+        if (trunk != NULL) return *trunk;
+    }
+    auto found = trunks->users.find(user);
+    return found == trunks->users.end() ? "" : found->second;
+}
+
+int crGuardIsRegistrationUser(const std::string &user) {
+    std::shared_ptr<const CrTrunks> trunks = cr_trunks_now();
+    return trunks->users.count(user) ? 1 : 0;
+}
+
+unsigned long crGuardAuthChallenged() { return cr_auth_challenged.load(); }
+unsigned long crGuardAuthFailed() { return cr_auth_failed.load(); }
+unsigned long crGuardAuthOk() { return cr_auth_ok.load(); }
+unsigned long crGuardTrunkAllowed() { return cr_trunk_allowed.load(); }

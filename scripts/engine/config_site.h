@@ -47,6 +47,10 @@
  * routes frames 1:1 without the conference bridge's mixing and level stages (both
  * legs must then share a clock rate: the router offers 8 kHz codecs only). */
 #define PJMEDIA_CONF_USE_SWITCH_BOARD   1
+/* pjsua accounts: the router's own, one per registration trunk and one per trunk user
+ * that transfers or outbound calls authenticate as (sip/trunks.py). pjsua's default of
+ * 8 would stop the ninth with PJ_ETOOMANY; each costs a few KB of static state. */
+#define PJSUA_MAX_ACC                   256
 /* No video, no players/recorders beyond a handful. */
 #define PJMEDIA_HAS_VIDEO               0
 #define PJSUA_MAX_PLAYERS               8

@@ -54,7 +54,12 @@ from callrouter.config import ENGINE_SLOT_RESERVE, Config
 from callrouter.crypto import KEY_ENV, SecretBox
 from callrouter.domain import session as s
 from callrouter.domain.models import CallRecord, EndReason, WebhookDelivery
-from callrouter.domain.routetable import AssistantRemoved, AssistantUpserted
+from callrouter.domain.routetable import (
+    AssistantRemoved,
+    AssistantUpserted,
+    FeedChange,
+    TrunkChanged,
+)
 from callrouter.domain.routing import Policy, RouteChange, RuntimePool
 from callrouter.domain.webhooks import (
     WebhookDirectory,
@@ -68,7 +73,9 @@ from callrouter.http.deps import ApiDeps
 from callrouter.management import Management
 from callrouter.metered import metered
 from callrouter.metrics import Metrics
+from callrouter.outbound import OutboundDialer
 from callrouter.ports import ControlCommand, RouteFeed, Store
+from callrouter.providers import Providers
 from callrouter.service import CallController, CallPruner, CallRecorder, CallService
 from callrouter.sip.engine import EngineSettings, SipEngine
 from callrouter.sip.info import EngineInfo
@@ -118,6 +125,9 @@ def engine_settings(cfg: Config) -> EngineSettings:
         flood_limit=sip.inbound.flood_limit,
         flood_ban_seconds=sip.inbound.flood_ban_seconds,
         log_level=cfg.log.engine_level,
+        register_retry_seconds=cfg.trunks.register_retry_seconds,
+        register_retry_max_seconds=cfg.trunks.register_retry_max_seconds,
+        keepalive_seconds=cfg.trunks.keepalive_seconds,
     )
 
 
@@ -140,7 +150,8 @@ def build_service(cfg: Config, metrics: Metrics, recorder: CallRecorder) -> Call
                       max_duration=cfg.sip.max_duration_seconds,
                       failure_code=inbound.runtime_failure_code,
                       retry_after=inbound.retry_after_seconds,
-                      transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds)
+                      transfer_ring_timeout=cfg.sip.transfer_ring_timeout_seconds,
+                      customer_ring_timeout=cfg.trunks.outbound_ring_timeout_seconds)
     service = CallService(policy=policy, timing=timing,
                           pool=RuntimePool(cfg.runtime.pool, cfg.runtime.strategy),
                           default_region=cfg.default_region, metrics=metrics,
@@ -208,6 +219,8 @@ class Router:
         await self._start_records(stack)
         self.service = build_service(cfg, self.metrics, self.recorder)
         self.service.router_name = cfg.node_name
+        self.providers = Providers(self.store, self.secrets.decrypt,
+                                   refresh_seconds=cfg.trunks.resolve_interval_seconds)
         await self._load_routes(stack, raw_store)
         await self._start_engine(stack)
         await self._ask_assistants(stack)
@@ -347,16 +360,23 @@ class Router:
         self._feed_listening.set()  # from now on a feed's "reload" is a real one
         await self.service.reload_routes(self.store)
         self.service.webhooks = await self._webhook_directory()
+        await self.providers.load()
 
-    async def _remote_changes(self, changes: Sequence[RouteChange] | None) -> None:
+    async def _remote_changes(self, feed: Sequence[FeedChange] | None) -> None:
         """What other routers (or this one) committed, from the store's route feed."""
-        if changes is None:
+        if feed is None:
             if not self._feed_listening.is_set():  # connected before the first load
                 self._feed_listening.set()
                 return
             await self._reload("feed")
             return
+        changes = [c for c in feed if not isinstance(c, TrunkChanged)]
         try:
+            trunks = [c.trunk_id for c in feed if isinstance(c, TrunkChanged)]
+            if trunks:  # a trunk written through another router: its allow-list entry,
+                await self.providers.refresh(trunks)  # challenge and registration here too
+            if not changes:
+                return
             await self.service.apply_route_changes(changes, self.store)
             if any(isinstance(c, AssistantUpserted | AssistantRemoved) for c in changes):
                 # another router may have changed an assistant's webhook
@@ -376,6 +396,7 @@ class Router:
             try:
                 await self.service.reload_routes(self.store)
                 self.service.webhooks = await self._webhook_directory()
+                await self.providers.load()
             except StoreError as exc:
                 log.warning("routes.reload_failed", cause=cause, error=exc.message)
                 return
@@ -387,6 +408,8 @@ class Router:
         stack.push_async_callback(self._stop_engine)  # a failed start has a thread to join
         await asyncio.to_thread(self.engine.start)
         self.service.control = self.engine
+        self.providers.attach(self.engine)  # trunk allow-list, challenges, registrations
+        _spawn(stack, self.providers.run(), "trunk-addresses")
         self._wire_metrics(stack)
 
     async def _stop_engine(self) -> None:
@@ -428,6 +451,7 @@ class Router:
         self.metrics.set_engine_slots_source(slots)
         self.metrics.set_engine_guard_source(lambda: self.engine.status().guard)
         self.metrics.set_engine_assertions_source(lambda: self.engine.status().assertions)
+        self.metrics.set_registrations_source(self.engine.registration_statuses)
         _spawn(stack, self._count_forbidden(), "guard-metrics")
 
     async def _count_forbidden(self) -> None:
@@ -454,6 +478,7 @@ class Router:
 
         management = Management(self.store, self.secrets, self.cfg.default_region,
                                 routing_changed, _utcnow,
+                                on_trunk_change=self.providers.changed,
                                 on_webhook_change=self.service.set_assistant_hooks,
                                 allow_private_webhooks=self.cfg.webhooks.allow_private)
         management.import_workers = self.cfg.import_workers
@@ -465,6 +490,9 @@ class Router:
             max_body_bytes=self.cfg.http.max_body_bytes,
             import_max_bytes=self.cfg.import_max_bytes,
             metrics_app=self.metrics.asgi_app(),
+            registration=self.providers.registration,
+            place_call=OutboundDialer(self.service, self.store, self.secrets.decrypt,
+                                      self.cfg.default_region).place,
             retry_delivery=self.deliveries.retry,
         )
 
@@ -508,6 +536,7 @@ class Router:
             self.stopping.set()
 
     async def _drain(self) -> None:
+        self.engine.unregister_all()  # providers stop sending calls to a draining router
         await self._wait_for_calls(self.cfg.drain_timeout_seconds)
         if self.service.active:
             log.warning("router.ending_calls", count=len(self.service.active))

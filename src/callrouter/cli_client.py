@@ -71,9 +71,18 @@ class Resource:
     positional: str | None = None  # a body field given positionally to ``add``
 
 
-def _event_list(text: str) -> list[str]:
-    """``--webhook-events assistant-request,status-update`` ('' for none)."""
+def _comma_list(text: str) -> list[str]:
+    """``--inbound-addresses a,b`` or ``--webhook-events assistant-request,status-update``
+    ('' for none)."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 RESOURCES = (
@@ -91,11 +100,25 @@ RESOURCES = (
         command="trunks", path="/api/v1/sip-trunks", one="trunk", many="trunks",
         columns=(("ID", "id"), ("NAME", "name"), ("ADDRESS", "address"),
                  ("TRANSPORT", "transport"), ("PROVIDER", "provider"),
-                 ("USERNAME", "username"), ("ACTIVE", "is_active")),
+                 ("USERNAME", "username"), ("INBOUND", "inbound_addresses"),
+                 ("REGISTER", "register"), ("ACTIVE", "is_active")),
         flags=(Flag("--name", "name", "trunk name", required_on_add=True),
-               Flag("--host", "host", "host name or IP address", required_on_add=True),
+               Flag("--host", "host", "host name or IP address of outbound legs"),
                Flag("--port", "port", "port (default 5060)", kind=int),
-               Flag("--transport", "transport", "transport", choices=("udp", "tcp", "tls")),
+               Flag("--outbound-address", "outbound_address",
+                    "host[:port] or SIP URI of outbound legs (the registrar too)",
+                    nullable=True),
+               Flag("--inbound-addresses", "inbound_addresses",
+                    "comma-separated IPs, CIDRs or host names the provider calls from",
+                    kind=_comma_list),
+               Flag("--outbound-number", "outbound_number", "caller id (E.164) on outbound "
+                    "legs", nullable=True),
+               Flag("--register", "register", "register with the provider: true or false",
+                    kind=_boolean),
+               Flag("--register-expires", "register_expires", "REGISTER expiry (s)", kind=int),
+               Flag("--inbound-auth", "inbound_auth", "challenge the provider's INVITEs: "
+                    "true or false", kind=_boolean),
+               Flag("--transport", "transport", "transport", choices=("udp", "tcp")),
                Flag("--provider", "provider", "provider name"),
                Flag("--username", "username", "digest user name", nullable=True),
                Flag("--password", "password", "digest password (prefer --password-stdin)",
@@ -116,7 +139,7 @@ RESOURCES = (
                     "HMAC secret that signs its webhooks (never shown again)", nullable=True),
                Flag("--webhook-events", "webhook_events",
                     "comma-separated: assistant-request,status-update ('' for none)",
-                    kind=_event_list))),
+                    kind=_comma_list))),
 )
 _BY_COMMAND = {r.command: r for r in RESOURCES}
 

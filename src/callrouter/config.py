@@ -128,6 +128,17 @@ class CallsConfig:
 
 
 @dataclass(frozen=True)
+class TrunksConfig:
+    """Providers as trunks (issue 11)."""
+
+    resolve_interval_seconds: float = 300.0  # host names in inbound_addresses re-resolved
+    outbound_ring_timeout_seconds: float = 60.0  # POST /calls/outbound: no answer -> CANCEL
+    register_retry_seconds: int = 30  # first REGISTER retry after a failure, then doubling
+    register_retry_max_seconds: int = 300  # up to this
+    keepalive_seconds: int = 15  # CRLF keep-alive to a registrar over UDP (RFC 5626)
+
+
+@dataclass(frozen=True)
 class WebhooksConfig:
     """The account-level webhook (the fallback for assistants without their own) and how
     every webhook is delivered."""
@@ -154,6 +165,7 @@ class Config:
     calls: CallsConfig = CallsConfig()
     import_max_bytes: int = 256 * 1024 * 1024  # POST /api/v1/numbers/import body limit
     route_compaction_at: int = 4096  # route changes held before they are merged
+    trunks: TrunksConfig = TrunksConfig()
     store: StoreConfig = StoreConfig()
     node_name: str = ""  # this router's name in call records (default host:sip-port)
     secrets_key_file: Path | None = None  # the trunk-password key (default data_dir)
@@ -405,6 +417,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain.timeout_seconds", 30, _seconds),
     Setting("calls.retention_days", 90, _non_negative_int),
     Setting("calls.rejected_records_per_second", 10, _non_negative_int),
+    Setting("trunks.resolve_interval_seconds", 300, _seconds),
+    Setting("trunks.outbound_ring_timeout_seconds", 60, _seconds),
+    Setting("trunks.register_retry_seconds", 30, _positive_int),
+    Setting("trunks.register_retry_max_seconds", 300, _positive_int),
+    Setting("trunks.keepalive_seconds", 15, _non_negative_int),
     Setting("webhooks.url", "", _webhook_url),
     Setting("webhooks.secret", "", str),
     Setting("webhooks.events", list(EVENTS), _events),
@@ -537,6 +554,12 @@ def _build(v: Mapping[str, Any]) -> Config:
                           rejected_records_per_second=v["calls.rejected_records_per_second"]),
         import_max_bytes=v["numbers.import_max_bytes"],
         route_compaction_at=v["numbers.route_compaction_at"],
+        trunks=TrunksConfig(
+            resolve_interval_seconds=v["trunks.resolve_interval_seconds"],
+            outbound_ring_timeout_seconds=v["trunks.outbound_ring_timeout_seconds"],
+            register_retry_seconds=v["trunks.register_retry_seconds"],
+            register_retry_max_seconds=v["trunks.register_retry_max_seconds"],
+            keepalive_seconds=v["trunks.keepalive_seconds"]),
         store=StoreConfig(database_url=v["store.database_url"],
                           timeout_seconds=v["store.timeout_seconds"],
                           pool_size=v["store.pool_size"],

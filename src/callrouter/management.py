@@ -32,7 +32,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 from callrouter.crypto import SecretBox, generate_api_key, hash_api_key
-from callrouter.domain import numbercsv
+from callrouter.domain import numbercsv, trunknets
 from callrouter.domain.models import ApiKey, Assistant, PhoneNumber, Trunk, TrunkTransport
 from callrouter.domain.numbercsv import CsvNumber, RowProblem
 from callrouter.domain.numbers import normalise
@@ -59,6 +59,7 @@ _MAX_NAME = 200
 _TEXT_FIELDS = frozenset({"name", "host", "provider", "username", "runtime_uri",
                           "webhook_url"})
 _MAX_SECRET = 1024
+
 
 
 class Unset(enum.Enum):
@@ -90,13 +91,18 @@ class NumberChanges:
 @dataclass(frozen=True)
 class TrunkInput:
     name: str
-    host: str
+    host: str = ""  # "": inbound-only (no outbound address)
     port: int = 5060
     transport: TrunkTransport = TrunkTransport.UDP
     provider: str = ""
     username: str | None = None
     password: str | None = None
     is_active: bool = True
+    inbound_addresses: tuple[str, ...] = ()
+    outbound_number: str | None = None
+    register: bool = False
+    register_expires: int = 300
+    inbound_auth: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,11 @@ class TrunkChanges:
     username: str | Unset | None = UNSET
     password: str | Unset | None = UNSET
     is_active: bool | Unset = UNSET
+    inbound_addresses: tuple[str, ...] | Unset = UNSET
+    outbound_number: str | Unset | None = UNSET
+    register: bool | Unset = UNSET
+    register_expires: int | Unset = UNSET
+    inbound_auth: bool | Unset = UNSET
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,7 @@ class Management:
         on_routing_change: Callable[[Sequence[RouteChange]], Awaitable[None]],
         now: Callable[[], datetime],
         *,
+        on_trunk_change: Callable[[Trunk, bool], Awaitable[None]] | None = None,
         on_webhook_change: Callable[[uuid.UUID, AssistantHooks | None], None] | None = None,
         allow_private_webhooks: bool = False,
     ) -> None:
@@ -164,6 +176,9 @@ class Management:
         self._region = default_region
         self._on_routing_change = on_routing_change
         self._now = now
+        # A trunk written (or deleted: True) -> its inbound addresses, registration and
+        # digest challenge follow before the API answers.
+        self._on_trunks_change = on_trunk_change or _nothing
         self._lock = asyncio.Lock()
         self._importing = asyncio.Lock()  # one bulk import at a time
         self.import_workers = 0  # config numbers.import_workers: processes checking rows
@@ -265,31 +280,63 @@ class Management:
     # -- trunks ----------------------------------------------------------------------
 
     async def create_trunk(self, new: TrunkInput) -> Trunk:
-        _raise_if(_trunk_problems(given(new)))
+        values = self._trunk_values(given(new))
         now = self._now()
         trunk = Trunk(
             id=uuid.uuid4(), name=new.name.strip(), host=new.host.strip(), port=new.port,
             transport=new.transport, provider=new.provider.strip(), username=new.username,
             has_password=new.password is not None, is_active=new.is_active,
-            created_at=now, updated_at=now)
+            created_at=now, updated_at=now, inbound_addresses=values["inbound_addresses"],
+            outbound_number=values["outbound_number"], register=new.register,
+            register_expires=new.register_expires, inbound_auth=new.inbound_auth)
+        _raise_if(_trunk_consistency(trunk))
         async with self._lock:
-            return await self._changed(
-                await self._store.create_trunk(trunk, self._encrypted(new.password)))
+            stored = await self._store.create_trunk(trunk, self._encrypted(new.password))
+            await self._on_trunk_change(stored)
+            return stored
 
     async def update_trunk(self, trunk_id: uuid.UUID, changes: TrunkChanges) -> Trunk:
-        updates = given(changes)
-        _raise_if(_trunk_problems(updates))
+        updates = self._trunk_values(given(changes))
         password = updates.pop("password", UNSET)
         async with self._lock:
             trunk = _found(await self._store.get_trunk(trunk_id), "SIP trunk")
             updated = self._touched(trunk, _stripped(updates))
             keep = password is UNSET
+            if not keep:
+                updated = replace(updated, has_password=password is not None)
+            _raise_if(_trunk_consistency(updated))
             encrypted = None if keep else self._encrypted(password)
-            return await self._changed(await self._store.update_trunk(updated, encrypted, keep))
+            stored = await self._store.update_trunk(updated, encrypted, keep)
+            await self._on_trunk_change(stored)
+            return stored
 
     async def delete_trunk(self, trunk_id: uuid.UUID) -> None:
         async with self._lock:
+            trunk = _found(await self._store.get_trunk(trunk_id), "SIP trunk")
             await self._deleted(await self._store.delete_trunk(trunk_id), "SIP trunk", None)
+            await self._on_trunk_change(replace(trunk, is_active=False), deleted=True)
+
+    def _trunk_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` checked field by field (every problem at once), with the caller id
+        in E.164 and the inbound addresses in their canonical spelling."""
+        problems = _trunk_problems(values)
+        number = values.get("outbound_number")
+        if isinstance(number, str) and number.strip():
+            try:
+                values["outbound_number"] = normalise(number, self._region)
+            except InvalidNumber:
+                problems.append(FieldProblem("outbound_number", "must be an E.164 number"))
+        elif "outbound_number" in values:
+            values["outbound_number"] = None
+        if "inbound_addresses" in values:
+            found, bad = inbound_entries(values["inbound_addresses"])
+            problems.extend(FieldProblem("inbound_addresses", m) for m in bad)
+            values["inbound_addresses"] = found
+        _raise_if(problems)
+        return values
+
+    async def _on_trunk_change(self, trunk: Trunk, *, deleted: bool = False) -> None:
+        await self._on_trunks_change(trunk, deleted)
 
     def _encrypted(self, password: str | None) -> bytes | None:
         return None if password is None else self._secrets.encrypt(password)
@@ -553,15 +600,65 @@ def _name_problems(name: object, field: str, *, required: bool) -> list[FieldPro
     return []
 
 
+async def _nothing(trunk: Trunk, deleted: bool) -> None:
+    return None
+
+
+MAX_INBOUND_ADDRESSES = 64
+REGISTER_EXPIRES = (60, 86400)
+
+
 def _trunk_problems(values: dict[str, Any]) -> list[FieldProblem]:
     problems = _name_problems(values["name"], "name", required=True) if "name" in values else []
     host = values.get("host")
-    if host is not None and not _HOST.fullmatch(host.strip()):
+    if host and not _HOST.fullmatch(host.strip()):
         problems.append(FieldProblem("host", "must be a host name or IP address"))
     port = values.get("port")
     if port is not None and not 1 <= port <= 65535:
         problems.append(FieldProblem("port", "must be between 1 and 65535"))
+    if values.get("transport") == TrunkTransport.TLS:
+        # issue 11 item 6: no promise the router cannot keep.
+        problems.append(FieldProblem(
+            "transport", "tls is not supported: the router has no SIP over TLS transport "
+                         "(use udp or tcp)"))
+    expires = values.get("register_expires")
+    low, high = REGISTER_EXPIRES
+    if expires is not None and not low <= expires <= high:
+        problems.append(FieldProblem("register_expires", f"must be between {low} and {high}"))
     return problems
+
+
+def _trunk_consistency(trunk: Trunk) -> list[FieldProblem]:
+    """Rules over the whole trunk, after a PATCH is merged into it."""
+    problems = []
+    if not trunk.host and not trunk.inbound_addresses:
+        problems.append(FieldProblem(
+            "outbound_address", "is required unless the trunk is inbound-only "
+                                "(inbound_addresses set)"))
+    if trunk.register and not trunk.host:
+        problems.append(FieldProblem("register", "needs an outbound_address (the registrar)"))
+    for flag in ("register", "inbound_auth"):
+        if getattr(trunk, flag) and not (trunk.username and trunk.has_password):
+            problems.append(FieldProblem(flag, "needs auth_username and auth_password"))
+    return problems
+
+
+def inbound_entries(raw: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
+    """``inbound_addresses`` as stored (IPs and CIDRs canonical, host names lower case,
+    each once) and what is wrong with the others."""
+    found: list[str] = []
+    bad: list[str] = []
+    if len(raw) > MAX_INBOUND_ADDRESSES:
+        return (), [f"at most {MAX_INBOUND_ADDRESSES} entries"]
+    for entry in raw:
+        try:
+            canonical = trunknets.canonical(entry)
+        except ValueError as exc:
+            bad.append(str(exc))
+            continue
+        if canonical not in found:
+            found.append(canonical)
+    return tuple(found), bad
 
 
 def _assistant_problems(values: dict[str, Any], allow_private: bool) -> list[FieldProblem]:

@@ -37,7 +37,7 @@ from callrouter import __version__
 from callrouter.domain.models import EndReason
 from callrouter.domain.routing import Outcome
 from callrouter.domain.webhooks import EVENTS, ReplyKind
-from callrouter.ports import EngineEntry
+from callrouter.ports import EngineEntry, RegistrationState, RegistrationStatus
 
 __all__ = ["GuardAction", "Metrics", "Outcome", "StoreOperation"]
 
@@ -64,6 +64,10 @@ class GuardAction(enum.StrEnum):
     KEEPALIVE_PONG = "keepalive_pong"  # CRLF answered to a CRLFCRLF ping on TCP (RFC 5626)
     FLOOD_DROPPED = "flood_dropped"  # a new request from a source banned for flooding
     FLOOD_BAN = "flood_ban"  # a source banned (sip.inbound.flood_limit exceeded)
+    TRUNK_ALLOWED = "trunk_allowed"  # an INVITE let in by a trunk, not the static list
+    AUTH_CHALLENGED = "auth_challenged"  # 407 to an INVITE from an inbound_auth trunk
+    AUTH_FAILED = "auth_failed"  # 403: its credentials were wrong
+    AUTH_OK = "auth_ok"  # its credentials were right
     DRAINING_OPTIONS = "draining_options"  # OPTIONS answered 503 while draining (balancer probes)
 
 
@@ -86,6 +90,7 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 EngineSlotsSource = Callable[[], tuple[int, int]]  # -> (max calls, calls in use)
 EngineGuardSource = Callable[[], Mapping[str, int]]  # GuardAction value -> count so far
+RegistrationsSource = Callable[[], Iterable[RegistrationStatus]]
 
 
 class Metrics:
@@ -354,6 +359,10 @@ class Metrics:
         """``source() -> count`` of pjlib assertions the engine logged and survived."""
         self._engine.assertions = source
 
+    def set_registrations_source(self, source: RegistrationsSource | None) -> None:
+        """``source() -> [RegistrationStatus]`` of every registration trunk, per scrape."""
+        self._engine.registrations = source
+
     def set_build_info(self, *, version: str, pjproject: str) -> None:
         self._build_info.clear()
         self._build_info.labels(version, pjproject).set(1)
@@ -383,10 +392,12 @@ class _EngineCollector(Collector):
         self.slots: EngineSlotsSource | None = None
         self.guard: EngineGuardSource | None = None
         self.assertions: Callable[[], int] | None = None
+        self.registrations: RegistrationsSource | None = None
 
     def describe(self) -> Iterable[Metric]:
         # Declares the names up front so the registry can check for clashes at register time.
-        return [*_slot_families(), _guard_family(), _assertions_family()]
+        return [*_slot_families(), _guard_family(), _assertions_family(),
+                *_registration_families()]
 
     def collect(self) -> Iterator[Metric]:
         if self.slots is not None:
@@ -396,6 +407,8 @@ class _EngineCollector(Collector):
             yield _guard_family(self.guard())
         if self.assertions is not None:
             yield _assertions_family(self.assertions())
+        if self.registrations is not None:
+            yield from _registration_families(list(self.registrations()))
 
 
 def _assertions_family(count: int | None = None) -> Metric:
@@ -408,6 +421,26 @@ def _assertions_family(count: int | None = None) -> Metric:
     if count is not None:
         family.add_metric([], count)
     return family
+
+
+def _registration_families(found: list[RegistrationStatus] | None = None) -> list[Metric]:
+    """Registration trunks by state, and the soonest expiry of a registered one (a value
+    near zero means refreshes are failing). No trunk label: trunks come and go by API."""
+    states = GaugeMetricFamily(
+        "callrouter_trunk_registrations",
+        "Registration trunks (register: true) by the state of their REGISTER.",
+        labels=["state"])
+    expiry = GaugeMetricFamily(
+        "callrouter_trunk_registration_expiry_timestamp_seconds",
+        "The soonest expiry (Unix time) among registered trunks' bindings.")
+    if found is not None:
+        for state in RegistrationState:
+            states.add_metric([state.value], sum(r.state is state for r in found))
+        times = [r.expires_at.timestamp() for r in found if r.expires_at is not None
+                 and r.state is RegistrationState.REGISTERED]
+        if times:
+            expiry.add_metric([], min(times))
+    return [states, expiry]
 
 
 def _slot_families(max_calls: int | None = None, free: int | None = None) -> list[Metric]:

@@ -25,8 +25,9 @@ from callrouter.domain.models import (
     Trunk,
     WebhookDelivery,
 )
-from callrouter.domain.routetable import RouteChange
-from callrouter.domain.session import Command, Event, Refused, Request
+from callrouter.domain.routetable import FeedChange
+from callrouter.domain.session import Command, DialCustomer, Event, Refused, Request
+from callrouter.domain.trunknets import TrunkNetwork
 from callrouter.domain.webhooks import AssistantReply
 
 
@@ -178,7 +179,7 @@ class Store(Protocol):
 
 
 # Route changes made by other routers sharing the database (PostgreSQL's LISTEN/NOTIFY).
-OnRouteChanges = Callable[[Sequence[RouteChange] | None], Awaitable[None]]
+OnRouteChanges = Callable[[Sequence[FeedChange] | None], Awaitable[None]]
 
 
 @runtime_checkable
@@ -190,6 +191,70 @@ class RouteFeed(Protocol):
         commit order, and ``None`` (reload the whole table) whenever changes may have
         been missed: after every (re)connection and for a bulk change."""
         ...
+
+
+class RegistrationState(enum.StrEnum):
+    REGISTERED = "registered"
+    FAILED = "failed"
+    UNREGISTERED = "unregistered"
+
+
+@dataclass(frozen=True)
+class RegistrationStatus:
+    """Where a registration trunk's REGISTER stands (reported by the SIP side)."""
+
+    state: RegistrationState
+    code: int | None = None  # the last final response (408: no answer)
+    expires_at: datetime | None = None  # when the binding lapses unless refreshed
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A trunk the router registers with (``register: true``): REGISTER to ``registrar``
+    (a SIP URI) for the address-of-record ``sip:username@domain``, with digest
+    credentials, every ``expires`` seconds, advertising ``contact_user`` in its Contact."""
+
+    trunk_id: uuid.UUID
+    registrar: str
+    domain: str
+    username: str
+    password: str
+    expires: int
+    contact_user: str
+    transport: str = "udp"
+
+
+@dataclass(frozen=True)
+class InboundAuth:
+    """INVITEs from the trunk's addresses must authenticate as this user (407, then 403)."""
+
+    trunk_id: uuid.UUID
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
+class TrunkPolicy:
+    """Everything the SIP side enforces for trunks, as a whole (``ProviderControl``)."""
+
+    networks: tuple[TrunkNetwork, ...] = ()
+    inbound_auth: tuple[InboundAuth, ...] = ()
+    registrations: tuple[Registration, ...] = ()
+
+
+class ProviderControl(Protocol):
+    """What the trunk keeper (``providers.Providers``) asks of the SIP side."""
+
+    def apply_trunks(self, policy: TrunkPolicy) -> None:
+        """Replace the trunk allow-list and digest challenges at once (the next request
+        sees them) and bring registrations in line (added, changed, removed: expires 0).
+        Safe from any thread."""
+        ...
+
+    def registration(self, trunk_id: uuid.UUID) -> RegistrationStatus | None: ...
+
+    def registration_statuses(self) -> list[RegistrationStatus]: ...
 
 
 # ---- the SIP side ------------------------------------------------------------------
@@ -206,6 +271,22 @@ class InboundInvite:
     from_header: str
     source: str  # "ip:port" the INVITE came from
     received_at: float  # monotonic seconds
+    trunk_id: uuid.UUID | None = None  # the trunk it came in on (None: static list only)
+    via_registration: bool = False  # sent to the Contact of a trunk registration
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    """API ``POST /calls/outbound``, resolved: dial ``customer`` (the destination through
+    the number's trunk) and, once it answers, the first of ``targets`` (runtime URIs)."""
+
+    destination: str  # E.164
+    number: str  # E.164 of the number it is placed from
+    number_id: uuid.UUID
+    assistant_id: uuid.UUID
+    trunk_id: uuid.UUID
+    targets: tuple[str, ...]
+    customer: DialCustomer
 
 
 @dataclass(frozen=True)
@@ -284,6 +365,13 @@ class CallHandler(Protocol):
         """The caller of a held INVITE gave up (CANCEL) before the decision."""
         ...
 
+    def on_outbound(self, call: OutboundCall, now: float) -> Accepted | Rejected:
+        """An outbound call to start (capacity and drain apply as to an INVITE)."""
+        ...
+
+    def on_dialled(self, call_id: uuid.UUID, sip_call_id: str) -> None:
+        """An outbound call's INVITE to its customer left with this Call-ID."""
+        ...
     def on_event(self, call_id: uuid.UUID, event: Event, now: float) -> Reaction: ...
     def on_request(self, call_id: uuid.UUID, request: Request, now: float) -> Ruling: ...
 
@@ -319,6 +407,11 @@ class CallControl(Protocol):
         verdict: None when accepted, ``Refused`` when the call's state refuses it (or the
         call has gone). Cancelling the future before the SIP thread takes it up means the
         request is never acted on."""
+        ...
+
+    def place(self, call: OutboundCall) -> Future[Accepted | Rejected]:
+        """Start an outbound call on the SIP thread; the future holds the handler's answer
+        (``Accepted``: the customer is being dialled)."""
         ...
 
     def status(self) -> EngineStatus: ...

@@ -99,6 +99,7 @@ from callrouter.ports import (
     EngineEntry,
     Held,
     InboundInvite,
+    OutboundCall,
     Reaction,
     Rejected,
     ResponseSent,
@@ -495,7 +496,10 @@ class CallService:
 
     def on_invite(self, invite: InboundInvite) -> Accepted | Rejected | Held:
         self.metrics.invite_received()
-        dialled_raw = dialled_user(invite.request_uri, invite.to_header)
+        # An INVITE to a registration's Contact names our Contact user in the Request-URI;
+        # the number the caller dialled is in To then.
+        request_uri = "" if invite.via_registration else invite.request_uri
+        dialled_raw = dialled_user(request_uri, invite.to_header)
         dialled = self._e164(dialled_raw)
         ctx = CallContext(dialled, len(self.active) + len(self._held), self.draining)
         decision = decide(ctx, self.routes, self.policy, self.pool)
@@ -509,6 +513,47 @@ class CallService:
         if isinstance(decision, Reject):
             return self._reject(invite, record, decision)
         return self._bridge(invite, record, decision, caller)
+
+    def on_outbound(self, call: OutboundCall, now: float) -> Accepted | Rejected:
+        """An outbound call (API): refused like an INVITE while draining or at capacity,
+        else recorded (direction outbound) and its session started: dial the customer."""
+        if self.draining or len(self.active) >= self.policy.max_calls:
+            return Rejected(503, "draining" if self.draining else "at capacity (sip.max_calls)",
+                            self.policy.retry_after_seconds)
+        wall = self.wall()
+        record = CallRecord(
+            id=uuid.uuid4(), status=CallStatus.CONNECTING, caller_phone=call.destination,
+            assistant_phone=call.number, number_id=call.number_id,
+            assistant_id=call.assistant_id, sip_call_id="", started_at=None, ended_at=None,
+            end_reason=None, error=None, created_at=wall, updated_at=wall,
+            direction="outbound", trunk_id=call.trunk_id, router=self.router_name)
+        session = s.CallSession(call.targets, self.timing, call.customer)
+        hook = self.webhooks.subscriber(call.assistant_id, STATUS_UPDATE)
+        facts = None if hook is None else _call_facts(record, call.number_id, call.number,
+                                                      call.destination)
+        self.active[record.id] = ActiveCall(record, session, now, now, call.number,
+                                            call.destination, hook, facts)
+        self.record(record)
+        self.metrics.call_started()
+        log.info("call.placed", call_id=str(record.id), number=call.number,
+                 destination=mask(call.destination), assistant_id=str(call.assistant_id),
+                 trunk_id=str(call.trunk_id), direction="outbound")
+        headers = (
+            ("X-Assistant-Id", str(call.assistant_id)),
+            ("X-Number-Id", str(call.number_id)),
+            ("X-Call-Id", str(record.id)),
+            ("X-Caller-Number", call.number),
+            ("X-Dialled-Number", call.destination),
+            ("X-Direction", "outbound"),
+        )
+        commands = session.start(now)
+        return Accepted(record.id, headers, Reaction(tuple(commands), session.next_deadline()))
+
+    def on_dialled(self, call_id: uuid.UUID, sip_call_id: str) -> None:
+        call = self.active.get(call_id)
+        if call is not None:
+            call.record = dataclasses.replace(call.record, sip_call_id=sip_call_id)
+            self.record(call.record)
 
     def on_decided(self, call_id: uuid.UUID, reply: AssistantReply,
                    now: float) -> Accepted | Rejected | None:
@@ -629,6 +674,7 @@ class CallService:
             assistant_id=route.assistant_id if route else None,
             sip_call_id=invite.sip_call_id, started_at=None, ended_at=None,
             end_reason=None, error=None, created_at=now, updated_at=now,
+            trunk_id=invite.trunk_id,
             router=self.router_name,
         )
 
@@ -767,7 +813,7 @@ class CallService:
                 self._finished(call, command, now)
             case (s.DialRuntime() | s.HangupRuntime() | s.DialTarget() | s.HangupTarget()
                   | s.HangupCaller() | s.BridgeRuntime() | s.BridgeTarget() | s.RingCaller()
-                  | s.AnswerCaller() | s.RejectCaller()):
+                  | s.AnswerCaller() | s.RejectCaller() | s.DialCustomer()):
                 pass  # carried out by the SIP adapter (which reports responses it sent)
             case _:
                 assert_never(command)
@@ -834,7 +880,8 @@ class CallService:
         log.info("call.routed", call_id=str(record.id), sip_call_id=invite.sip_call_id,
                  dialled=record.assistant_phone, caller=mask(record.caller_phone),
                  assistant_id=str(record.assistant_id) if record.assistant_id else None,
-                 outcome=str(outcome), sip_status=code,
+                 trunk_id=str(record.trunk_id) if record.trunk_id else None,
+                 direction=record.direction, outcome=str(outcome), sip_status=code,
                  decision_ms=round((self.clock() - invite.received_at) * 1000, 3), **ended)
 
     # ---- drain and shutdown (the asyncio side) ---------------------------------------
@@ -857,10 +904,16 @@ class CallService:
 
 
 def _facts(record: CallRecord, route: Route, caller: str) -> CallFacts:
+    return _call_facts(record, route.number_id, route.e164, caller)
+
+
+def _call_facts(record: CallRecord, number_id: uuid.UUID | None, number: str,
+                customer: str) -> CallFacts:
     """What the call's webhook events say about it (the number's name is added on the
-    asyncio side, where the store is)."""
+    asyncio side, where the store is); ``customer``: the caller, or an outbound call's
+    destination."""
     call_type = "outbound_phone_call" if record.direction == "outbound" else "inbound_phone_call"
-    return CallFacts(record.id, route.number_id, route.e164, "", caller, record.assistant_id,
+    return CallFacts(record.id, number_id, number, "", customer, record.assistant_id,
                      call_type=call_type)
 
 
@@ -924,7 +977,7 @@ class CallController:
         number = await self._store.get_number(record.number_id) if record.number_id else None
         trunk_id = number.transfer_trunk_id if number else None
         trunk = await self._store.get_trunk(trunk_id) if trunk_id else None
-        if trunk is None or not trunk.is_active:
+        if trunk is None or not trunk.is_active or not trunk.host:  # "": inbound-only
             raise ValidationError("the number has no active transfer trunk "
                                   "(transfer_trunk_id) to reach a phone number through")
         return trunk

@@ -148,10 +148,10 @@ def test_kill_9_b_takes_the_calls_and_a_closes_its_records_on_return(
     long_calls = cluster.callers(2, rate=10, duration_ms=20_000, timeout_s=40).start()
     wait_until(lambda: active_calls(cluster.a) == 1 and active_calls(cluster.b) == 1, 10,
                "one long call on each router")
-    # ... and A has written its call's record (records are written in batches): a record
-    # never written cannot be closed on return.
-    wait_until(lambda: any(c["router"] == "router-a" and c["status"] == "in-progress"
-                           for c in cluster.a.calls()), 10, "A's call record in-progress")
+    # A call is active at once, its record is written up to the recorder's batch window
+    # later: killed before that, A would have no record to close on return.
+    wait_until(lambda: any(c["router"] == "router-a" for c in cluster.a.calls()), 5,
+               "A's record of its call")
     assert cluster.a.proc is not None
     cluster.a.proc.kill()  # SIGKILL: no drain, no record closed
     cluster.a.proc.wait(5)

@@ -19,6 +19,7 @@ import pytest
 
 from callrouter.store.postgres import MIGRATIONS
 from tests.integration.test_router_sip import NUMBER, runtime, uac
+from tests.integration.test_trunks import PROVIDER, STATIC_ONLY, provider, refused_from_provider
 from tests.support.postgres import PostgresCluster
 from tests.support.router import RouterProcess, free_rtp_range
 from tests.support.webhook_receiver import WebhookReceiver
@@ -120,6 +121,27 @@ def test_an_assistant_webhook_set_through_a_is_used_by_b(pair: Start) -> None:
         assert len({r.delivery_id for r in events}) == 2  # each sent by one router
     finally:
         hook.stop()
+
+
+def test_a_trunk_created_through_b_lets_its_provider_into_a(pair: Start) -> None:
+    """Guards trunks in a cluster: a trunk written through one router reaches every
+    router's guard through the change feed (its inbound address let in by A although B
+    made it), and its deletion through A shuts the provider out of B too."""
+    a, b = both(pair, **STATIC_ONLY)
+    rt = runtime("uas-runtime-answer", calls=1)
+    b.add_number(NUMBER, b.add_assistant(f"sip:assistant@{rt.address}"))
+    refused_from_provider(a)
+    made = b.api("POST", "/sip-trunks", json={
+        "name": "Acme", "provider": "acme", "inbound_addresses": [PROVIDER]})
+    assert made.status_code == 201, made.text
+    trunk_id = made.json()["trunk"]["id"]
+    time.sleep(1.0)  # as for numbers: the INVITE 1 s after B's 2xx, sent to A
+    result = provider(a, "uac-call-bridged", duration_ms=200).run()
+    assert result.ok, result.explain()
+    assert a.wait_for_call(lambda c: c["status"] == "ended")["trunk_id"] == trunk_id
+    assert a.api("DELETE", f"/sip-trunks/{trunk_id}").status_code == 200
+    time.sleep(1.0)
+    refused_from_provider(b)
 
 
 def test_kill_9_then_restart_closes_only_the_restarted_routers_calls(pair: Start) -> None:

@@ -329,20 +329,97 @@ async def test_trunk_docs_spelling_both_envelopes_and_no_password(env: Env) -> N
     assert get.json() == body
 
 
-async def test_trunk_sdk_spelling(env: Env) -> None:
+async def test_trunk_older_address_spelling(env: Env) -> None:
     r = await env.post("/api/v1/sip-trunks", {
-        "name": "sdk", "address": "[2001:db8::1]:5061", "transport": "TLS",
+        "name": "sdk", "address": "[2001:db8::1]:5061", "transport": "TCP",
         "provider": "acme", "auth_username": "sdk-user", "auth_password": "pw"})
     assert r.status_code == 201, r.text
     trunk = r.json()["sip_trunk"]
-    assert (trunk["host"], trunk["port"], trunk["transport"]) == ("2001:db8::1", 5061, "tls")
+    assert (trunk["host"], trunk["port"], trunk["transport"]) == ("2001:db8::1", 5061, "tcp")
     assert trunk["address"] == "[2001:db8::1]:5061" and trunk["username"] == "sdk-user"
     listed = (await env.client.get("/api/v1/sip-trunks")).json()
     assert listed == {"trunks": [trunk]}
 
 
+SDK_TRUNK = {"name": "Acme", "provider": "acme", "outbound_address": "sip.acme.example:5080",
+             "inbound_addresses": ["192.0.2.10", "198.51.100.0/24", "In.Acme.Example"],
+             "outbound_number": "+31 85 083 5037", "auth_username": "acme-user",
+             "auth_password": "s3cr3t-pw"}
+
+
+async def test_trunk_sdk_shape(env: Env) -> None:
+    """Guards issue 11 item 1: the SDK's create body is accepted and every SDK name is in
+    the answer (the router used to answer 422 'host or address is required')."""
+    r = await env.post("/api/v1/sip-trunks", SDK_TRUNK)
+    assert r.status_code == 201, r.text
+    trunk = r.json()["trunk"]
+    assert trunk["outbound_address"] == "sip.acme.example:5080"
+    assert trunk["inbound_addresses"] == ["192.0.2.10", "198.51.100.0/24", "in.acme.example"]
+    assert trunk["outbound_number"] == "+31850835037"
+    assert (trunk["provider"], trunk["auth_username"]) == ("acme", "acme-user")
+    assert (trunk["register"], trunk["register_expires"], trunk["inbound_auth"]) == (
+        False, 300, False)
+    assert trunk["registration"] is None and "s3cr3t-pw" not in r.text
+    assert {"id", "name", "created_at", "updated_at"} <= trunk.keys()
+
+
+async def test_trunk_inbound_only_and_sip_uri_address(env: Env) -> None:
+    r = await env.post("/api/v1/sip-trunks", {"name": "in", "inbound_addresses": ["10.1.2.3"]})
+    assert r.status_code == 201, r.text
+    assert r.json()["trunk"]["outbound_address"] is None
+    r = await env.post("/api/v1/sip-trunks", {
+        "name": "uri", "outbound_address": "sip:gw@10.0.0.5:5070;transport=tcp"})
+    trunk = r.json()["trunk"]
+    assert (trunk["host"], trunk["port"], trunk["transport"]) == ("10.0.0.5", 5070, "tcp")
+
+
+async def test_trunk_patch_sdk_fields(env: Env) -> None:
+    trunk = (await env.post("/api/v1/sip-trunks", SDK_TRUNK)).json()["trunk"]
+    url = f"/api/v1/sip-trunks/{trunk['id']}"
+    r = await env.client.patch(url, json={"inbound_addresses": ["10.9.9.9/32"],
+                                          "outbound_number": None, "register": True,
+                                          "register_expires": 120})
+    assert r.status_code == 200, r.text
+    patched = r.json()["trunk"]
+    assert patched["inbound_addresses"] == ["10.9.9.9/32"] and patched["outbound_number"] is None
+    assert (patched["register"], patched["register_expires"]) == (True, 120)
+    assert patched["outbound_address"] == "sip.acme.example:5080"
+    assert (await env.client.get(url)).json()["trunk"] == patched
+    # inbound-only is fine while inbound addresses remain; registration needs a registrar
+    assert_error(await env.client.patch(url, json={"outbound_address": None}), 422, "register")
+    assert_error(await env.client.patch(url, json={"auth_password": None}), 422, "register")
+
+
+async def test_trunk_sdk_validation(env: Env) -> None:
+    base = {"name": "x", "outbound_address": "gw.example"}
+    for body, name in (
+        ({"name": "x"}, "outbound_address"),
+        ({**base, "inbound_addresses": ["10.0.0.300"]}, "inbound_addresses"),
+        ({**base, "inbound_addresses": ["not a host"]}, "inbound_addresses"),
+        ({**base, "inbound_addresses": "10.0.0.1"}, "inbound_addresses"),
+        ({**base, "outbound_number": "12"}, "outbound_number"),
+        ({**base, "register": True}, "register"),
+        ({**base, "inbound_auth": True, "auth_username": "u"}, "inbound_auth"),
+        ({**base, "register_expires": 5}, "register_expires"),
+        ({**base, "outbound_address": "sip:gw.example;transport=sctp"}, "outbound_address"),
+    ):
+        assert_error(await env.post("/api/v1/sip-trunks", body), 422, name)
+
+
+async def test_trunk_tls_is_refused_with_the_reason(env: Env) -> None:
+    """Guards issue 11 item 6: no promise the router cannot keep."""
+    for body in ({"name": "t", "host": "h", "transport": "tls"},
+                 {"name": "t", "outbound_address": "sips:gw.example"}):
+        r = await env.post("/api/v1/sip-trunks", body)
+        assert_error(r, 422, "transport")
+        assert "no SIP over TLS" in r.text
+    trunk = await make_trunk(env)
+    assert_error(await env.client.patch(f"/api/v1/sip-trunks/{trunk}",
+                                        json={"transport": "tls"}), 422, "transport")
+
+
 async def test_trunk_validation(env: Env) -> None:
-    assert_error(await env.post("/api/v1/sip-trunks", {"name": "x"}), 422, "host")
+    assert_error(await env.post("/api/v1/sip-trunks", {"name": "x"}), 422, "outbound_address")
     assert_error(await env.post("/api/v1/sip-trunks", {"host": "h"}), 422, "name")
     assert_error(await env.post("/api/v1/sip-trunks", {"name": "x", "host": "a",
                                                        "address": "b:5060"}), 422, "address")
@@ -718,3 +795,12 @@ async def test_requests_are_reported_by_route_template(env: Env) -> None:
     await env.client.get("/nowhere")
     assert env.requests[-2:] == [("/api/v1/numbers/{number_id}", "GET", 404),
                                  ("unmatched", "GET", 404)]
+
+
+async def test_outbound_call_route_checks_its_body_and_says_when_it_cannot(env: Env) -> None:
+    assert_error(await env.post("/api/v1/calls/outbound", {"number_id": str(uuid.uuid4())}),
+                 422, "destination")
+    r = await env.post("/api/v1/calls/outbound", {
+        "destination": "+31612345678", "number_id": str(uuid.uuid4()),
+        "assistant_override": {"firstMessage": "hi"}, "first_message": "hi"})
+    assert r.status_code == 503, r.text  # this router was built without a SIP side

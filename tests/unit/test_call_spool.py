@@ -223,12 +223,24 @@ def test_a_line_cut_short_by_a_crash_is_skipped(tmp_path: Path) -> None:
 
 
 def test_a_spool_from_before_a_column_was_added_still_reads(tmp_path: Path) -> None:
-    """Guards an upgrade with records still spooled: a line lacking ``router`` (written by
-    a router from before node names) reads back with the column's default."""
+    """Guards an upgrade with records still spooled: a line lacking ``router`` and
+    ``trunk_id`` (written by a router from before node names and trunks) reads back with
+    the columns' defaults."""
     spool = CallSpool(tmp_path / SPOOL_FILE)
     record = call(router="")
     spool.append([(record, [])])
     line = json.loads(spool.path.read_text())
-    del line["router"]
+    del line["router"], line["trunk_id"]
     spool.path.write_text(json.dumps(line) + "\n")
     assert CallSpool(spool.path).read() == [(record, [])]
+
+
+def test_an_outbound_call_through_a_trunk_is_spooled_whole(tmp_path: Path) -> None:
+    """Guards the spool's line against dropping a record field: an outbound call keeps its
+    direction and trunk through the disk."""
+    spool = CallSpool(tmp_path / SPOOL_FILE)
+    outbound = call(CallStatus.IN_PROGRESS, started_at=T0, direction="outbound",
+                    trunk_id=uuid.uuid4())
+    inbound = call(trunk_id=uuid.uuid4())
+    spool.append([(outbound, []), (inbound, [])])
+    assert CallSpool(spool.path).read() == [(outbound, []), (inbound, [])]

@@ -166,6 +166,13 @@ async def test_trunk_password_from_stdin_is_sent_but_never_printed(
     assert "pa55word" not in as_json.out and as_json.json()["trunks"][0]["username"] == "u"
 
 
+async def test_a_provider_trunk_from_the_command_line(cli: Cli) -> None:
+    added = await cli("trunks", "add", "--name", "acme", "--inbound-addresses",
+                      "192.0.2.10, 198.51.100.0/24", "--outbound-number", "+31850835037")
+    assert added.code == 0, added.err
+    assert "192.0.2.10,198.51.100.0/24" in added.out
+
+
 async def test_unreachable_router_exits_1(cli: Cli) -> None:
     parser = argparse.ArgumentParser()
     cli_client.register(parser.add_subparsers(dest="command"))

@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from callrouter.domain.models import Assistant, PhoneNumber
+from callrouter.domain.models import Assistant, PhoneNumber, Trunk, TrunkTransport
 from callrouter.domain.routetable import (
     AssistantRemoved,
     AssistantUpserted,
+    FeedChange,
     NumberRemoved,
     NumberUpserted,
-    RouteChange,
+    TrunkChanged,
 )
 from callrouter.errors import StoreError, StoreUnavailable
 from callrouter.store.postgres import (
@@ -102,6 +103,45 @@ async def test_a_version_1_database_gets_the_webhook_columns_and_outbox(
         await store.close()
 
 
+async def test_a_version_2_database_gets_the_trunk_columns_and_their_notifications(
+        postgres_url: str) -> None:
+    """Guards the upgrade of a database made before trunks had both directions: version 3
+    gives existing trunks the defaults (outbound-only, no registration, no challenge) and
+    the notification function keeps its number branch while gaining the trunks'."""
+    acme = Trunk(id=uuid.uuid4(), name="acme", host="gw.example", port=5060,
+                 transport=TrunkTransport.UDP, provider="acme", username=None,
+                 has_password=False, is_active=True, created_at=T0, updated_at=T0)
+    con = await asyncpg.connect(postgres_url)
+    try:
+        async with con.transaction():
+            await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for version, statements in enumerate(MIGRATIONS[:2], 1):
+                for statement in statements:
+                    await con.execute(statement)
+                await con.execute("INSERT INTO schema_version VALUES ($1)", version)
+            await con.execute(
+                "INSERT INTO trunks (id, name, host, port, transport, provider, is_active, "
+                "created_at, updated_at) VALUES ($1, $2, $3, 5060, 'udp', 'acme', 1, $4, $4)",
+                str(acme.id), acme.name, acme.host, to_text(T0))
+    finally:
+        await con.close()
+    store = PostgresStore(postgres_url)
+    await store.open()
+    feed = Feed()
+    task = asyncio.create_task(PostgresStore(postgres_url).watch_routes(feed))
+    try:
+        assert await store.get_trunk(acme.id) == acme
+        await feed.until(1)
+        n = PhoneNumber(uuid.uuid4(), "+31850835037", "", None, None, True, T0, T0)
+        await store.create_number(n)
+        await store.delete_trunk(acme.id)
+        assert (await feed.until(3))[1:] == [NumberUpserted(n.id, n.phone_number, None, True),
+                                             TrunkChanged(acme.id, removed=True)]
+    finally:
+        task.cancel()
+        await store.close()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,14 +161,14 @@ class Feed:
     """Collects what ``watch_routes`` hands over."""
 
     def __init__(self) -> None:
-        self.batches: list[Sequence[RouteChange] | None] = []
+        self.batches: list[Sequence[FeedChange] | None] = []
         self.changed = asyncio.Event()
 
-    async def __call__(self, changes: Sequence[RouteChange] | None) -> None:
+    async def __call__(self, changes: Sequence[FeedChange] | None) -> None:
         self.batches.append(changes)
         self.changed.set()
 
-    async def until(self, count: int) -> list[RouteChange | None]:
+    async def until(self, count: int) -> list[FeedChange | None]:
         async def enough() -> None:
             while len(self.flat()) < count:
                 self.changed.clear()
@@ -137,7 +177,7 @@ class Feed:
         await asyncio.wait_for(enough(), 10)
         return self.flat()
 
-    def flat(self) -> list[RouteChange | None]:
+    def flat(self) -> list[FeedChange | None]:
         return [c for batch in self.batches
                 for c in ([None] if batch is None else batch)]
 
@@ -165,6 +205,26 @@ async def test_every_committed_change_reaches_the_feed_in_order(
             NumberUpserted(n.id, "+31850835037", None, False),
             NumberRemoved("+31850835037"),
             AssistantRemoved(a.id)]
+    finally:
+        task.cancel()
+
+
+async def test_trunk_writes_reach_the_feed(postgres_url: str, store: PostgresStore) -> None:
+    """Guards issue 11 in a cluster: a trunk written through any router reaches every
+    router, which reads it back (allow-list, challenge, registration follow)."""
+    feed = Feed()
+    task = asyncio.create_task(PostgresStore(postgres_url).watch_routes(feed))
+    try:
+        await feed.until(1)
+        t = Trunk(id=uuid.uuid4(), name="acme", host="", port=5060,
+                  transport=TrunkTransport.UDP, provider="acme", username="u",
+                  has_password=False, is_active=True, created_at=T0, updated_at=T0,
+                  inbound_addresses=("192.0.2.7",))
+        await store.create_trunk(t, None)
+        await store.update_trunk(t, b"secret", keep_password=False)
+        await store.delete_trunk(t.id)
+        assert (await feed.until(4))[1:] == [
+            TrunkChanged(t.id), TrunkChanged(t.id), TrunkChanged(t.id, removed=True)]
     finally:
         task.cancel()
 

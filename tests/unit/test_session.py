@@ -109,16 +109,80 @@ def test_every_state_and_input_pair_is_decided_or_deliberately_absent() -> None:
         (s.State.TRANSFERRED, s.CallerCancelled),  # the caller leg is confirmed by then
         (s.State.TRANSFERRING, s.TargetHungUp),  # an answered target is TRANSFERRED
         (s.State.TRANSFERRED, s.TargetFailed),  # it answered: it can only hang up
-        *((st, s.RingTimedOut) for st in s.State if st not in unanswered),
+        *((st, s.RingTimedOut) for st in s.State
+          if st not in (*unanswered, s.State.CONNECTING)),
         *((st, s.TargetTimedOut) for st in s.State if st is not s.State.TRANSFERRING),
         *((st, s.MaxDurationReached) for st in (*unanswered, s.State.ANSWERING, s.State.ENDED)),
         # No transfer leg exists before one is requested: its events are all stale.
         *((st, ev) for st in (*unanswered, s.State.ANSWERING, s.State.ACTIVE)
           for ev in target_events),
+        # Outbound calls: the customer's leg exists only on them, and until it answers
+        # it is the only leg; once answered its end is CallerHungUp.
+        *((st, s.CustomerTimedOut) for st in s.State if st is not s.State.PLACING),
+        *((st, s.CustomerFailed) for st in s.State
+          if st not in (s.State.PLACING, s.State.ENDED)),
+        *((st, ev) for st in (*unanswered, s.State.ANSWERING)
+          for ev in (s.CustomerRinging, s.CustomerAnswered)),
+        *((s.State.PLACING, ev) for ev in (
+            *_types(s.RuntimeEvent), *target_events, s.CallerConfirmed, s.CallerHungUp,
+            s.CallerCancelled, s.RingTimedOut, s.TargetTimedOut, s.MaxDurationReached)),
+        *((s.State.CONNECTING, ev) for ev in (
+            s.RuntimeHungUp, *target_events, s.CallerConfirmed, s.CallerCancelled,
+            s.TargetTimedOut, s.MaxDurationReached)),
     }
     requests = _types(s.Request)
     assert not {(st, r) for st in s.State for r in requests} & set(s.REFUSALS) & set(
         s.TRANSITIONS), "a request is either refused or handled in a state, not both"
+
+
+CUSTOMER = s.DialCustomer("sip:+31612345678@gw:5060;transport=udp", ("u", "pw"), "+3185")
+
+
+def outbound() -> s.CallSession:
+    return s.CallSession(("sip:rt@a",), s.Timing(ring_timeout=5, max_duration=60,
+                                                 customer_ring_timeout=30), CUSTOMER)
+
+
+def test_an_outbound_call_dials_the_customer_then_bridges_the_runtime() -> None:
+    session = outbound()
+    assert session.start(0) == [CUSTOMER] and session.next_deadline() == 30
+    assert session.handle(s.CustomerRinging(), 1) == []
+    assert session.request(s.TransferRequested(DESK), 1) == s.Refused(
+        s.Refusal.NOT_CONNECTED, "the call is not connected yet")
+    assert session.handle(s.CustomerAnswered(), 2) == [s.MarkAnswered(2),
+                                                       s.DialRuntime(0, "sip:rt@a")]
+    assert session.state is s.State.CONNECTING
+    assert session.handle(s.RuntimeAnswered(0), 3) == [s.BridgeRuntime(0)]
+    assert session.state is s.State.ACTIVE and session.next_deadline() == 63
+    assert session.handle(s.CallerHungUp(), 9) == [
+        s.HangupRuntime(0), s.Finish(CallStatus.ENDED, EndReason.CALLER_HANGUP, 9)]
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (486, EndReason.CUSTOMER_BUSY), (603, EndReason.CUSTOMER_BUSY),
+    (480, EndReason.CUSTOMER_DID_NOT_ANSWER), (404, EndReason.CUSTOMER_UNREACHABLE)])
+def test_an_outbound_customer_that_refuses_ends_the_call(code: int, reason: EndReason) -> None:
+    session = outbound()
+    session.start(0)
+    assert session.handle(s.CustomerFailed(code, "x"), 1) == [
+        s.Finish(CallStatus.FAILED, reason, 1, f"{code} x")]
+
+
+def test_an_outbound_customer_that_never_answers_is_cancelled() -> None:
+    session = outbound()
+    session.start(0)
+    assert session.handle(s.TimerFired(), 31) == [
+        s.HangupCaller(), s.Finish(CallStatus.FAILED, EndReason.CUSTOMER_DID_NOT_ANSWER, 31,
+                                   "no answer (outbound ring timeout)")]
+
+
+def test_an_outbound_call_whose_runtimes_fail_hangs_the_customer_up() -> None:
+    session = outbound()
+    session.start(0)
+    session.handle(s.CustomerAnswered(), 1)
+    assert session.handle(s.RuntimeFailed(0, 503), 2) == [
+        s.HangupCaller(), s.Finish(CallStatus.FAILED, EndReason.RUNTIME_UNAVAILABLE, 2,
+                                   "sip:rt@a: 503")]
 
 
 def test_every_refusal_says_whether_the_call_is_connected() -> None:

@@ -223,6 +223,17 @@ async def test_trunk_round_trips(store: Store) -> None:
     assert await store.get_trunk(t.id) is None
 
 
+async def test_provider_trunk_fields_round_trip(store: Store) -> None:
+    t = trunk(host="", inbound_addresses=("192.0.2.1", "10.0.0.0/8", "gw.example"),
+              outbound_number="+31850835037", register=True, register_expires=120,
+              inbound_auth=True)
+    assert await store.create_trunk(t, None) == t
+    assert await store.get_trunk(t.id) == t
+    changed = replace(t, inbound_addresses=(), register=False)
+    assert await store.update_trunk(changed, None, keep_password=True) == changed
+    assert list(await store.list_trunks()) == [changed]
+
+
 # -- assistants --------------------------------------------------------------------------
 
 async def test_assistant_crud(store: Store) -> None:
@@ -257,6 +268,12 @@ async def test_assistant_webhook_fields_round_trip_and_the_secret_stays_apart(
 
 
 # -- calls -------------------------------------------------------------------------------
+
+async def test_call_direction_and_trunk_round_trip(store: Store) -> None:
+    c = call(T0, direction="outbound", trunk_id=uuid.uuid4())
+    await store.upsert_calls([c])
+    assert await store.get_call(c.id) == c
+
 
 async def test_calls_list_newest_first_with_total_and_paging(store: Store) -> None:
     calls = [call(T0 + timedelta(seconds=i)) for i in range(5)]
@@ -439,7 +456,7 @@ async def test_sqlite_upgrades_a_webhooks_schema_keeping_its_heartbeat_and_outbo
                 db.execute(statement)
             db.execute("INSERT INTO schema_version VALUES (?)", (version,))
         row = rows.call_to_row(talking)
-        del row["router"]
+        del row["router"], row["trunk_id"]  # added by versions 4 and 5
         db.execute(insert_sql("calls", tuple(row)), row)
         db.execute(insert_sql("webhook_outbox", DELIVERY_COLS), rows.delivery_to_row(event))
         db.execute("INSERT INTO heartbeat (id, at) VALUES (1, ?)",

@@ -33,6 +33,12 @@ class TrunkTransport(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Trunk:
+    """A provider, both ways: where outbound legs go (``host``/``port``/``transport``; an
+    empty ``host`` is an inbound-only trunk), the addresses its calls come from
+    (``inbound_addresses``: IPs, CIDRs or host names), the caller id of outbound legs,
+    digest credentials, and whether the router registers with it (``register``) or
+    challenges its INVITEs (``inbound_auth``)."""
+
     id: uuid.UUID
     name: str
     host: str
@@ -44,11 +50,20 @@ class Trunk:
     is_active: bool
     created_at: datetime
     updated_at: datetime
+    inbound_addresses: tuple[str, ...] = ()
+    outbound_number: str | None = None  # E.164 caller id on outbound legs
+    register: bool = False
+    register_expires: int = 300
+    inbound_auth: bool = False
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def outbound_address(self) -> str | None:
+        return self.address if self.host else None
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,9 @@ class EndReason(enum.StrEnum):
     REJECTED_BY_WEBHOOK = "rejected_by_webhook"  # assistant-request answered {"error": ...}
     RUNTIME_UNAVAILABLE = "runtime_unavailable"
     CALLER_CANCELLED = "caller_cancelled"
+    CUSTOMER_BUSY = "customer_busy"  # an outbound call's destination: 486, 600, 603
+    CUSTOMER_DID_NOT_ANSWER = "customer_did_not_answer"  # 408, 480, 487, ring timeout
+    CUSTOMER_UNREACHABLE = "customer_unreachable"  # any other refusal
     MAX_DURATION = "max_duration"
     ENDED_BY_API = "ended_by_api"
     ROUTER_SHUTDOWN = "router_shutdown"
@@ -106,6 +124,7 @@ class CallRecord:
     created_at: datetime
     updated_at: datetime
     direction: str = "inbound"
+    trunk_id: uuid.UUID | None = None  # the trunk the call came in on (or went out through)
     router: str = ""  # the node name of the router that handled it (config node.name)
 
     @property

@@ -78,6 +78,18 @@ class AssistantRemoved:
 RouteChange = NumberUpserted | NumberRemoved | AssistantUpserted | AssistantRemoved
 
 
+@dataclass(frozen=True)
+class TrunkChanged:
+    """A trunk written (or removed) by any router: not a route, but the change feed carries
+    it so every router's trunk policy (allow-list, challenges, registrations) follows."""
+
+    trunk_id: uuid.UUID
+    removed: bool = False
+
+
+FeedChange = RouteChange | TrunkChanged
+
+
 def e164_key(e164: str) -> int | None:
     """``+31850835037`` as one int64 that sorts like the text: the digits padded right
     to 15, times 16, plus their count (so ``+3185`` and ``+31850`` differ). None when the

@@ -14,10 +14,13 @@ maximum duration once answered); ``TimerFired`` is turned into the timeout that 
 A call has three kinds of leg, each with its own events and commands: the caller's
 inbound leg (``Caller*``), the outbound leg to the assistant's runtime, one per dialling
 ``attempt`` (``Runtime*``), and the leg to a transfer target, one per transfer ``leg``
-number (``Target*``). An event from a leg that is not the current one of its kind (an
-abandoned runtime attempt, an earlier transfer target) is stale and ignored, except a
-late answer: that leg is answered with its own hang-up, in every state, or it would
-hold a call slot forever.
+number (``Target*``). An outbound call (API ``POST /calls/outbound``) starts in
+``PLACING`` with the customer's leg (``DialCustomer``, ``Customer*`` until it answers),
+which then takes the caller's place: the runtime is dialled (``CONNECTING``) and, once it
+answers, bridged (``ACTIVE``) like an inbound call's. An event from a leg that is not
+the current one of its kind (an abandoned runtime attempt, an earlier transfer target) is
+stale and ignored, except a late answer: that leg is answered with its own hang-up, in
+every state, or it would hold a call slot forever.
 
 A (state, input) pair that is in neither table raises ``InvalidTransition``; pairs that
 are benign in SIP (a second 180, a leg disconnecting after we hung it up) are listed
@@ -34,6 +37,8 @@ from callrouter.domain.models import CallStatus, EndReason
 
 
 class State(enum.StrEnum):
+    PLACING = "placing"      # an outbound call: INVITE sent to the customer, no answer yet
+    CONNECTING = "connecting"  # an outbound call: the customer answered; dialling a runtime
     DIALLING = "dialling"    # INVITE sent to a runtime, no answer yet
     RINGING = "ringing"      # the runtime rings; the caller has heard 180
     ANSWERING = "answering"  # the runtime answered; 200 sent to the caller, awaiting ACK
@@ -97,6 +102,24 @@ class TargetHungUp:
 
 
 @dataclass(frozen=True)
+class CustomerRinging:
+    """An outbound call's customer leg rings (180/183)."""
+
+
+@dataclass(frozen=True)
+class CustomerAnswered:
+    """An outbound call's customer leg answered (200)."""
+
+
+@dataclass(frozen=True)
+class CustomerFailed:
+    """An outbound call's customer leg ended before it answered (busy, refused, ...)."""
+
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class CallerConfirmed:
     """The caller ACKed our 200."""
 
@@ -125,8 +148,9 @@ class Aborted:
 
 RuntimeEvent = RuntimeRinging | RuntimeAnswered | RuntimeFailed | RuntimeHungUp
 TargetEvent = TargetRinging | TargetAnswered | TargetFailed | TargetHungUp
-Event = (RuntimeEvent | TargetEvent | CallerConfirmed | CallerHungUp | CallerCancelled
-         | TimerFired | Aborted)
+CustomerEvent = CustomerRinging | CustomerAnswered | CustomerFailed
+Event = (RuntimeEvent | TargetEvent | CustomerEvent | CallerConfirmed | CallerHungUp
+         | CallerCancelled | TimerFired | Aborted)
 
 
 # ---- timeouts (what a TimerFired turns into) -------------------------------------
@@ -147,7 +171,12 @@ class MaxDurationReached:
     pass
 
 
-Timeout = RingTimedOut | TargetTimedOut | MaxDurationReached
+@dataclass(frozen=True)
+class CustomerTimedOut:
+    """The customer of an outbound call did not answer within ``Timing.customer_ring_timeout``."""
+
+
+Timeout = RingTimedOut | TargetTimedOut | MaxDurationReached | CustomerTimedOut
 
 
 # ---- requests (the API -> session), answered with commands or a refusal -----------
@@ -208,6 +237,15 @@ class DialTarget:
 @dataclass(frozen=True)
 class HangupTarget:
     leg: int
+
+
+@dataclass(frozen=True)
+class DialCustomer:
+    """An outbound call: INVITE the customer (through a trunk) as ``caller_id``."""
+
+    target: str
+    credentials: tuple[str, str] | None = None
+    caller_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,8 +313,9 @@ class Finish:
     error: str | None = None
 
 
-SipCommand = (DialRuntime | HangupRuntime | DialTarget | HangupTarget | RingCaller
-              | AnswerCaller | RejectCaller | HangupCaller | BridgeRuntime | BridgeTarget)
+SipCommand = (DialRuntime | HangupRuntime | DialTarget | HangupTarget | DialCustomer
+              | RingCaller | AnswerCaller | RejectCaller | HangupCaller | BridgeRuntime
+              | BridgeTarget)
 Bookkeeping = MarkAnswered | MarkTransferred | TransferFailed | Finish
 Command = SipCommand | Bookkeeping
 
@@ -295,17 +334,19 @@ class Timing:
     failure_code: int = 503
     retry_after: int = 5
     transfer_ring_timeout: float = 30.0
+    customer_ring_timeout: float = 60.0  # an outbound call's destination
 
 
 class _Timer(enum.Enum):
     RING = "ring"
     TARGET_RING = "target_ring"
     MAX_DURATION = "max_duration"
+    CUSTOMER_RING = "customer_ring"
 
 
 _TIMEOUTS: dict[_Timer, Timeout] = {
     _Timer.RING: RingTimedOut(), _Timer.TARGET_RING: TargetTimedOut(),
-    _Timer.MAX_DURATION: MaxDurationReached(),
+    _Timer.MAX_DURATION: MaxDurationReached(), _Timer.CUSTOMER_RING: CustomerTimedOut(),
 }
 
 Input = Event | Timeout | Request
@@ -316,11 +357,13 @@ Refuser = Callable[["CallSession", Request], Refused]
 class CallSession:
     """The state of one bridged call; see the module docstring."""
 
-    def __init__(self, targets: tuple[str, ...], timing: Timing) -> None:
+    def __init__(self, targets: tuple[str, ...], timing: Timing,
+                 customer: DialCustomer | None = None) -> None:
         if not targets:
             raise ValueError("a bridged call needs at least one runtime target")
         self.targets = targets
         self.timing = timing
+        self.customer = customer  # set: an outbound call, which dials the customer first
         self.state = State.DIALLING
         self.attempt = 0
         self.failures: list[str] = []
@@ -331,7 +374,11 @@ class CallSession:
         self._deadlines: dict[_Timer, float] = {}
 
     def start(self, now: float) -> list[Command]:
-        return self._dial(0, now)
+        if self.customer is None:
+            return self._dial(0, now)
+        self.state = State.PLACING
+        self._deadlines = {_Timer.CUSTOMER_RING: now + self.timing.customer_ring_timeout}
+        return [self.customer]
 
     def next_deadline(self) -> float | None:
         return min(self._deadlines.values(), default=None)
@@ -377,7 +424,8 @@ class CallSession:
 
     def _dial(self, attempt: int, now: float) -> list[Command]:
         self.attempt = attempt
-        self.state = State.DIALLING
+        # An outbound call's customer is already connected while its runtime is dialled.
+        self.state = State.DIALLING if self.customer is None else State.CONNECTING
         self._deadlines = {_Timer.RING: now + self.timing.ring_timeout}
         return [DialRuntime(attempt, self.targets[attempt])]
 
@@ -385,8 +433,9 @@ class CallSession:
         self.failures.append(f"{self.targets[self.attempt]}: {failure}")
         if self.attempt + 1 < len(self.targets):
             return self._dial(self.attempt + 1, now)
-        return self._end(now, CallStatus.FAILED, EndReason.RUNTIME_UNAVAILABLE,
-                         [RejectCaller(self.timing.failure_code, self.timing.retry_after)],
+        give_up: Command = (HangupCaller() if self.customer is not None
+                            else RejectCaller(self.timing.failure_code, self.timing.retry_after))
+        return self._end(now, CallStatus.FAILED, EndReason.RUNTIME_UNAVAILABLE, [give_up],
                          "; ".join(self.failures))
 
     def _end(self, now: float, status: CallStatus, reason: EndReason,
@@ -541,6 +590,45 @@ def _assistant_left(s: CallSession, e: Input, now: float) -> list[Command]:
     return []
 
 
+# ---- an outbound call: the customer first, then the runtime ---------------------------
+
+_BUSY = frozenset({486, 600, 603})
+_NO_ANSWER = frozenset({408, 480, 487})
+
+
+def _customer_answered(s: CallSession, e: Input, now: float) -> list[Command]:
+    return [MarkAnswered(now), *s._dial(0, now)]
+
+
+def _customer_failed(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, CustomerFailed)
+    reason = (EndReason.CUSTOMER_BUSY if e.code in _BUSY else EndReason.CUSTOMER_DID_NOT_ANSWER
+              if e.code in _NO_ANSWER else EndReason.CUSTOMER_UNREACHABLE)
+    return s._end(now, CallStatus.FAILED, reason, [], f"{e.code} {e.reason}".strip())
+
+
+def _customer_timeout(s: CallSession, e: Input, now: float) -> list[Command]:
+    return s._end(now, CallStatus.FAILED, EndReason.CUSTOMER_DID_NOT_ANSWER, [HangupCaller()],
+                  "no answer (outbound ring timeout)")
+
+
+def _end_placing(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, EndRequested)
+    return s._end(now, CallStatus.FAILED, e.reason, [HangupCaller()])
+
+
+def _abort_placing(s: CallSession, e: Input, now: float) -> list[Command]:
+    assert isinstance(e, Aborted)
+    return s._end(now, CallStatus.FAILED, EndReason.ERROR, [HangupCaller()], e.error)
+
+
+def _runtime_answered_outbound(s: CallSession, e: Input, now: float) -> list[Command]:
+    """The customer is up already: bridge at once (no 200 to send, no ACK to wait for)."""
+    s.state = State.ACTIVE
+    s._deadlines = {_Timer.MAX_DURATION: now + s.timing.max_duration}
+    return [BridgeRuntime(s.attempt)]
+
+
 # ---- refusals (requests a state does not take) -------------------------------------
 
 
@@ -561,6 +649,8 @@ def _over(s: CallSession, r: Request) -> Refused:
 
 
 REFUSALS: dict[tuple[State, type], Refuser] = {
+    (State.PLACING, TransferRequested): _not_answered,
+    (State.CONNECTING, TransferRequested): _not_answered,
     (State.DIALLING, TransferRequested): _not_answered,
     (State.RINGING, TransferRequested): _not_answered,
     (State.ANSWERING, TransferRequested): _not_answered,
@@ -592,9 +682,35 @@ _CONNECTED: dict[type, Handler] = {
     Aborted: _abort_connected,
     RuntimeRinging: _ignore,
     RuntimeAnswered: _ignore,
+    CustomerRinging: _ignore,  # an outbound call's customer leg reports nothing new here
+    CustomerAnswered: _ignore,
+}
+
+_PLACING: dict[type, Handler] = {
+    CustomerRinging: _ignore,
+    CustomerAnswered: _customer_answered,
+    CustomerFailed: _customer_failed,
+    CustomerTimedOut: _customer_timeout,
+    EndRequested: _end_placing,
+    Aborted: _abort_placing,
+}
+
+# An outbound call whose customer answered, while its runtime is dialled.
+_OUTBOUND_CONNECTING: dict[type, Handler] = {
+    RuntimeRinging: _ignore,
+    RuntimeAnswered: _runtime_answered_outbound,
+    RuntimeFailed: _runtime_failed,
+    RingTimedOut: _ring_timeout,
+    CallerHungUp: _caller_hangup,
+    EndRequested: _end_connected,
+    Aborted: _abort_connected,
+    CustomerRinging: _ignore,
+    CustomerAnswered: _ignore,
 }
 
 TRANSITIONS: dict[tuple[State, type], Handler] = {
+    **{(State.PLACING, t): h for t, h in _PLACING.items()},
+    **{(State.CONNECTING, t): h for t, h in _OUTBOUND_CONNECTING.items()},
     **{(State.DIALLING, t): h for t, h in _UNANSWERED.items()},
     **{(State.RINGING, t): h for t, h in _UNANSWERED.items()},
     (State.RINGING, RuntimeRinging): _ignore,  # 180 then 183, or a repeated 180
@@ -632,5 +748,6 @@ TRANSITIONS: dict[tuple[State, type], Handler] = {
     (State.ENDED, TargetAnswered): _hangup_answered,
     **{(State.ENDED, t): _ignore for t in (
         RuntimeRinging, RuntimeFailed, RuntimeHungUp, TargetRinging, TargetFailed,
-        TargetHungUp, CallerConfirmed, CallerHungUp, CallerCancelled, Aborted)},
+        TargetHungUp, CallerConfirmed, CallerHungUp, CallerCancelled, Aborted,
+        CustomerRinging, CustomerAnswered, CustomerFailed)},
 }

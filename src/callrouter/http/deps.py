@@ -13,10 +13,15 @@ from starlette.types import ASGIApp
 from callrouter.domain.models import WebhookDelivery
 from callrouter.errors import EngineUnavailable
 from callrouter.management import Management
-from callrouter.ports import ControlCommand, Store
+from callrouter.outbound import OutboundRequest
+from callrouter.ports import ControlCommand, RegistrationStatus, Store
 
 
 def _ignore_request(route: str, method: str, status: int, seconds: float) -> None:
+    return None
+
+
+def _no_registration(trunk_id: uuid.UUID) -> RegistrationStatus | None:
     return None
 
 
@@ -36,7 +41,8 @@ class ApiDeps:
     when its state refuses the command now (409), ``EngineUnavailable`` (503) and
     ``EngineTimeout`` (504) when the SIP side gives no verdict; ``on_request`` receives
     (route template, method, status, seconds) for every request; ``metrics_app``, if
-    given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits.
+    given, is served at ``/metrics`` without auth. ``clock`` drives the rate limits;
+    ``registration`` tells a trunk's registration state.
     ``max_body_bytes``: larger request bodies get 413 (``import_max_bytes`` for the bulk
     number import). ``retry_delivery`` makes a stuck webhook delivery due now (``NotFound``,
     ``Conflict`` when it was delivered already) and returns it.
@@ -55,4 +61,8 @@ class ApiDeps:
     import_max_bytes: int = 256 * 1024 * 1024  # the bulk import's own body limit
     metrics_app: ASGIApp | None = None
     clock: Callable[[], float] = time.monotonic
+    # A registration trunk's state as the SIP side reports it (None: not registering).
+    registration: Callable[[uuid.UUID], RegistrationStatus | None] = _no_registration
+    # POST /calls/outbound: places the call, returns its id (None: 503)
+    place_call: Callable[[OutboundRequest], Awaitable[uuid.UUID]] | None = None
     retry_delivery: Callable[[uuid.UUID], Awaitable[WebhookDelivery]] = _no_webhook_worker

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
 from callrouter.domain.models import CallStatus, DeliveryStatus, PhoneNumber
-from callrouter.errors import NotFound, ValidationError
+from callrouter.errors import EngineUnavailable, NotFound, ValidationError
 from callrouter.http import schemas
 from callrouter.http import views as v
 from callrouter.http.deps import ApiDeps
@@ -148,24 +148,28 @@ async def delete_number(number_id: uuid.UUID, deps: Deps) -> v.Success:
 
 @router.get("/sip-trunks", tags=["sip-trunks"])
 async def list_trunks(deps: Deps) -> v.TrunkList:
-    return v.TrunkList(trunks=[v.TrunkView.of(t) for t in await deps.store.list_trunks()])
+    return v.TrunkList(trunks=[v.TrunkView.of(t, deps.registration(t.id))
+                               for t in await deps.store.list_trunks()])
 
 
 @router.post("/sip-trunks", status_code=201, tags=["sip-trunks"])
 async def create_trunk(body: schemas.TrunkCreate, deps: Deps) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(await deps.management.create_trunk(body.to_input()))
+    trunk = await deps.management.create_trunk(body.to_input())
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.get("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
 async def get_trunk(trunk_id: uuid.UUID, deps: Deps) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(_found(await deps.store.get_trunk(trunk_id), "SIP trunk"))
+    trunk = _found(await deps.store.get_trunk(trunk_id), "SIP trunk")
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.patch("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
 async def update_trunk(
     trunk_id: uuid.UUID, body: schemas.TrunkPatch, deps: Deps
 ) -> v.TrunkEnvelope:
-    return v.TrunkEnvelope.of(await deps.management.update_trunk(trunk_id, body.to_changes()))
+    trunk = await deps.management.update_trunk(trunk_id, body.to_changes())
+    return v.TrunkEnvelope.of(trunk, deps.registration(trunk.id))
 
 
 @router.delete("/sip-trunks/{trunk_id}", tags=["sip-trunks"])
@@ -233,6 +237,17 @@ def _utc(moment: datetime | None) -> datetime | None:
     if moment is None or moment.tzinfo is not None:
         return moment
     return moment.replace(tzinfo=UTC)
+
+
+@router.post("/calls/outbound", tags=["calls"],
+             responses={status: {"model": v.ErrorBody} for status in (503, 504)})
+async def place_call(body: schemas.OutboundCallBody, deps: Deps) -> v.OutboundResult:
+    """Dial ``destination`` through the number's trunk; once it answers, bridge it to the
+    assistant's runtime like an inbound call (``X-Direction: outbound``)."""
+    if deps.place_call is None:
+        raise EngineUnavailable("outbound calls are not available")
+    call_id = await deps.place_call(body.to_request())
+    return v.OutboundResult(success=True, call_id=call_id, status="dialing")
 
 
 @router.get("/calls/{call_id}", tags=["calls"])

@@ -4,10 +4,11 @@ pydantic checks types (a bad UUID or a non-boolean ``is_active`` is a 422 naming
 field); the rules that need the router's knowledge (E.164, existing ids) are left to
 ``Management``. What is settled here is the two published spellings: ``agent_id`` is the
 older name of ``assistant_id``; a trunk is ``host``+``port``+``username``+``password`` or
-``address``+``auth_username``+``auth_password``. Giving both spellings is fine when they
-agree and a 422 when they do not. In a PATCH, a field the body leaves out is ``UNSET``
-and an explicit ``null`` detaches (or is refused where the field cannot be empty).
-Unknown fields are ignored, so clients of the platform's wider API keep working.
+``outbound_address`` (or ``address``)+``auth_username``+``auth_password``. Giving both
+spellings is fine when they agree and a 422 when they do not. In a PATCH, a field the
+body leaves out is ``UNSET`` and an explicit ``null`` detaches (or is refused where the
+field cannot be empty). Unknown fields are ignored, so clients of the platform's wider
+API keep working.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field
 
 from callrouter.domain.models import TrunkTransport
 from callrouter.errors import FieldProblem, ValidationError
@@ -27,8 +28,8 @@ from callrouter.management import (
     NumberInput,
     TrunkChanges,
     TrunkInput,
-    Unset,
 )
+from callrouter.outbound import OutboundRequest
 
 
 def _lower(value: object) -> object:
@@ -56,7 +57,7 @@ def either(body: BaseModel, name: str, alias: str) -> Any:
 def not_null(body: BaseModel, *names: str) -> None:
     for name in names:
         if name in body.model_fields_set and getattr(body, name) is None:
-            raise invalid(name, "must not be null")
+            raise invalid(name.rstrip("_"), "must not be null")
 
 
 def _default(value: Any, fallback: Any) -> Any:
@@ -96,11 +97,14 @@ class NumberPatch(BaseModel):
 
 
 class TrunkFields(BaseModel):
-    """The fields trunk create and patch share, in both spellings."""
+    """The fields trunk create and patch share, in both spellings (``../shared/api.md``):
+    ``outbound_address`` or ``address`` or ``host``+``port``; ``auth_username`` or
+    ``username``; ``auth_password`` or ``password``."""
 
     host: str | None = None
     port: int | None = None
     address: str | None = None
+    outbound_address: str | None = None
     transport: Transport | None = None
     provider: str | None = None
     username: str | None = None
@@ -108,29 +112,60 @@ class TrunkFields(BaseModel):
     password: str | None = None
     auth_password: str | None = None
     is_active: bool | None = None
+    inbound_addresses: list[str] | None = None
+    outbound_number: str | None = None
+    # "register" shadows pydantic's ABC ``register``: the attribute differs, the JSON not.
+    register_: bool | None = Field(default=None, alias="register")
+    register_expires: int | None = None
+    inbound_auth: bool | None = None
 
-    def endpoint(self) -> tuple[str | Unset, int | Unset]:
-        """Host and port from ``host``/``port`` and/or ``address`` (``host[:port]``)."""
-        host: str | Unset = self.host if self.host is not None else UNSET
-        port: int | Unset = self.port if self.port is not None else UNSET
-        if self.address is None:
-            return host, port
-        a_host, a_port = split_address(self.address)
-        if host is not UNSET and host != a_host:
-            raise invalid("address", "names a different host than host")
-        if port is not UNSET and a_port is not None and port != a_port:
-            raise invalid("address", "names a different port than port")
-        return a_host, a_port if a_port is not None else port
+    def endpoint(self) -> dict[str, Any]:
+        """Host, port and transport from ``host``/``port`` and/or the outbound address
+        (``host[:port]`` or a SIP URI); a ``null`` outbound address makes the trunk
+        inbound-only."""
+        values: dict[str, Any] = {}
+        if self.host is not None:
+            values["host"] = self.host
+        if self.port is not None:
+            values["port"] = self.port
+        address = either(self, "outbound_address", "address")
+        if address is UNSET:
+            return values
+        if address is None or not address.strip():
+            if self.host:
+                raise invalid("outbound_address", "is empty but host is given")
+            return {"host": ""}
+        field = "outbound_address" if "outbound_address" in self.model_fields_set else "address"
+        a_host, a_port, a_transport = split_address(address, field)
+        if self.host is not None and self.host != a_host:
+            raise invalid(field, "names a different host than host")
+        if self.port is not None and a_port is not None and self.port != a_port:
+            raise invalid(field, "names a different port than port")
+        if a_transport is not None:
+            if self.transport is not None and self.transport != a_transport:
+                raise invalid(field, "names a different transport than transport")
+            values["transport"] = a_transport
+        values["host"] = a_host
+        if a_port is not None:
+            values["port"] = a_port
+        return values
 
     def common(self) -> dict[str, Any]:
-        not_null(self, "is_active", "transport", "provider")
-        host, port = self.endpoint()
+        not_null(self, "is_active", "transport", "provider", "register_", "register_expires",
+                 "inbound_auth")
         values: dict[str, Any] = {
-            "host": host, "port": port,
             "username": either(self, "username", "auth_username"),
             "password": either(self, "password", "auth_password")}
-        values |= {k: getattr(self, k) for k in ("transport", "provider", "is_active")
-                   if getattr(self, k) is not None}
+        values |= {k: getattr(self, k) for k in (
+            "transport", "provider", "is_active", "register_expires",
+            "inbound_auth") if getattr(self, k) is not None}
+        if self.register_ is not None:
+            values["register"] = self.register_
+        values |= self.endpoint()
+        if "inbound_addresses" in self.model_fields_set:
+            values["inbound_addresses"] = tuple(self.inbound_addresses or ())
+        if "outbound_number" in self.model_fields_set:
+            values["outbound_number"] = self.outbound_number
         return {k: v for k, v in values.items() if v is not UNSET}
 
 
@@ -138,10 +173,7 @@ class TrunkCreate(TrunkFields):
     name: str
 
     def to_input(self) -> TrunkInput:
-        values = self.common()
-        if "host" not in values:
-            raise invalid("host", "host or address is required")
-        return TrunkInput(name=self.name, **values)
+        return TrunkInput(name=self.name, **self.common())
 
 
 class TrunkPatch(TrunkFields):
@@ -155,21 +187,37 @@ class TrunkPatch(TrunkFields):
         return TrunkChanges(**values)
 
 
-def split_address(address: str) -> tuple[str, int | None]:
-    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+def split_address(address: str, field: str = "address") -> tuple[str, int | None,
+                                                                  TrunkTransport | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port``, a bare IPv6 address, or a SIP URI
+    (``sip:host:port;transport=tcp``, a user part is ignored)."""
     text = address.strip()
+    transport: TrunkTransport | None = None
+    lowered = text.lower()
+    if lowered.startswith(("sip:", "sips:")):
+        if lowered.startswith("sips:"):
+            transport = TrunkTransport.TLS
+        text, _, params = text.split(":", 1)[1].partition(";")
+        text = text.rsplit("@", 1)[-1]
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "transport" and value:
+                try:
+                    transport = TrunkTransport(value.strip().lower())
+                except ValueError as exc:
+                    raise invalid(field, f"unknown transport {value!r}") from exc
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        return host, _port(rest.removeprefix(":")) if rest else None
+        return host, _port(rest.removeprefix(":"), field) if rest else None, transport
     if text.count(":") == 1:
         host, _, port = text.partition(":")
-        return host, _port(port)
-    return text, None
+        return host, _port(port, field), transport
+    return text, None, transport
 
 
-def _port(text: str) -> int:
+def _port(text: str, field: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise invalid("address", "port must be a number between 1 and 65535")
+        raise invalid(field, "port must be a number between 1 and 65535")
     return int(text)
 
 
@@ -211,6 +259,18 @@ class AssistantPatch(AssistantWebhookFields):
             webhook_url=sent_or_unset("webhook_url"),
             webhook_secret=sent_or_unset("webhook_secret"),
             webhook_events=tuple(events) if isinstance(events, list) else events)
+
+
+class OutboundCallBody(BaseModel):
+    """``POST /calls/outbound``. The SDK also sends ``assistant``, ``assistant_override``
+    and ``first_message`` (runtime configuration): ignored, never refused."""
+
+    destination: str
+    number_id: uuid.UUID | None = None
+    assistant_id: uuid.UUID | None = None
+
+    def to_request(self) -> OutboundRequest:
+        return OutboundRequest(self.destination, self.number_id, self.assistant_id)
 
 
 class ControlCommand(BaseModel):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, PlainSerializer, TypeAdapter
+from pydantic import BaseModel, Field, PlainSerializer, TypeAdapter
 
 from callrouter.domain.models import (
     Assistant,
@@ -28,6 +28,7 @@ from callrouter.domain.models import (
     WebhookDelivery,
 )
 from callrouter.errors import FieldProblem
+from callrouter.ports import RegistrationStatus
 
 
 def iso_ms(moment: datetime) -> str:
@@ -75,25 +76,53 @@ class ImportResult(BaseModel):
     skipped: list[SkippedRow]  # bad rows left out (only with skip_invalid)
 
 
+class RegistrationView(BaseModel):
+    """A registration trunk's state: ``registered`` (until ``expires_at``), ``failed``
+    (``code`` is the last SIP status, 408 for no answer), ``unregistered``."""
+
+    state: str
+    code: int | None
+    expires_at: Timestamp | None
+    reason: str
+
+    @classmethod
+    def of(cls, r: RegistrationStatus) -> RegistrationView:
+        return cls(state=str(r.state), code=r.code, expires_at=r.expires_at, reason=r.reason)
+
+
 class TrunkView(BaseModel):
     id: uuid.UUID
     name: str
+    provider: str
+    inbound_addresses: list[str]
+    outbound_address: str | None
+    outbound_number: str | None
+    auth_username: str | None
     host: str
     port: int
-    address: str
+    address: str | None
     transport: TrunkTransport
-    provider: str
     username: str | None
-    auth_username: str | None
     is_active: bool
+    # "register" shadows pydantic's ABC ``register``: the attribute differs, the JSON not.
+    register_: bool = Field(serialization_alias="register")
+    register_expires: int
+    inbound_auth: bool
+    registration: RegistrationView | None
     created_at: Timestamp
     updated_at: Timestamp
 
     @classmethod
-    def of(cls, t: Trunk) -> TrunkView:
-        return cls(id=t.id, name=t.name, host=t.host, port=t.port, address=t.address,
-                   transport=t.transport, provider=t.provider, username=t.username,
-                   auth_username=t.username, is_active=t.is_active,
+    def of(cls, t: Trunk, registration: RegistrationStatus | None = None) -> TrunkView:
+        return cls(id=t.id, name=t.name, provider=t.provider,
+                   inbound_addresses=list(t.inbound_addresses),
+                   outbound_address=t.outbound_address, outbound_number=t.outbound_number,
+                   auth_username=t.username, host=t.host, port=t.port,
+                   address=t.outbound_address, transport=t.transport, username=t.username,
+                   is_active=t.is_active, register_=t.register,
+                   register_expires=t.register_expires, inbound_auth=t.inbound_auth,
+                   registration=None if registration is None
+                   else RegistrationView.of(registration),
                    created_at=t.created_at, updated_at=t.updated_at)
 
 
@@ -102,8 +131,8 @@ class TrunkEnvelope(BaseModel):
     trunk: TrunkView
 
     @classmethod
-    def of(cls, t: Trunk) -> TrunkEnvelope:
-        view = TrunkView.of(t)
+    def of(cls, t: Trunk, registration: RegistrationStatus | None = None) -> TrunkEnvelope:
+        view = TrunkView.of(t, registration)
         return cls(sip_trunk=view, trunk=view)
 
 
@@ -140,6 +169,7 @@ class AssistantList(BaseModel):
 class CallView(BaseModel):
     id: uuid.UUID
     direction: str
+    trunk_id: uuid.UUID | None
     status: CallStatus
     caller_phone: str
     assistant_phone: str
@@ -159,7 +189,8 @@ class CallView(BaseModel):
 
     @classmethod
     def fields_of(cls, c: CallRecord) -> dict[str, Any]:
-        return {"id": c.id, "direction": c.direction, "status": c.status,
+        return {"id": c.id, "direction": c.direction, "trunk_id": c.trunk_id,
+                "status": c.status,
                 "caller_phone": c.caller_phone, "assistant_phone": c.assistant_phone,
                 "phone_number": c.assistant_phone, "number_id": c.number_id,
                 "assistant_id": c.assistant_id, "agent_id": c.assistant_id,
@@ -234,6 +265,12 @@ class DeliveryEnvelope(BaseModel):
 
 class Success(BaseModel):
     success: bool = True
+
+
+class OutboundResult(BaseModel):
+    success: bool
+    call_id: uuid.UUID
+    status: str  # "dialing"
 
 
 class ControlResult(BaseModel):

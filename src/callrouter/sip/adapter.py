@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import queue
@@ -35,6 +36,7 @@ from typing import NamedTuple, assert_never
 import structlog
 
 from callrouter.domain import session as s
+from callrouter.domain.sipuri import user_part
 from callrouter.domain.webhooks import AssistantReply
 from callrouter.errors import EngineError
 from callrouter.ports import (
@@ -43,6 +45,7 @@ from callrouter.ports import (
     EngineEntry,
     Held,
     InboundInvite,
+    OutboundCall,
     Reaction,
     Rejected,
     ResponseSent,
@@ -107,6 +110,11 @@ class CallAdapter:
     def submit(self, call_id: uuid.UUID, request: s.Request) -> Future[s.Refused | None]:
         future: Future[s.Refused | None] = Future()
         self.call_soon(lambda: self._decide(call_id, request, future))
+        return future
+
+    def place(self, call: OutboundCall) -> Future[Accepted | Rejected]:
+        future: Future[Accepted | Rejected] = Future()
+        self.call_soon(lambda: self._place(call, future))
         return future
 
     def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
@@ -222,7 +230,7 @@ class CallAdapter:
     def incoming(self, leg: Leg, message: str, source: str) -> None:
         with self.guarded(EngineEntry.INCOMING_CALL, leg):
             self._live.add(leg)
-            invite = _invite(message, source, self.clock())
+            invite = self._invite(message, source)
             leg.invite_at = invite.received_at
             self._sent(leg, 100)  # pjsua sent 100 Trying before it reported the INVITE
             answer = self.handler.on_invite(invite)
@@ -232,6 +240,14 @@ class CallAdapter:
                 self._hold(leg, answer)
             else:
                 self._accept(leg, answer)
+
+    def _invite(self, message: str, source: str) -> InboundInvite:
+        invite = _invite(message, source, self.clock())
+        trunk, via_registration = self.stack.trunk_of(source, user_part(invite.request_uri))
+        if not trunk:
+            return invite
+        return dataclasses.replace(invite, trunk_id=uuid.UUID(trunk),
+                                   via_registration=via_registration)
 
     def leg_changed(self, leg: Leg) -> None:
         with self.guarded(EngineEntry.LEG_STATE, leg):
@@ -255,7 +271,7 @@ class CallAdapter:
     def _forward_dtmf(self, leg: Leg, digit: str) -> None:
         with self.guarded(EngineEntry.LEG_DTMF, leg):
             call = self._calls.get(leg.call_id) if leg.call_id else None
-            other = call.bridged if call and leg.kind is LegKind.CALLER else None
+            other = call.bridged if call and leg is call.caller else None
             if other is not None and other.confirmed and not other.ended:
                 try:
                     self.stack.send_dtmf(other, digit)  # RFC 4733 towards the other leg
@@ -270,6 +286,20 @@ class CallAdapter:
             future.set_result(self._rule(call_id, request))
         if not future.done():
             future.set_exception(EngineError("the SIP engine failed on this request"))
+
+    def _place(self, outbound: OutboundCall, future: Future[Accepted | Rejected]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the API gave up before the SIP thread took it up: never dial
+        with self.guarded(EngineEntry.CONTROL):
+            answer = self.handler.on_outbound(outbound, self.clock())
+            if isinstance(answer, Accepted):
+                customer = Leg(LegKind.CUSTOMER, answer.call_id)
+                call = BridgedCall(answer.call_id, customer, answer.runtime_headers)
+                self._calls[call.call_id] = call
+                self._apply(call, answer.reaction)
+            future.set_result(answer)
+        if not future.done():
+            future.set_exception(EngineError("the SIP engine failed to place the call"))
 
     def _rule(self, call_id: uuid.UUID, request: s.Request) -> s.Refused | None:
         call = self._calls.get(call_id)
@@ -353,6 +383,10 @@ class CallAdapter:
                 self._dial(call, Leg(LegKind.RUNTIME, call.call_id, attempt), target, None)
             case s.DialTarget(number, target, credentials):
                 self._dial(call, Leg(LegKind.TARGET, call.call_id, number), target, credentials)
+            case s.DialCustomer(target, credentials, caller_id):
+                self._dial(call, call.caller, target, credentials, caller_id)
+                if call.caller.handle is not None:
+                    self.handler.on_dialled(call.call_id, self.stack.sip_call_id(call.caller))
             case s.HangupRuntime(attempt):
                 self._hangup(call.runtimes.get(attempt))
             case s.HangupTarget(number):
@@ -379,11 +413,15 @@ class CallAdapter:
                 assert_never(command)
 
     def _dial(self, call: BridgedCall, leg: Leg, target: str,
-              credentials: Credentials | None) -> None:
-        legs = call.runtimes if leg.kind is LegKind.RUNTIME else call.targets
-        legs[leg.number] = leg
+              credentials: Credentials | None, caller_id: str | None = None) -> None:
+        if leg.kind is LegKind.RUNTIME:
+            call.runtimes[leg.number] = leg
+        elif leg.kind is LegKind.TARGET:
+            call.targets[leg.number] = leg
+        # An outbound call's customer is a provider's network: none of our X- headers.
+        headers = () if leg.kind is LegKind.CUSTOMER else call.headers
         try:
-            self.stack.dial(leg, target, call.headers, credentials)
+            self.stack.dial(leg, target, headers, credentials, caller_id)
         except EngineError as exc:
             leg.ended = True
             self._queue_event(call.call_id, _OUTBOUND[leg.kind].failed(leg.number, 500,
@@ -473,6 +511,10 @@ _OUTBOUND = {
                                s.RuntimeFailed),
     LegKind.TARGET: _Outbound(s.TargetRinging, s.TargetAnswered, s.TargetHungUp,
                               s.TargetFailed),
+    # An outbound call's customer: once answered it stands where an inbound caller does.
+    LegKind.CUSTOMER: _Outbound(lambda n: s.CustomerRinging(), lambda n: s.CustomerAnswered(),
+                                lambda n: s.CallerHungUp(),
+                                lambda n, code, reason: s.CustomerFailed(code, reason)),
 }
 
 

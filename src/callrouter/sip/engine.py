@@ -35,10 +35,19 @@ import structlog
 from callrouter.domain import session as s
 from callrouter.domain.webhooks import AssistantReply
 from callrouter.errors import EngineError
-from callrouter.ports import CallHandler, EngineStatus
+from callrouter.ports import (
+    Accepted,
+    CallHandler,
+    EngineStatus,
+    OutboundCall,
+    RegistrationStatus,
+    Rejected,
+    TrunkPolicy,
+)
 from callrouter.sip.adapter import CallAdapter
 from callrouter.sip.heap import HeapTrimmer, malloc_trim
 from callrouter.sip.pjstack import PjStack
+from callrouter.sip.registrations import Registrations
 
 log = structlog.get_logger("callrouter.sip")
 
@@ -60,6 +69,9 @@ class EngineSettings:
     flood_limit: int = 0  # new requests per second per source; 0 = off
     flood_ban_seconds: int = 60
     log_level: int = 1
+    register_retry_seconds: int = 30
+    register_retry_max_seconds: int = 300
+    keepalive_seconds: int = 15
 
 
 def _translate(exc: pj.Error, doing: str = "") -> EngineError:
@@ -120,6 +132,12 @@ class SipEngine:
         self.stack = PjStack(account=lambda: self.account, account_config=self._account_config,
                              new_account=lambda: _Account(self), translate=_translate)
         self.adapter = CallAdapter(handler, self.stack, clock)
+        self.registrations = Registrations(
+            base_config=self._account_config, contact=self._contact,
+            incoming=self.stack.incoming, retry_first=settings.register_retry_seconds,
+            retry_max=settings.register_retry_max_seconds,
+            keepalive=settings.keepalive_seconds, clock=clock)
+        self._publishing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -162,6 +180,37 @@ class SipEngine:
     def submit(self, call_id: uuid.UUID, request: s.Request) -> Future[s.Refused | None]:
         return self.adapter.submit(call_id, request)
 
+    def place(self, call: OutboundCall) -> Future[Accepted | Rejected]:
+        return self.adapter.place(call)
+
+    # ---- trunks (ports.ProviderControl; any thread) ------------------------------------
+
+    def apply_trunks(self, policy: TrunkPolicy) -> None:
+        """The guard's trunk table is swapped at once (the next INVITE sees it);
+        registrations follow on the SIP thread."""
+        with self._publishing:
+            pj.crGuardTrunksBegin()
+            for net in policy.networks:
+                if pj.crGuardTrunksAddNetwork(net.address, net.prefix, str(net.trunk_id)) != 0:
+                    log.warning("trunk.network_refused", trunk_id=str(net.trunk_id),
+                                network=f"{net.address}/{net.prefix}")
+            for auth in policy.inbound_auth:
+                pj.crGuardTrunksAddAuth(str(auth.trunk_id), auth.username, auth.password)
+            for reg in policy.registrations:
+                pj.crGuardTrunksAddRegistrationUser(reg.contact_user, str(reg.trunk_id))
+            pj.crGuardTrunksPublish()
+        self.call_soon(lambda: self.registrations.apply(policy.registrations))
+
+    def registration(self, trunk_id: uuid.UUID) -> RegistrationStatus | None:
+        return self.registrations.status(trunk_id)
+
+    def registration_statuses(self) -> list[RegistrationStatus]:
+        return self.registrations.statuses()
+
+    def unregister_all(self) -> None:
+        """Drain: every registration is ended (expires 0) on the SIP thread."""
+        self.call_soon(self.registrations.unregister_all)
+
     def resume(self, call_id: uuid.UUID, reply: AssistantReply) -> None:
         self.adapter.resume(call_id, reply)
 
@@ -182,6 +231,10 @@ class SipEngine:
                 "keepalive_pong": int(pj.crGuardKeepalivePongs()),
                 "flood_dropped": int(pj.crGuardFloodDropped()),
                 "flood_ban": int(pj.crGuardFloodBans()),
+                "trunk_allowed": int(pj.crGuardTrunkAllowed()),
+                "auth_challenged": int(pj.crGuardAuthChallenged()),
+                "auth_failed": int(pj.crGuardAuthFailed()),
+                "auth_ok": int(pj.crGuardAuthOk()),
                 "draining_options": int(pj.crGuardOptionsDraining()),
             },
             version=self._version,
@@ -207,6 +260,7 @@ class SipEngine:
         while not self._stop.is_set():
             events = self.ep.libHandleEvents(POLL_MS)
             self.adapter.tick()  # queued work, due timers, Call objects dropped outside callbacks
+            self.registrations.tick(self.clock())  # REGISTER retries whose back-off is over
             self._report_flood_bans()
             self._heap.after(max(events, 0), self.clock())  # trims once a burst is over
 
@@ -311,6 +365,11 @@ class SipEngine:
         acfg.natConfig.sdpNatRewriteUse = 0
         return acfg
 
+    def _contact(self, user: str, transport: str) -> str:
+        host = self.settings.advertise
+        host = f"[{host}]" if ":" in host else host
+        return f"<sip:{user}@{host}:{self.settings.listen_port};transport={transport}>"
+
     def _abandon_endpoint(self) -> None:
         """After a failed start: free what was created (transports, pjlib's threads), so
         nothing answers SIP and nothing keeps the process alive."""
@@ -329,6 +388,7 @@ class SipEngine:
             while self.adapter.legs_in_use and time.monotonic() < deadline:
                 self.ep.libHandleEvents(POLL_MS)
             self.adapter.close()
+            self.registrations.close()  # each unregisters (expires 0) as it goes
             for account in [self.account, *self.stack.trunk_accounts()]:
                 account.shutdown()
             self.ep.libDestroy()

@@ -35,6 +35,7 @@ class Dialled:
     target: str
     headers: Headers
     credentials: Credentials | None
+    caller_id: str | None = None
 
 
 @dataclass
@@ -47,6 +48,8 @@ class FakeStack:
     bridges: list[tuple[Leg, Leg]] = field(default_factory=list)
     released: list[Leg] = field(default_factory=list)
     callers: list[Leg] = field(default_factory=list)
+    trunk_sources: dict[str, str] = field(default_factory=dict)  # source ip -> trunk id
+    registration_users: dict[str, str] = field(default_factory=dict)  # contact user -> trunk
     answer_headers: dict[Leg, Headers] = field(default_factory=dict)  # of final refusals
     _owner: LegOwner | None = None
     _states: dict[Leg, LegState] = field(default_factory=dict)
@@ -82,12 +85,12 @@ class FakeStack:
             self._set(leg, Disconnected(487, "Request Terminated"))
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None) -> None:
         if target in self.unreachable:
             raise EngineError(f"cannot reach {target}")
         leg.handle = next(self._ids)
         self.requests.append(("dial", leg, target))
-        self.dialled.append(Dialled(leg, target, headers, credentials))
+        self.dialled.append(Dialled(leg, target, headers, credentials, caller_id))
 
     def bridge(self, a: Leg, b: Leg) -> bool:
         if not self.media_ready:
@@ -102,15 +105,29 @@ class FakeStack:
         self.released.append(leg)
         leg.handle = None
 
+    def sip_call_id(self, leg: Leg) -> str:
+        return f"dialled-{leg.handle}@router"
+
+    def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
+        by_address = self.trunk_sources.get(source.rsplit(":", 1)[0], "")
+        if by_address:
+            return by_address, False
+        by_user = self.registration_users.get(request_user, "")
+        return by_user, bool(by_user)
+
     # ---- the far ends ---------------------------------------------------------------
 
-    def invite(self, dialled: str = "+31850835037", caller: str = "0201234567") -> Leg:
+    def invite(self, dialled: str = "+31850835037", caller: str = "0201234567",
+               source: str = "127.0.0.1:5062", request_user: str | None = None) -> Leg:
+        """An INVITE to ``dialled``; with ``request_user`` the Request-URI names that user
+        (a registration's Contact) and ``dialled`` is only in To."""
         leg = Leg(LegKind.CALLER, handle=next(self._ids))
         self.callers.append(leg)
         uri = f"sip:{dialled}@router"
-        message = (f"INVITE {uri} SIP/2.0\r\nCall-ID: call-{leg.handle}@provider\r\n"
+        ruri = uri if request_user is None else f"sip:{request_user}@router"
+        message = (f"INVITE {ruri} SIP/2.0\r\nCall-ID: call-{leg.handle}@provider\r\n"
                    f"From: <sip:{caller}@provider>;tag=1\r\nTo: <{uri}>\r\n\r\n")
-        self.owner.incoming(leg, message, "127.0.0.1:5062")
+        self.owner.incoming(leg, message, source)
         return leg
 
     def ring(self, leg: Leg, code: int = 180) -> None:

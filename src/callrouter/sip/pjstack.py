@@ -30,7 +30,7 @@ from callrouter.sip.stack import (
     LegState,
     Progress,
 )
-from callrouter.sip.trunks import TrunkAccounts
+from callrouter.sip.trunks import TrunkAccounts, trunk_host
 
 
 class PjStack:
@@ -94,10 +94,12 @@ class PjStack:
             leg.handle.hangup(pj.CallOpParam(True))
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None) -> None:
         prm = pj.CallOpParam(True)
         for name, value in headers:
             _add_header(prm, name, value)
+        if caller_id:  # From (pjsua would put the account's own URI there)
+            prm.txOption.localUri = f"sip:{caller_id}@{trunk_host(target)}"
         with self._translated():
             account = self._trunks.get(target, credentials) if credentials else self._account()
             leg.handle = PjLeg(account, leg, self.owner)
@@ -122,6 +124,14 @@ class PjStack:
 
     def release(self, leg: Leg) -> None:
         leg.handle = None
+
+    def sip_call_id(self, leg: Leg) -> str:
+        with self._translated():
+            return str(leg.handle.getInfo().callIdString)
+
+    def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
+        trunk = str(pj.crGuardTrunkFor(source, request_user))
+        return trunk, bool(trunk) and bool(pj.crGuardIsRegistrationUser(request_user))
 
     # ---- helpers ----------------------------------------------------------------------
 

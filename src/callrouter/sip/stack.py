@@ -29,6 +29,7 @@ class LegKind(enum.StrEnum):
     CALLER = "caller"  # the provider's inbound call
     RUNTIME = "runtime"  # an outbound call to the assistant's runtime (one per attempt)
     TARGET = "target"  # an outbound call to a transfer target (one per transfer)
+    CUSTOMER = "customer"  # an outbound call's far end (API POST /calls/outbound)
 
 
 @dataclass(eq=False)  # a leg is itself: compared and hashed by identity
@@ -106,9 +107,9 @@ class SipStack(Protocol):
         ...
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None) -> None:
         """Send an INVITE to ``target`` for ``leg``; with ``credentials`` digest
-        challenges are answered as that trunk user."""
+        challenges are answered as that trunk user; ``caller_id`` is the From user."""
         ...
 
     def bridge(self, a: Leg, b: Leg) -> bool:
@@ -116,6 +117,16 @@ class SipStack(Protocol):
         ...
 
     def send_dtmf(self, leg: Leg, digit: str) -> None: ...
+
+    def sip_call_id(self, leg: Leg) -> str:
+        """The Call-ID of a leg the router dialled."""
+        ...
+
+    def trunk_of(self, source: str, request_user: str) -> tuple[str, bool]:
+        """The trunk an INVITE from ``source`` ("ip:port") to ``request_user`` came in on
+        (its id, "" for none) and whether it matched as the Contact user of that trunk's
+        registration rather than by address: the guard's answer, from its live table."""
+        ...
 
     def release(self, leg: Leg) -> None:
         """Drop the stack's object for an ended leg (outside its callbacks)."""

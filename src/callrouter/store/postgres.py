@@ -11,18 +11,19 @@ whatever the database's locale. SQL is written with ``:name`` parameters, as for
 SQLite, and turned into asyncpg's ``$n`` once per statement (``_positional``).
 
 Schema changes are this store's own numbered migrations (``MIGRATIONS``; version 1 is the
-schema of issue 10, version 2 adds the webhook columns and outbox), applied at ``open()``
+schema of issue 10, version 2 adds the webhook columns and outbox, version 3 the trunk
+columns of issue 11 and the trunks' notifications), applied at ``open()``
 inside one transaction that first takes ``pg_advisory_xact_lock``: of several routers
 starting on an empty database one migrates, the others wait for it and then find nothing to do.
 
-Every router sees every change: triggers on ``numbers`` and ``assistants`` send one
-``NOTIFY callrouter_routes`` per changed row (JSON, see ``_change_of``) in the writing
+Every router sees every change: triggers on ``numbers``, ``assistants`` and ``trunks``
+send one ``NOTIFY callrouter_routes`` per changed row (JSON, see ``_change_of``) in the writing
 transaction, so a notification exists exactly when the change is committed, whichever
 router or tool made it; a statement touching more than ``NOTIFY_ROWS`` rows (a bulk
 import) sends one ``{"reload": true}`` instead. ``watch_routes`` listens on its own
-connection, hands each batch to the router as ``RouteChange`` values and, after every
-(re)connection, asks for a full reload (``None``): what changed while it was not
-listening is not lost.
+connection, hands each batch to the router as ``RouteChange`` (and ``TrunkChanged``)
+values and, after every (re)connection, asks for a full reload (``None``): what changed
+while it was not listening is not lost.
 
 Errors are translated in one function, ``_translate``: a constraint becomes ``Conflict``,
 an unreachable server (refused, reset, timed out, shutting down) ``StoreUnavailable``
@@ -48,15 +49,24 @@ from callrouter.domain.models import PhoneNumber
 from callrouter.domain.routetable import (
     AssistantRemoved,
     AssistantUpserted,
+    FeedChange,
     NumberRemoved,
     NumberUpserted,
-    RouteChange,
+    TrunkChanged,
 )
 from callrouter.errors import Conflict, StoreError, StoreUnavailable
 from callrouter.ports import OnRouteChanges
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations, safe_url
+from callrouter.store.sql import (
+    TRUNKS_BOTH_WAYS,
+    Params,
+    Query,
+    SqlStore,
+    Tx,
+    pending_migrations,
+    safe_url,
+)
 
 log = structlog.get_logger("callrouter.store")
 
@@ -122,6 +132,29 @@ END
 $$"""
 
 
+_ASSISTANT_BRANCH = """    ELSE
+        IF TG_OP = 'DELETE' THEN
+            FOR r IN SELECT id FROM old_rows LOOP"""
+assert _ASSISTANT_BRANCH in _NOTIFY_FUNCTION
+# Migration 3: the same function with a branch for trunks (one notification per trunk
+# written or deleted, naming only its id: the routers read it back, password and all).
+_TRUNK_BRANCH = f"""    ELSIF TG_TABLE_NAME = 'trunks' THEN
+        IF TG_OP = 'DELETE' THEN
+            FOR r IN SELECT id FROM old_rows LOOP
+                PERFORM pg_notify('{CHANNEL}', json_build_object(
+                    'op', 'trunk-removed', 'id', r.id)::text);
+            END LOOP;
+        ELSE
+            FOR r IN SELECT id FROM new_rows LOOP
+                PERFORM pg_notify('{CHANNEL}', json_build_object('op', 'trunk', 'id', r.id)::text);
+            END LOOP;
+        END IF;
+"""
+_NOTIFY_WITH_TRUNKS = _NOTIFY_FUNCTION.replace(
+    "CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1).replace(
+    _ASSISTANT_BRANCH, _TRUNK_BRANCH + _ASSISTANT_BRANCH, 1)
+
+
 def _notify_triggers(table: str) -> tuple[str, ...]:
     return tuple(
         f"CREATE TRIGGER {table}_notify_{event.lower()} AFTER {event} ON {table} "
@@ -180,6 +213,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at {_C} NOT NULL, updated_at {_C} NOT NULL)""",
         "CREATE INDEX webhook_outbox_due ON webhook_outbox(status, next_attempt_at)",
         "CREATE INDEX webhook_outbox_call ON webhook_outbox(call_id, status, seq)",
+    ),
+    (  # issue 11: providers as trunks, both directions; trunk changes reach every router
+        *TRUNKS_BOTH_WAYS,
+        _NOTIFY_WITH_TRUNKS,
+        *_notify_triggers("trunks"),
     ),
 )
 
@@ -240,8 +278,8 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _change_of(payload: str) -> RouteChange | None:
-    """One notification as a route change; None for ``{"reload": true}``."""
+def _change_of(payload: str) -> FeedChange | None:
+    """One notification as a route (or trunk) change; None for ``{"reload": true}``."""
     data = json.loads(payload)
     match data.get("op"):
         case "number":
@@ -255,6 +293,8 @@ def _change_of(payload: str) -> RouteChange | None:
             return AssistantUpserted(uuid.UUID(data["id"]), data["runtime_uri"])
         case "assistant-removed":
             return AssistantRemoved(uuid.UUID(data["id"]))
+        case "trunk" | "trunk-removed":
+            return TrunkChanged(uuid.UUID(data["id"]), removed=data["op"] == "trunk-removed")
     return None
 
 
@@ -428,7 +468,7 @@ class PostgresStore(SqlStore):
 
     @staticmethod
     async def _deliver(payloads: list[str], on_changes: OnRouteChanges) -> None:
-        changes: list[RouteChange] = []
+        changes: list[FeedChange] = []
         for payload in payloads:
             try:
                 change = _change_of(payload)

@@ -7,6 +7,7 @@ Times are fixed-width UTC text (microseconds, ``Z``) so text order is time order
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -30,12 +31,13 @@ Row = Sequence[Any]
 NUMBER_COLS = ("id", "phone_number", "name", "assistant_id", "transfer_trunk_id",
                "is_active", "created_at", "updated_at")
 TRUNK_COLS = ("id", "name", "host", "port", "transport", "provider", "username",
-              "is_active", "created_at", "updated_at")
+              "is_active", "created_at", "updated_at", "inbound_addresses", "outbound_number",
+              "register", "register_expires", "inbound_auth")
 ASSISTANT_COLS = ("id", "name", "runtime_uri", "created_at", "updated_at", "webhook_url",
                   "webhook_events")
 CALL_COLS = ("id", "status", "caller_phone", "assistant_phone", "number_id", "assistant_id",
              "sip_call_id", "started_at", "ended_at", "end_reason", "error", "created_at",
-             "updated_at", "direction", "router")
+             "updated_at", "direction", "router", "trunk_id")
 KEY_COLS = ("id", "name", "prefix", "read_only", "created_at")
 DELIVERY_COLS = ("id", "call_id", "event", "url", "assistant_id", "body", "status",
                  "attempts", "next_attempt_at", "expires_at", "last_error", "created_at",
@@ -121,7 +123,10 @@ def trunk_to_row(t: Trunk) -> dict[str, Any]:
     return {"id": str(t.id), "name": t.name, "host": t.host, "port": t.port,
             "transport": t.transport.value, "provider": t.provider, "username": t.username,
             "is_active": int(t.is_active), "created_at": to_text(t.created_at),
-            "updated_at": to_text(t.updated_at)}
+            "updated_at": to_text(t.updated_at),
+            "inbound_addresses": json.dumps(list(t.inbound_addresses)),
+            "outbound_number": t.outbound_number, "register": int(t.register),
+            "register_expires": t.register_expires, "inbound_auth": int(t.inbound_auth)}
 
 
 def trunk_from_row(r: Row) -> Trunk:
@@ -129,7 +134,9 @@ def trunk_from_row(r: Row) -> Trunk:
     return Trunk(id=uuid.UUID(r[0]), name=r[1], host=r[2], port=int(r[3]),
                  transport=TrunkTransport(r[4]), provider=r[5], username=r[6],
                  is_active=bool(r[7]), created_at=_time(r[8]), updated_at=_time(r[9]),
-                 has_password=bool(r[10]))
+                 inbound_addresses=tuple(json.loads(r[10])), outbound_number=r[11],
+                 register=bool(r[12]), register_expires=int(r[13]),
+                 inbound_auth=bool(r[14]), has_password=bool(r[15]))
 
 
 def assistant_to_row(a: Assistant) -> dict[str, Any]:
@@ -154,7 +161,7 @@ def call_to_row(c: CallRecord) -> dict[str, Any]:
             "ended_at": c.ended_at and to_text(c.ended_at),
             "end_reason": c.end_reason and c.end_reason.value, "error": c.error,
             "created_at": to_text(c.created_at), "updated_at": to_text(c.updated_at),
-            "direction": c.direction, "router": c.router}
+            "direction": c.direction, "router": c.router, "trunk_id": _opt_text(c.trunk_id)}
 
 
 def call_from_row(r: Row) -> CallRecord:
@@ -163,7 +170,7 @@ def call_from_row(r: Row) -> CallRecord:
                       sip_call_id=r[6], started_at=_opt_time(r[7]), ended_at=_opt_time(r[8]),
                       end_reason=None if r[9] is None else EndReason(r[9]), error=r[10],
                       created_at=_time(r[11]), updated_at=_time(r[12]), direction=r[13],
-                      router=r[14])
+                      router=r[14], trunk_id=_opt_id(r[15]))
 
 
 def key_to_row(k: ApiKey) -> dict[str, Any]:

@@ -65,6 +65,16 @@ _UPSERT_CALL = (insert_sql("calls", CALL_COLS)
                 + f" ON CONFLICT (id) DO UPDATE SET {rows.assignments(CALL_COLS)}")
 _BY_AGE = " ORDER BY created_at, id"
 
+# Issue 11's columns, the same SQL in both stores' migrations (SQLite 5, PostgreSQL 3).
+TRUNKS_BOTH_WAYS = (
+    "ALTER TABLE trunks ADD COLUMN inbound_addresses TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE trunks ADD COLUMN outbound_number TEXT",
+    "ALTER TABLE trunks ADD COLUMN register INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE trunks ADD COLUMN register_expires INTEGER NOT NULL DEFAULT 300",
+    "ALTER TABLE trunks ADD COLUMN inbound_auth INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE calls ADD COLUMN trunk_id TEXT",
+)
+
 
 def safe_url(url: str) -> str:
     """A database URL without its password, for messages and logs."""

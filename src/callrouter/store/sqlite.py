@@ -36,7 +36,14 @@ from callrouter.domain.models import (
 from callrouter.errors import Conflict, StoreError
 from callrouter.store import rows, rules
 from callrouter.store.rows import NUMBER_COLS, Row
-from callrouter.store.sql import Params, Query, SqlStore, Tx, pending_migrations
+from callrouter.store.sql import (
+    TRUNKS_BOTH_WAYS,
+    Params,
+    Query,
+    SqlStore,
+    Tx,
+    pending_migrations,
+)
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -90,6 +97,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO heartbeats (router, at) SELECT '', at FROM heartbeat",
         "DROP TABLE heartbeat",
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ),
+    (  # issue 11: providers as trunks, both directions
+        *TRUNKS_BOTH_WAYS,
     ),
 )
 
