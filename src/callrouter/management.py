@@ -500,6 +500,8 @@ def _parse_csv(lines: Iterable[str], region: str,
 
 
 _IMPORT_BATCH = 10_000
+# A bulk import is background work: its workers yield the CPU to the SIP thread.
+_IMPORT_NICENESS = 10
 _IMPORT_IN_FLIGHT = 8
 
 
@@ -514,13 +516,15 @@ def _import_pool(workers: int) -> Iterator[Executor | None]:
     """Worker processes for one import (``workers`` 0: one per CPU; 1: none, check rows in
     a thread). They are started fresh (spawn: the router's threads are not forked) and
     stopped when the import is done, so an idle router holds none. Where processes cannot
-    be started (no /dev/shm in a sandbox), the rows are checked in a thread."""
+    be started (no /dev/shm in a sandbox), the rows are checked in a thread. They run
+    at a lower priority (nice 10), so a router on few cores answers SIP first."""
     count = workers or os.cpu_count() or 1
     if count <= 1:
         yield None
         return
     try:
-        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=os.nice, initargs=(_IMPORT_NICENESS,))
     except (OSError, NotImplementedError, ImportError):
         yield None
         return
