@@ -212,6 +212,10 @@ def parse_stats(path: Path) -> tuple[int, int]:
     return int(last.get("SuccessfulCall(C)") or 0), int(last.get("FailedCall(C)") or 0)
 
 
+class _ControlPortTaken(RuntimeError):
+    """SIPp could not bind its control port: someone took it after it was chosen."""
+
+
 @dataclass(eq=False)
 class Sipp:
     """One SIPp process: a uac towards ``target`` or a uas listening on ``port``.
@@ -281,15 +285,26 @@ class Sipp:
         """Start in the background; a uas is listening when this returns."""
         if self._proc is not None:
             raise RuntimeError("already started")
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"sipp-{self.scenario.stem}-"))
-        self._deadline = time.monotonic() + self.timeout_s + _GRACE_S
-        with (self._workdir / "stderr.log").open("wb") as stderr:
-            self._proc = subprocess.Popen(
-                self.command(self._workdir), cwd=self._workdir, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-        LIVE.add(self)
-        if self.role == "uas":
-            self._await_listening()
+        for attempt in range(3):
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"sipp-{self.scenario.stem}-"))
+            self._deadline = time.monotonic() + self.timeout_s + _GRACE_S
+            with (self._workdir / "stderr.log").open("wb") as stderr:
+                self._proc = subprocess.Popen(
+                    self.command(self._workdir), cwd=self._workdir, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            LIVE.add(self)
+            if self.role != "uas":
+                return self
+            try:
+                self._await_listening()
+                return self
+            except _ControlPortTaken:
+                # The control port (-cp) was free when chosen and taken before SIPp bound
+                # it (another process's ephemeral port); command() picks a new one.
+                self.stop()
+                self._proc = None
+                if attempt == 2:
+                    raise
         return self
 
     def run(self) -> SippResult:
@@ -327,7 +342,9 @@ class Sipp:
         until = time.monotonic() + 5.0
         while time.monotonic() < until:
             if proc.poll() is not None:
-                raise RuntimeError(f"sipp exited early: {(workdir / 'stderr.log').read_text()}")
+                said = (workdir / "stderr.log").read_text()
+                kind_ = _ControlPortTaken if "remote control socket" in said else RuntimeError
+                raise kind_(f"sipp exited early: {said}")
             if _is_listening(kind, self.port):
                 return
             time.sleep(0.02)
