@@ -478,7 +478,10 @@ def _parse_csv(lines: Iterable[str], region: str,
 
     def take(results: list[CsvNumber | RowProblem]) -> None:
         for result in results:
-            (good if isinstance(result, CsvNumber) else problems).append(result)  # type: ignore[arg-type]
+            if isinstance(result, CsvNumber):
+                good.append(result)
+            else:
+                problems.append(result)
 
     try:
         header, rows = numbercsv.read(lines)

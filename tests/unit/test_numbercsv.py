@@ -17,7 +17,8 @@ A = uuid.UUID(int=1)
 
 
 def parse(text: str) -> list[CsvNumber | RowProblem]:
-    return list(numbercsv.parse(text.splitlines(keepends=True), "NL"))
+    header, rows = numbercsv.read(text.splitlines(keepends=True))
+    return numbercsv.check_many(list(rows), header, "NL")
 
 
 def test_rows_are_normalised_and_defaults_filled() -> None:

@@ -2,9 +2,9 @@
 
 How it works: the header names the columns (``phone_number`` required; ``name``,
 ``assistant_id``, ``transfer_trunk_id``, ``is_active`` optional, in any order; an unknown
-column is an error). ``parse`` turns each data line into a ``CsvNumber`` (the number
-normalised to E.164 by the one shared ``normalise``) or a ``RowProblem`` naming the line
-and every reason; whether the referenced assistant/trunk exists or the number is taken is
+column is an error). ``read`` checks the header and yields the data rows; ``check`` turns
+each into a ``CsvNumber`` (the number normalised to E.164 by the one shared normalisation,
+without its cache) or a ``RowProblem`` naming the line and every reason; whether the referenced assistant/trunk exists or the number is taken is
 for the caller, who knows the store. Pure: lines in, values out.
 """
 
@@ -44,17 +44,10 @@ class BadHeader(ValueError):
     """The first line is not a usable header; nothing can be read."""
 
 
-def parse(lines: Iterable[str], default_region: str) -> Iterator[CsvNumber | RowProblem]:
-    """Each data line of ``lines`` (the header first) as a value; see the module doc."""
-    header, rows = read(lines)
-    for line, cells in rows:
-        yield check(line, cells, header, default_region)
-
-
 def read(lines: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The checked header and each non-blank data row with its first line number: the cheap
-    half of ``parse``. ``check`` is the other half; a caller may run it elsewhere (a bulk
-    import spreads it over worker processes)."""
+    half. ``check`` is the other; a caller may run it elsewhere (a bulk import spreads it
+    over worker processes)."""
     reader = csv.reader(lines)
     try:
         header = [h.strip().lower() for h in next(reader)]
