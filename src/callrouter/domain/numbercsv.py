@@ -4,8 +4,9 @@ How it works: the header names the columns (``phone_number`` required; ``name``,
 ``assistant_id``, ``transfer_trunk_id``, ``is_active`` optional, in any order; an unknown
 column is an error). ``read`` checks the header and yields the data rows; ``check`` turns
 each into a ``CsvNumber`` (the number normalised to E.164 by the one shared normalisation,
-without its cache) or a ``RowProblem`` naming the line and every reason; whether the referenced assistant/trunk exists or the number is taken is
-for the caller, who knows the store. Pure: lines in, values out.
+without its cache) or a ``RowProblem`` naming the line and every reason; whether the
+referenced assistant/trunk exists or the number is taken is for the caller, who knows the
+store. Pure: lines in, values out.
 """
 
 from __future__ import annotations
