@@ -230,16 +230,20 @@ build_swig() {  # $1 = built tree; builds into a fresh copy of the SWIG director
   local tree="$1" swig="$tree/pjsip-apps/src/swig"
   rm -rf "$swig"; cp -a "$swig.pristine" "$swig"
   # SWIG reads the header next to pjsua2.i; the compiler includes both next to the wrapper.
-  cp "$engine_dir"/callrouter_guard*.hpp "$swig/"
-  cp "$engine_dir"/callrouter_guard*.hpp "$swig/python/"
-  # The guard: compiled into the wrapper, its functions exported to Python.
+  cp "$engine_dir"/callrouter_*.hpp "$swig/"
+  cp "$engine_dir"/callrouter_*.hpp "$swig/python/"
+  # The guard and the media relay: compiled into the wrapper, their functions exported
+  # to Python.
   cat >> "$swig/pjsua2.i" <<'SWIG'
 
-// callrouter: router policy module (scripts/engine/callrouter_guard.hpp)
+// callrouter: router policy module (scripts/engine/callrouter_guard.hpp) and the
+// packet relay between bridged legs (scripts/engine/callrouter_relay.hpp)
 %{
 #include "callrouter_guard_impl.hpp"
+#include "callrouter_relay_impl.hpp"
 %}
 %include "callrouter_guard.hpp"
+%include "callrouter_relay.hpp"
 SWIG
   # -threads: every pjsua2 call releases the GIL (docs/engine.md).
   sed -i 's|^#\?USE_THREADS = .*|USE_THREADS = -threads -DSWIG_NO_EXPORT_ITERATOR_METHODS|' "$swig/python/Makefile"

@@ -128,6 +128,7 @@ def engine_settings(cfg: Config) -> EngineSettings:
         register_retry_seconds=cfg.trunks.register_retry_seconds,
         register_retry_max_seconds=cfg.trunks.register_retry_max_seconds,
         keepalive_seconds=cfg.trunks.keepalive_seconds,
+        media_relay=sip.media_relay,
     )
 
 
@@ -451,6 +452,7 @@ class Router:
         self.metrics.set_engine_slots_source(slots)
         self.metrics.set_engine_guard_source(lambda: self.engine.status().guard)
         self.metrics.set_engine_assertions_source(lambda: self.engine.status().assertions)
+        self.metrics.set_engine_media_source(lambda: self.engine.status().media)
         self.metrics.set_registrations_source(self.engine.registration_statuses)
         _spawn(stack, self._count_forbidden(), "guard-metrics")
 

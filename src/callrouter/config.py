@@ -78,6 +78,7 @@ class SipConfig:
     codecs: tuple[str, ...]
     max_message_bytes: int
     inbound: InboundConfig
+    media_relay: bool = True  # same-codec legs: packets relayed, not decoded
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sip.transfer_ring_timeout_seconds", 30, _seconds),
     Setting("sip.codecs", ["PCMU", "PCMA"], _codecs),
     Setting("sip.max_message_bytes", 16384, _message_size),
+    Setting("sip.media_relay", True, _bool),
     Setting("sip.inbound.allowed_sources", ["127.0.0.0/8", "::1/128"], _networks),
     Setting("sip.inbound.forbidden_action", "drop", _choice("drop", "reject")),
     Setting("sip.inbound.unknown_number_code", 404, _sip_code(400, 699)),
@@ -538,6 +540,7 @@ def _build(v: Mapping[str, Any]) -> Config:
         codecs=v["sip.codecs"],
         max_message_bytes=v["sip.max_message_bytes"],
         inbound=inbound,
+        media_relay=v["sip.media_relay"],
     )
     return Config(
         sip=sip,

@@ -90,6 +90,9 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 EngineSlotsSource = Callable[[], tuple[int, int]]  # -> (max calls, calls in use)
 EngineGuardSource = Callable[[], Mapping[str, int]]  # GuardAction value -> count so far
+# "pairs" relayed now, "rtp"/"rtcp"/"dropped"/"dtmf_events" counted so far
+EngineMediaSource = Callable[[], Mapping[str, int]]
+RELAY_PACKET_KINDS = ("rtp", "rtcp", "dropped", "dtmf_events")
 RegistrationsSource = Callable[[], Iterable[RegistrationStatus]]
 
 
@@ -349,6 +352,10 @@ class Metrics:
         """``source() -> {GuardAction value: count}``, called on every scrape."""
         self._engine.guard = source
 
+    def set_engine_media_source(self, source: EngineMediaSource | None) -> None:
+        """``source() -> {"pairs": n, "rtp": n, ...}`` of the packet relay, per scrape."""
+        self._engine.media = source
+
     def set_engine_info(self, *, pjproject: str, source: str, source_version: str,
                         source_sha256: str, fallback: bool) -> None:
         self._engine_info.clear()
@@ -393,11 +400,12 @@ class _EngineCollector(Collector):
         self.guard: EngineGuardSource | None = None
         self.assertions: Callable[[], int] | None = None
         self.registrations: RegistrationsSource | None = None
+        self.media: EngineMediaSource | None = None
 
     def describe(self) -> Iterable[Metric]:
         # Declares the names up front so the registry can check for clashes at register time.
         return [*_slot_families(), _guard_family(), _assertions_family(),
-                *_registration_families()]
+                *_registration_families(), *_media_families()]
 
     def collect(self) -> Iterator[Metric]:
         if self.slots is not None:
@@ -409,6 +417,26 @@ class _EngineCollector(Collector):
             yield _assertions_family(self.assertions())
         if self.registrations is not None:
             yield from _registration_families(list(self.registrations()))
+        if self.media is not None:
+            yield from _media_families(self.media())
+
+
+def _media_families(counts: Mapping[str, int] | None = None) -> list[Metric]:
+    """The engine's packet relay between same-codec bridged legs (docs/architecture.md,
+    "Media"): calls relayed now and the packets it moved or dropped."""
+    pairs = GaugeMetricFamily(
+        "callrouter_media_relayed_calls",
+        "Bridged calls whose RTP is relayed packet by packet (same codec on both legs).")
+    packets = CounterMetricFamily(
+        "callrouter_media_relay_packets",
+        "Packets the relay sent (rtp, rtcp), dropped (direction on hold, no peer, "
+        "malformed) and RFC 4733 events it sent for SIP INFO DTMF (dtmf_events).",
+        labels=["kind"])
+    if counts is not None:
+        pairs.add_metric([], counts.get("pairs", 0))
+        for kind in RELAY_PACKET_KINDS:
+            packets.add_metric([kind], counts.get(kind, 0))
+    return [pairs, packets]
 
 
 def _assertions_family(count: int | None = None) -> Metric:

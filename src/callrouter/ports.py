@@ -11,7 +11,7 @@ import enum
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -397,6 +397,9 @@ class EngineStatus:
     assertions: int  # pjlib assertions logged and survived (NDEBUG build)
     guard: dict[str, int]  # guard module counters
     version: str
+    # The packet relay between bridged legs (scripts/engine/callrouter_relay.hpp): "pairs"
+    # relayed now, and packet counts so far ("rtp", "rtcp", "dropped", "dtmf_events").
+    media: dict[str, int] = field(default_factory=dict)
 
 
 class CallControl(Protocol):

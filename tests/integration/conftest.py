@@ -54,6 +54,14 @@ def router(router_factory: type[RouterProcess]) -> RouterProcess:
     return router_factory(CALLROUTER_SIP_RING_TIMEOUT_SECONDS="3")  # type: ignore[call-arg]
 
 
+@pytest.fixture(params=["relay", "switchboard"])
+def media_path(request: pytest.FixtureRequest) -> str:
+    """Both media paths (issue 13): same-codec legs relayed packet by packet in the
+    engine (sip.media_relay, the default), or joined on the audio switchboard. Every test
+    that carries media takes it, with ``media_env`` in its router's environment."""
+    return str(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _stop_sipp_peers() -> Iterator[None]:
     yield

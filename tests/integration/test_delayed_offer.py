@@ -16,7 +16,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support.router import RouterProcess
+from tests.support.router import RouterProcess, media_env
 from tests.support.sipp import RtpCounter, Sipp, SippResult, scenario
 
 pytestmark = pytest.mark.sip
@@ -123,7 +123,9 @@ def test_over_capacity_without_sdp_gets_503(router_factory: type[RouterProcess],
 
 @transports
 def test_assigned_number_without_sdp_is_bridged_with_rtp_both_ways(
-        router: RouterProcess, transport: str) -> None:
+        router_factory: type[RouterProcess], transport: str, media_path: str) -> None:
+    router = router_factory(CALLROUTER_SIP_RING_TIMEOUT_SECONDS="3",  # type: ignore[call-arg]
+                            **media_env(media_path))
     rt = runtime("uas-runtime-answer", rtp_echo=True)
     assistant, number_id = assign(router, rt)
     caller = uac(router, BRIDGED, transport, duration_ms=2000, timeout_s=20)
@@ -143,6 +145,8 @@ def test_assigned_number_without_sdp_is_bridged_with_rtp_both_ways(
     # the runtime's echo came back to the port the caller gave in its answer.
     assert rtp.count(rt.media_port) > 20, "no RTP reached the runtime"
     assert rtp.count(caller.media_port) > 20, "no RTP came back to the caller"
+    relayed = metric(router, 'callrouter_media_relay_packets_total{kind="rtp"}')
+    assert (relayed > 20) == (media_path == "relay"), relayed  # relayed once answered in ACK
     call = router.wait_for_call(lambda c: c["status"] == "ended")
     assert call["end_reason"] == "caller_hangup"
     assert call["assistant_id"] == assistant and call["number_id"] == number_id

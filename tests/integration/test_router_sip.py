@@ -7,14 +7,15 @@ their own deployment.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 
 import httpx
 import pytest
 
-from tests.support.router import RouterProcess
-from tests.support.sipp import RtpCounter, Sipp, scenario
+from tests.support.router import RouterProcess, media_env
+from tests.support.sipp import RtpCounter, RtpHeader, Sipp, scenario
 
 pytestmark = pytest.mark.sip
 
@@ -44,6 +45,38 @@ def metric(router: RouterProcess, series: str) -> float:
     raise AssertionError(f"no series {series}")
 
 
+RELAYED_RTP = 'callrouter_media_relay_packets_total{kind="rtp"}'
+
+
+@pytest.fixture
+def media_router(router_factory: type[RouterProcess], media_path: str) -> RouterProcess:
+    return router_factory(CALLROUTER_SIP_RING_TIMEOUT_SECONDS="3",  # type: ignore[call-arg]
+                          **media_env(media_path))
+
+
+def assert_path(router: RouterProcess, media_path: str) -> None:
+    """The call's packets took ``media_path``: the relay moved packets, or none."""
+    relayed = metric(router, RELAYED_RTP)
+    if media_path == "relay":
+        assert relayed > 20, "the same-codec legs were not relayed"
+    else:
+        assert relayed == 0, "sip.media_relay = false, yet packets were relayed"
+
+
+def assert_one_stream(headers: list[RtpHeader], what: str) -> None:
+    """What one far end received is one RTP stream (RFC 3550 s5.1): a single SSRC,
+    sequence numbers that go up by one (a few lost at most) and timestamps that never
+    go back, whichever leg or path the packets came from."""
+    assert len(headers) > 20, f"{what}: only {len(headers)} packets"
+    ssrcs = {h.ssrc for h in headers}
+    assert len(ssrcs) == 1, f"{what}: {len(ssrcs)} SSRCs"
+    for prev, cur in itertools.pairwise(headers):
+        step = (cur.seq - prev.seq) & 0xFFFF
+        assert 1 <= step <= 3, f"{what}: sequence {prev.seq} -> {cur.seq}"
+        assert (cur.ts - prev.ts) & 0xFFFFFFFF < 0x80000000, (
+            f"{what}: timestamp {prev.ts} -> {cur.ts} went back")
+
+
 def test_options_answered_200(router: RouterProcess) -> None:
     result = uac(router, "uac-options").run()
     assert result.ok, result.explain()
@@ -64,7 +97,9 @@ def test_not_a_number_gets_404(router: RouterProcess) -> None:
     assert result.sequence() == ["INVITE", 100, 404, "ACK"], result.explain()
 
 
-def test_bridged_call_rings_answers_and_carries_rtp_both_ways(router: RouterProcess) -> None:
+def test_bridged_call_rings_answers_and_carries_rtp_both_ways(media_router: RouterProcess,
+                                                             media_path: str) -> None:
+    router = media_router
     rt = runtime("uas-runtime-answer", rtp_echo=True)
     assistant, number_id = assign(router, rt)
     caller = uac(router, "uac-call-bridged", duration_ms=2000)
@@ -78,6 +113,9 @@ def test_bridged_call_rings_answers_and_carries_rtp_both_ways(router: RouterProc
     # came back to the caller through the router.
     assert rtp.count(rt.media_port) > 20, "no RTP reached the runtime"
     assert rtp.count(caller.media_port) > 20, "no RTP came back to the caller"
+    assert_one_stream(rtp.headers(rt.media_port), "the runtime")
+    assert_one_stream(rtp.headers(caller.media_port), "the caller")
+    assert_path(router, media_path)
     call = router.wait_for_call(lambda c: c["status"] == "ended")
     assert call["end_reason"] == "caller_hangup"
     assert call["assistant_id"] == assistant and call["number_id"] == number_id
@@ -170,7 +208,8 @@ def test_runtime_hangup_sends_bye_to_the_caller(router: RouterProcess) -> None:
     assert call["end_reason"] == "assistant_hangup"
 
 
-def test_reinvite_hold_keeps_the_call(router: RouterProcess) -> None:
+def test_reinvite_hold_keeps_the_call(media_router: RouterProcess) -> None:
+    router = media_router
     rt = runtime("uas-runtime-answer")
     assign(router, rt)
     result = uac(router, "uac-call-reinvite-hold").run()
@@ -180,7 +219,8 @@ def test_reinvite_hold_keeps_the_call(router: RouterProcess) -> None:
     assert call["end_reason"] == "caller_hangup"
 
 
-def test_rfc4733_dtmf_reaches_the_runtime(router: RouterProcess) -> None:
+def test_rfc4733_dtmf_reaches_the_runtime(media_router: RouterProcess) -> None:
+    router = media_router
     rt = runtime("uas-runtime-answer")
     assign(router, rt)
     caller = uac(router, "uac-call-dtmf")
@@ -190,7 +230,8 @@ def test_rfc4733_dtmf_reaches_the_runtime(router: RouterProcess) -> None:
     assert rtp.events(rt.media_port), "no RFC 4733 telephone-event reached the runtime"
 
 
-def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(router: RouterProcess) -> None:
+def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(media_router: RouterProcess) -> None:
+    router = media_router
     rt = runtime("uas-runtime-answer")
     assign(router, rt)
     caller = uac(router, "uac-call-dtmf-info", duration_ms=1000)  # talk time after the INFO
@@ -198,6 +239,7 @@ def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(router: RouterProcess) -> 
         result = caller.run()
     assert result.ok, result.explain()
     assert rtp.events(rt.media_port), "SIP INFO DTMF was not relayed as RFC 4733"
+    assert_one_stream(rtp.headers(rt.media_port), "the runtime")  # events in its stream
 
 
 def test_max_duration_ends_both_legs(router_factory: type[RouterProcess]) -> None:
@@ -279,12 +321,14 @@ def test_garbage_and_unknown_requests_do_not_stop_the_router(router: RouterProce
     assert uac(router, "uac-options").run().sequence() == ["OPTIONS", 200]
 
 
-def test_transfer_moves_the_caller_to_the_target(router: RouterProcess) -> None:
-    rt = runtime("uas-runtime-answer")
+def test_transfer_moves_the_caller_to_the_target(media_router: RouterProcess,
+                                                 media_path: str) -> None:
+    router = media_router
+    rt = runtime("uas-runtime-answer", rtp_echo=True)
     desk = runtime("uas-runtime-answer", rtp_echo=True)
     assign(router, rt)
     caller = uac(router, "uac-call-bridged", duration_ms=4000, timeout_s=20)
-    with RtpCounter([desk.media_port]) as rtp:
+    with RtpCounter([desk.media_port, caller.media_port]) as rtp:
         caller.start()
         call = router.wait_for_call(lambda c: c["status"] == "in-progress")
         response = router.api("POST", f"/calls/{call['id']}/control",
@@ -297,6 +341,10 @@ def test_transfer_moves_the_caller_to_the_target(router: RouterProcess) -> None:
     assert "BYE" in rt.wait().sequence("received")  # the assistant was hung up
     assert desk.wait().sequence("received")[:2] == ["INVITE", "ACK"]
     assert rtp.count(desk.media_port) > 20, "the caller's audio did not reach the target"
+    # The caller heard the assistant, then the target: one stream all along (a new far
+    # leg changes neither SSRC nor the run of sequence numbers and timestamps).
+    assert_one_stream(rtp.headers(caller.media_port), "the transferred caller")
+    assert_path(router, media_path)
     record = router.wait_for_call(lambda c: c["id"] == call["id"] and c["status"] == "ended")
     assert record["end_reason"] == "transferred"
 
@@ -324,9 +372,11 @@ def test_end_call_over_the_api_hangs_up_both_legs(router: RouterProcess) -> None
     assert record["end_reason"] == "ended_by_api"
 
 
-def test_ipv6_listener_routes_and_bridges(router_factory: type[RouterProcess]) -> None:
+def test_ipv6_listener_routes_and_bridges(router_factory: type[RouterProcess],
+                                         media_path: str) -> None:
     """RFC 5118 territory: SIP and media over ::1, signalling and RTP both ways."""
-    router = router_factory(sip_host="::1")  # type: ignore[call-arg]
+    router = router_factory(sip_host="::1",  # type: ignore[call-arg]
+                            **media_env(media_path))
     assert uac(router, "uac-options", host="::1").run().sequence() == ["OPTIONS", 200]
     rejected = uac(router, "uac-invite-404", dialled="+31850000000", host="::1").run()
     assert rejected.sequence() == ["INVITE", 100, 404, "ACK"], rejected.explain()
@@ -336,6 +386,24 @@ def test_ipv6_listener_routes_and_bridges(router_factory: type[RouterProcess]) -
     result = uac(router, "uac-call-bridged", host="::1", duration_ms=1000).run()
     assert result.ok, result.explain()
     assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+    assert_path(router, media_path)
+
+
+def test_different_codecs_are_transcoded_on_the_switchboard(media_router: RouterProcess) -> None:
+    """A PCMA caller and a PCMU-only runtime cannot share packets: the legs are joined on
+    the audio switchboard (decode, re-encode) whether or not the relay is on, and audio
+    flows both ways, each far end in its own codec."""
+    router = media_router
+    rt = runtime("uas-runtime-answer-pcmu", rtp_echo=True)
+    assign(router, rt)
+    caller = uac(router, "uac-call-bridged", duration_ms=2000)
+    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    assert rtp.count(rt.media_port, payload_type=0) > 20, "no PCMU reached the runtime"
+    assert rtp.count(caller.media_port, payload_type=8) > 20, "no PCMA came back to the caller"
+    assert_one_stream(rtp.headers(caller.media_port), "the caller")
+    assert metric(router, RELAYED_RTP) == 0
 
 
 def test_transfer_control_tells_the_truth_and_a_ringing_target_times_out(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.router import RouterProcess
+from tests.support.router import RouterProcess, media_env
 from tests.support.sipp import Sipp, scenario
 
 pytestmark = pytest.mark.sip
@@ -149,14 +149,14 @@ def test_a_registration_trunk_registers_takes_calls_on_it_and_unregisters(
 
 
 def test_an_outbound_call_through_a_challenging_provider_is_bridged_with_rtp(
-        router_factory: Any) -> None:
+        router_factory: Any, media_path: str) -> None:
     """Issue 11 item 4: POST /calls/outbound dials the destination through the number's
     trunk; the provider challenges with 407 and checks the credentials and the caller id;
     once the customer answers, the runtime is dialled (X-Direction: outbound) and the two
     are bridged with RTP both ways."""
     from tests.support.sipp import RtpCounter
 
-    router: RouterProcess = router_factory(**STATIC_ONLY)
+    router: RouterProcess = router_factory(**STATIC_ONLY, **media_env(media_path))
     rt = runtime()
     provider_peer = Sipp(scenario("uas-provider-auth-answer"), role="uas", host=PROVIDER,
                          duration_ms=1500, timeout_s=20).start()

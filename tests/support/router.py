@@ -174,3 +174,9 @@ class RouterProcess:
                     return call
             time.sleep(0.05)
         raise AssertionError(f"no call record matched; have {self.calls()}")
+
+
+def media_env(media_path: str) -> dict[str, str]:
+    """The router's environment for a media path (the ``media_path`` fixture): "relay"
+    relays same-codec legs packet by packet, "switchboard" decodes and re-encodes."""
+    return {"CALLROUTER_SIP_MEDIA_RELAY": "true" if media_path == "relay" else "false"}

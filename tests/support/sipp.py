@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import dataclasses
 import os
 import re
 import signal
@@ -379,6 +380,15 @@ _ETH_P_ALL = 0x0003
 _PACKET_OUTGOING = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class RtpHeader:
+    ssrc: int
+    seq: int
+    ts: int
+    pt: int
+    marker: bool
+
+
 class RtpCounter:
     """Count RTP datagrams on the loopback interface, by destination UDP port.
 
@@ -394,6 +404,7 @@ class RtpCounter:
             collections.Counter)
         self._events: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
         self._event_stamps: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+        self._headers: dict[int, list[RtpHeader]] = collections.defaultdict(list)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -434,6 +445,11 @@ class RtpCounter:
         with self._lock:
             return dict(self._by_port.get(port, {}))
 
+    def headers(self, port: int) -> list[RtpHeader]:
+        """Every RTP packet's header towards ``port``, in the order they were seen."""
+        with self._lock:
+            return list(self._headers.get(port, []))
+
     def events(self, port: int, payload_type: int = 101) -> list[int]:
         """RFC 4733 event codes seen towards ``port``, once per event (0-9, 10 '*', 11 '#')."""
         with self._lock:
@@ -459,8 +475,10 @@ class RtpCounter:
         if port not in self.ports or len(payload) < 12 or payload[0] >> 6 != 2:
             return
         pt = payload[1] & 0x7F
+        seq, ts, ssrc = struct.unpack("!HII", payload[2:12])
         with self._lock:
             self._by_port[port][pt] += 1
+            self._headers[port].append(RtpHeader(ssrc, seq, ts, pt, bool(payload[1] & 0x80)))
             if len(payload) >= 16:
                 self._note_event((port, pt), payload)
 

@@ -116,6 +116,7 @@ def test_a_bridged_call_rings_answers_bridges_and_ends_with_every_leg_released()
     runtime = dialled.leg
     assert dialled.target == RUNTIME
     assert dict(dialled.headers)["X-Call-Id"] == str(h.call_id())
+    assert dialled.like is caller  # the runtime is offered the caller's codec first
     h.sip.ring(runtime)
     h.sip.pick_up(runtime)
     h.sip.pick_up(caller)
@@ -186,6 +187,7 @@ def test_a_transfer_is_accepted_then_answered_and_the_caller_moves() -> None:
     assert future.result(0) is None
     (target,) = h.sip.legs(LegKind.TARGET)
     assert (h.sip.dialled[-1].target, h.sip.dialled[-1].credentials) == (DESK, ("u", "p"))
+    assert h.sip.dialled[-1].like is caller  # so is the transfer target
     h.sip.ring(target)
     h.sip.pick_up(target)
     assert h.sip.asked("hangup", runtime) == [None]

@@ -421,7 +421,8 @@ class CallAdapter:
         # An outbound call's customer is a provider's network: none of our X- headers.
         headers = () if leg.kind is LegKind.CUSTOMER else call.headers
         try:
-            self.stack.dial(leg, target, headers, credentials, caller_id)
+            like = call.caller if call.caller is not leg else None  # its codec first
+            self.stack.dial(leg, target, headers, credentials, caller_id, like)
         except EngineError as exc:
             leg.ended = True
             self._queue_event(call.call_id, _OUTBOUND[leg.kind].failed(leg.number, 500,

@@ -72,6 +72,7 @@ class EngineSettings:
     register_retry_seconds: int = 30
     register_retry_max_seconds: int = 300
     keepalive_seconds: int = 15
+    media_relay: bool = True
 
 
 def _translate(exc: pj.Error, doing: str = "") -> EngineError:
@@ -130,7 +131,8 @@ class SipEngine:
         self.handler = handler
         self.clock = clock
         self.stack = PjStack(account=lambda: self.account, account_config=self._account_config,
-                             new_account=lambda: _Account(self), translate=_translate)
+                             new_account=lambda: _Account(self), translate=_translate,
+                             preferring=self._preferring)
         self.adapter = CallAdapter(handler, self.stack, clock)
         self.registrations = Registrations(
             base_config=self._account_config, contact=self._contact,
@@ -145,6 +147,7 @@ class SipEngine:
         self._version = "unknown"
         self._max_calls = 0
         self.ep: Any = None
+        self._codec_ids: list[tuple[str, str]] = []  # (pjsua codec id, encoding name)
         self.account: Any = None
         self._log_writer = _LogWriter()
         self._heap = HeapTrimmer(malloc_trim())  # memory back to the OS after a burst
@@ -238,6 +241,13 @@ class SipEngine:
                 "draining_options": int(pj.crGuardOptionsDraining()),
             },
             version=self._version,
+            media={
+                "pairs": int(pj.crRelayPairs()),
+                "rtp": int(pj.crRelayRtp()),
+                "rtcp": int(pj.crRelayRtcp()),
+                "dropped": int(pj.crRelayDropped()),
+                "dtmf_events": int(pj.crRelayDtmfEvents()),
+            },
         )
 
     # ---- the SIP thread ------------------------------------------------------------
@@ -280,6 +290,8 @@ class SipEngine:
         self._create_transports()
         self.ep.libStart()
         self.ep.audDevManager().setNullDev()  # clocks the conference bridge
+        self._codec_ids = [(c.codecId, c.codecId.split("/")[0].upper())
+                           for c in self.ep.codecEnum2()]
         self._set_codecs()
         self._install_guard()
         self.account = _Account(self)
@@ -321,12 +333,31 @@ class SipEngine:
             except pj.Error as exc:
                 raise _translate(exc, f"cannot listen for SIP on {listen}/{name}") from exc
 
-    def _set_codecs(self) -> None:
+    def _set_codecs(self, first: str = "") -> None:
+        """Priorities in the order of sip.codecs (``first`` moved to the front)."""
         wanted = [c.upper() for c in self.settings.codecs]
-        for codec in self.ep.codecEnum2():
-            name = codec.codecId.split("/")[0].upper()
+        if first in wanted:
+            wanted.remove(first)
+            wanted.insert(0, first)
+        for codec_id, name in self._codec_ids:
             prio = 255 - wanted.index(name) if name in wanted else 0
-            self.ep.codecSetPriority(codec.codecId, prio)
+            self.ep.codecSetPriority(codec_id, prio)
+
+    @contextlib.contextmanager
+    def _preferring(self, codec: str) -> Iterator[None]:
+        """Inside the block the offer lists ``codec`` first (when it is one of
+        sip.codecs and not first already): the dialled leg then usually answers with the
+        caller's codec and the two legs can be relayed (callrouter_relay.hpp)."""
+        codec = codec.upper()
+        wanted = [c.upper() for c in self.settings.codecs]
+        if codec not in wanted[1:]:
+            yield
+            return
+        self._set_codecs(codec)
+        try:
+            yield
+        finally:
+            self._set_codecs()
 
     def _install_guard(self) -> None:
         status = pj.crGuardInstall()
@@ -340,6 +371,9 @@ class SipEngine:
         pj.crGuardSetSlotReserve(self.settings.slot_reserve)
         pj.crGuardSetMaxMessageBytes(self.settings.max_message_bytes)
         pj.crGuardSetFloodControl(self.settings.flood_limit, self.settings.flood_ban_seconds)
+        # Every call's media transport is wrapped from now on (callrouter_relay.hpp).
+        if pj.crRelayInstall(1 if self.settings.media_relay else 0) != 0:
+            raise EngineError("could not install the media relay")
 
     def _account_config(self) -> Any:
         acfg = pj.AccountConfig()

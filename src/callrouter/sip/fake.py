@@ -36,6 +36,7 @@ class Dialled:
     headers: Headers
     credentials: Credentials | None
     caller_id: str | None = None
+    like: Leg | None = None  # the leg whose codec the offer lists first
 
 
 @dataclass
@@ -85,12 +86,13 @@ class FakeStack:
             self._set(leg, Disconnected(487, "Request Terminated"))
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None, caller_id: str | None = None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None,
+             like: Leg | None = None) -> None:
         if target in self.unreachable:
             raise EngineError(f"cannot reach {target}")
         leg.handle = next(self._ids)
         self.requests.append(("dial", leg, target))
-        self.dialled.append(Dialled(leg, target, headers, credentials, caller_id))
+        self.dialled.append(Dialled(leg, target, headers, credentials, caller_id, like))
 
     def bridge(self, a: Leg, b: Leg) -> bool:
         if not self.media_ready:

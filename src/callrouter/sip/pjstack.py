@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pjsua2 as pj
@@ -36,8 +37,10 @@ from callrouter.sip.trunks import TrunkAccounts, trunk_host
 class PjStack:
     def __init__(self, *, account: Callable[[], Any], account_config: Callable[[], Any],
                  new_account: Callable[[], Any],
-                 translate: Callable[[Any], EngineError]) -> None:
+                 translate: Callable[[Any], EngineError],
+                 preferring: Callable[[str], AbstractContextManager[None]]) -> None:
         self._account = account  # the router's own account, once the endpoint runs
+        self._preferring = preferring  # codec name -> offered first inside the block
         self._account_config = account_config
         self._new_account = new_account
         self._translate = translate
@@ -94,13 +97,17 @@ class PjStack:
             leg.handle.hangup(pj.CallOpParam(True))
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None, caller_id: str | None = None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None,
+             like: Leg | None = None) -> None:
         prm = pj.CallOpParam(True)
         for name, value in headers:
             _add_header(prm, name, value)
         if caller_id:  # From (pjsua would put the account's own URI there)
             prm.txOption.localUri = f"sip:{caller_id}@{trunk_host(target)}"
-        with self._translated():
+        codec = str(pj.crRelayCodecOf(like.handle.getId())) if like and like.handle else ""
+        # The offer is written inside makeCall, on this thread: the codec order of the
+        # moment is the offer's.
+        with self._translated(), self._preferring(codec):
             account = self._trunks.get(target, credentials) if credentials else self._account()
             leg.handle = PjLeg(account, leg, self.owner)
             try:
@@ -110,17 +117,25 @@ class PjStack:
                 raise
 
     def bridge(self, a: Leg, b: Leg) -> bool:
+        """Same codec and ptime on both legs: the engine relays their packets
+        (callrouter_relay.hpp); otherwise, or with sip.media_relay off, their conference
+        ports are joined both ways on the audio switchboard. Called again on every media
+        change of either leg (re-INVITE, hold), which may switch between the two."""
         with self._translated():
             media_a, media_b = _audio(a.handle), _audio(b.handle)
             if media_a is None or media_b is None:
                 return False
+            if pj.crRelayBridge(a.handle.getId(), b.handle.getId()):
+                return True
             media_a.startTransmit(media_b)
             media_b.startTransmit(media_a)
         return True
 
     def send_dtmf(self, leg: Leg, digit: str) -> None:
         with self._translated():
-            leg.handle.dialDtmf(digit)  # RFC 4733
+            # RFC 4733 either way: events in the relayed packet stream, else the stream's
+            if not pj.crRelayDtmf(leg.handle.getId(), digit):
+                leg.handle.dialDtmf(digit)
 
     def release(self, leg: Leg) -> None:
         leg.handle = None

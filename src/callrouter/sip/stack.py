@@ -107,9 +107,12 @@ class SipStack(Protocol):
         ...
 
     def dial(self, leg: Leg, target: str, headers: Headers,
-             credentials: Credentials | None, caller_id: str | None = None) -> None:
+             credentials: Credentials | None, caller_id: str | None = None,
+             like: Leg | None = None) -> None:
         """Send an INVITE to ``target`` for ``leg``; with ``credentials`` digest
-        challenges are answered as that trunk user; ``caller_id`` is the From user."""
+        challenges are answered as that trunk user; ``caller_id`` is the From user. The
+        codec ``like`` uses (or was offered) is offered first, so that the two legs
+        usually agree and their packets can be relayed without transcoding."""
         ...
 
     def bridge(self, a: Leg, b: Leg) -> bool:

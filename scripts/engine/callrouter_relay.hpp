@@ -1,0 +1,59 @@
+/*
+ * callrouter_relay: RTP/RTCP packet relay between the two legs of a bridged call.
+ *
+ * How it works: every call's media transport is wrapped in a small pjmedia transport
+ * adapter (installed as pjsua's on_create_media_transport, chained after pjsua2's own).
+ * Normally the adapter passes packets between the UDP transport and the leg's
+ * pjmedia stream unchanged, and the legs are joined on the audio switchboard
+ * (decode, conference clock, encode). When the router bridges two legs whose streams
+ * negotiated the same codec, clock rate, channels and ptime, crRelayBridge() pairs
+ * their adapters instead: a packet that arrives on one leg is sent out of the other
+ * leg's transport from inside the receive callback, on pjmedia's media thread, with
+ * no decoding, jitter buffer or conference clock. Both streams are paused and their
+ * own output is swallowed while the pair lasts.
+ *
+ * What the far end of a leg receives stays one RTP stream for the leg's whole life:
+ * the first SSRC it saw is kept, and when the source changes (the relay starts or
+ * stops, a transfer brings a new far leg, a re-INVITE restarts a stream) sequence
+ * numbers and timestamps continue from the last packet sent (marker bit set on the
+ * first packet of the new source). Payload types are mapped between the legs'
+ * negotiated numbers (RFC 4733 telephone-event included; dropped towards a leg that
+ * did not negotiate it). RTCP is relayed too, with the sender SSRC, the SR's RTP
+ * timestamp and the report blocks' SSRC and highest sequence translated the same way.
+ * Packets are relayed only in the directions both legs' SDP allow (hold).
+ *
+ * DTMF that reaches the router as SIP INFO is sent towards a relayed leg as RFC 4733
+ * events (crRelayDtmf), in place of the relayed audio packets, so the event packets
+ * follow the relayed stream's clock, sequence and SSRC like pjmedia's own.
+ *
+ * Threading: crRelayBridge/crRelayDtmf run on the SIP thread; packets are handled on
+ * pjmedia's media thread and (for a stream's own packets) on the conference clock
+ * thread. One mutex guards the pairing and the per-leg rewrite state; lock order is
+ * pjsua's lock -> conference -> relay mutex, never the reverse. Counters are atomics.
+ */
+#ifndef CALLROUTER_RELAY_HPP
+#define CALLROUTER_RELAY_HPP
+#include <string>
+
+/* Wrap every new call's media transport; `enabled` 0 keeps every bridge on the audio
+ * switchboard (sip.media_relay = false). Call once, after libInit, before any call. */
+int crRelayInstall(int enabled);
+/* Join the audio of two calls: 1 when their packets are now relayed, 0 when the codecs
+ * differ (or the relay is off): then the caller joins their conference ports. */
+int crRelayBridge(int call_a, int call_b);
+/* Send `digit` (0-9 * # A-D) as RFC 4733 events towards a relayed call: 1 when queued,
+ * 0 when the call is not relayed (then pjsua's own dialDtmf applies). */
+int crRelayDtmf(int call_id, const std::string &digit);
+/* The audio codec a call uses ("PCMA"), or before its answer the first one its remote
+ * offer lists; "" when neither is known. The router offers it first to the leg it
+ * dials for that call, so the two legs usually agree and can be relayed. */
+std::string crRelayCodecOf(int call_id);
+/* 1 while the call's audio is relayed. */
+int crRelayIsRelayed(int call_id);
+unsigned crRelayPairs();
+unsigned long crRelayRtp();
+unsigned long crRelayRtcp();
+unsigned long crRelayDropped();
+unsigned long crRelayDtmfEvents();
+
+#endif
