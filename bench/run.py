@@ -348,6 +348,7 @@ class Concurrency:
     sipps: int = 0  # SIPp processes generating the load: callers + runtimes
     generators_cpu_pct: float = 0.0  # all of them together, percent of one core
     busiest_sipp_cpu_pct: float = 0.0  # the busiest single SIPp process
+    sipp_cpu_pcts: list[float] = field(default_factory=list)  # each: callers, then runtimes
     worst_caller_ratio: float | None = None  # the lowest packets ratio of one caller SIPp
     # Every UDP datagram that reached a socket in the namespace (/proc/net/snmp) / all the
     # legs' expected packets (both directions of every leg): a cross-check of the above.
@@ -466,6 +467,7 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
         sipps=len(generator_pids),
         generators_cpu_pct=sum(gen_cpu),
         busiest_sipp_cpu_pct=max(gen_cpu),
+        sipp_cpu_pcts=[round(c, 1) for c in gen_cpu],
         worst_caller_ratio=min(a / e for a, e in zip(arrived, expected, strict=True))
         if private else None,
         namespace_ratio=udp / all_legs if private else None,
