@@ -201,6 +201,26 @@ def start_bare_engine(
     return proc, ready.split("sip=", 1)[1].split()[0]
 
 
+# SIPp binds its -mp port and -mp + 2 (video echo). Media ports come from above Linux's
+# default ephemeral range (32768-60999), so no port 0 bind (SIP sockets, free_port) takes
+# the +2 between choosing and SIPp's bind; a counter keeps this process from reusing one.
+_MEDIA_PORTS = iter(range(61000, 65532, 4))
+
+
+def media_port() -> int:
+    """A port P for SIPp's ``-mp`` with P and P + 2 free on loopback (UDP)."""
+    for port in _MEDIA_PORTS:
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 2):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                    s.bind((LOOPBACK, p))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free media port pair left in 61000-65535")
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((LOOPBACK, 0))

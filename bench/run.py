@@ -67,10 +67,13 @@ GOALS = {
     "held_cpu_ratio": 1.0,  # bare CPU per single-leg call / router CPU per bridged call
 }
 # Calls per SIPp process in the held step (callers and runtimes alike). One SIPp 3.6 has a
-# single rtp_echo thread per media socket (echoing every call's audio) and one rtp_stream
-# playback thread per -rtp_threadtasks calls; 250 calls is 12,500 packets/s each way per
-# process, far below what one thread moves on loopback (see docs/benchmarks.md).
-HELD_CALLS_PER_SIPP = 250
+# single rtp_echo thread on one media socket (echoing every call's audio, the socket at the
+# kernel's default receive buffer: -buff_size and -rtp_buffsize do not reach it) and one
+# rtp_stream playback thread per -rtp_threadtasks calls, all sending on the same 20 ms
+# grid. Every 20 ms a burst of one packet per call reaches that socket: 1,000 calls in one
+# runtime SIPp lost 54 % of them there, 500 lost 3 %, 250 none (docs/benchmarks.md); 200
+# calls (10,000 packets/s each way, under a tenth of a core) leave room.
+HELD_CALLS_PER_SIPP = 200
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Target:
     # Load generators started with the system (the runtime SIPps), counted as generators.
     generators: list[h.Proc] = field(default_factory=list)
     max_calls: int | None = None  # calls it can hold by its configuration, if limited
+    # Where the held step's i-th caller SIPp sends (addresses[i % len]); empty: ``address``.
+    addresses: tuple[str, ...] = ()
 
 
 Starter = Callable[[str, Path], contextlib.AbstractContextManager[Target]]
@@ -158,6 +163,48 @@ def router_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
         yield Target(router, f"{h.LOOPBACK}:{sip_port}", service, legs=2,
                      services=tuple(held_number(i) for i in range(lines)),
                      generators=[proc for proc, _ in runtimes], max_calls=max_calls)  # fmt: skip
+
+
+class EchoPool(h.Proc):
+    """The "system" of the generators-alone reference: nothing. Its CPU, RSS and drops are
+    0; the runtime SIPps count as generators (their echo sockets' drops included)."""
+
+    def __init__(self, runtimes: Sequence[tuple[h.Proc, int]]) -> None:
+        first = runtimes[0][0]
+        super().__init__("generators", first.popen, first.log)
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    def rss_bytes(self) -> int:
+        return 0
+
+    def udp_drops(self) -> int:
+        return 0
+
+
+def runtime_media_port(proc: h.Proc) -> int:
+    args = [str(a) for a in proc.popen.args]  # type: ignore[union-attr]
+    return int(args[args.index("-mp") + 1])
+
+
+@contextlib.contextmanager
+def sipp_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
+    """Generators alone: ``lines`` runtime SIPps that the caller SIPps dial directly, with
+    nothing in between; the reference that shows what the load generators deliver."""
+    with contextlib.ExitStack() as stack:
+        runtimes = []
+        for i in range(lines):
+            port = h.free_port()
+            proc = stack.enter_context(h.running(start_runtime(workdir / f"runtime-{i}", port)))
+            runtimes.append((proc, port))
+        time.sleep(0.5)
+        for proc, _ in runtimes:
+            if not proc.alive():
+                raise h.BenchError(f"runtime SIPp exited:\n{proc.tail()}")
+        yield Target(EchoPool(runtimes), f"{h.LOOPBACK}:{runtimes[0][1]}", BRIDGED_NUMBER,
+                     legs=1, generators=[proc for proc, _ in runtimes],
+                     addresses=tuple(f"{h.LOOPBACK}:{port}" for _, port in runtimes))  # fmt: skip
 
 
 def held_number(i: int) -> str:
@@ -223,7 +270,7 @@ def start_runtime(workdir: Path, port: int) -> h.Proc:
     Its own media port and remote-control port (SIPp's default 8888 would be shared)."""
     scenario = h.REPO / "sipp-scenarios" / "uas-runtime-answer.xml"
     spec = ["-sf", str(scenario)] if scenario.exists() else ["-sn", "uas"]
-    argv = ["sipp", *spec, "-i", h.LOOPBACK, "-p", str(port), "-mp", str(h.free_port()),
+    argv = ["sipp", *spec, "-i", h.LOOPBACK, "-p", str(port), "-mp", str(h.media_port()),
             "-cp", str(h.free_port()), "-rtp_echo", "-timeout", "900s", "-nostdin",
             "-trace_err"]  # fmt: skip
     return h.spawn("runtime", argv, workdir, dict(os.environ))
@@ -349,6 +396,9 @@ class Concurrency:
     generators_cpu_pct: float = 0.0  # all of them together, percent of one core
     busiest_sipp_cpu_pct: float = 0.0  # the busiest single SIPp process
     sipp_cpu_pcts: list[float] = field(default_factory=list)  # each: callers, then runtimes
+    # Datagrams the runtime SIPps' echo sockets dropped (receive queue full): the part of a
+    # shortfall that is the generators' own, not the system's.
+    dropped_by_generators: int = 0
     worst_caller_ratio: float | None = None  # the lowest packets ratio of one caller SIPp
     # Every UDP datagram that reached a socket in the namespace (/proc/net/snmp) / all the
     # legs' expected packets (both directions of every leg): a cross-check of the above.
@@ -386,7 +436,8 @@ def concurrency(start: HeldStarter, plan: Plan, workdir: Path) -> list[Concurren
                   f"packets={_ratio(result.packets_ratio)} "
                   f"(worst caller {_ratio(result.worst_caller_ratio)}, "
                   f"namespace {_ratio(result.namespace_ratio)}) "
-                  f"drops={result.dropped_by_target} sipps={result.sipps} "
+                  f"drops={result.dropped_by_target} "
+                  f"generator drops={result.dropped_by_generators} sipps={result.sipps} "
                   f"generators={result.generators_cpu_pct:.0f}% "
                   f"(busiest {result.busiest_sipp_cpu_pct:.0f}%) "
                   f"callers sent={_ratio(result.callers_sent_ratio)} "
@@ -430,9 +481,10 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
             caller_dir = workdir / f"caller-{i}"
             caller_dir.mkdir(parents=True, exist_ok=True)
             (caller_dir / "bench-tone.ulaw").write_bytes(ulaw_tone())
-            media_port = h.free_port()
+            media_port = h.media_port()
+            addresses = target.addresses or (target.address,)
             command = h.sipp_command(
-                target.address,
+                addresses[i % len(addresses)],
                 ["-sf", str(h.SCENARIOS / "uac_rtp.xml"), "-s", services[i % len(services)]],
                 rate=plan.ramp_rate / sipps, calls=calls, limit=calls, hold_ms=hold_ms,
                 timeout_s=timeout, media_port=media_port,
@@ -468,6 +520,7 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
         generators_cpu_pct=sum(gen_cpu),
         busiest_sipp_cpu_pct=max(gen_cpu),
         sipp_cpu_pcts=[round(c, 1) for c in gen_cpu],
+        dropped_by_generators=after.runtime_drops - before.runtime_drops,
         worst_caller_ratio=min(a / e for a, e in zip(arrived, expected, strict=True))
         if private else None,
         namespace_ratio=udp / all_legs if private else None,
@@ -486,6 +539,7 @@ class HeldSnapshot:
     caller_drops: list[int]
     udp: int
     machine: tuple[int, int]  # busy and total jiffies of all CPUs
+    runtime_drops: int  # at the runtime SIPps' echo sockets
 
 
 def _held_snapshot(target: Target, generator_pids: Sequence[int],
@@ -496,6 +550,7 @@ def _held_snapshot(target: Target, generator_pids: Sequence[int],
         generators=[h.cpu_seconds(pid) for pid in generator_pids],
         caller_drops=[h.udp_port_drops(c.media_port) for c in callers], udp=udp_arrivals(),
         machine=machine_jiffies(),
+        runtime_drops=sum(h.udp_port_drops(runtime_media_port(g)) for g in target.generators),
     )  # fmt: skip
 
 
@@ -626,6 +681,8 @@ def measure(name: str, start: HeldStarter, plan: Plan, workdir: Path,
     results = TargetResults(name)
     print(f"== {name}", flush=True)
     try:
+        if name == "sipp":  # generators alone: only held calls mean anything
+            steps = [s for s in steps if s == "held"]
         if "reject" in steps:
             results.reject = rate_sweep(start, "reject", plan.reject_rates, plan, workdir / name)
         if "bridged" in steps:
@@ -678,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="callrouter-bench-") as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
-        starters: dict[str, HeldStarter] = {"bare": bare_system, "router": router_system}
+        starters: dict[str, HeldStarter] = {"sipp": sipp_system, "bare": bare_system,
+                                            "router": router_system}  # fmt: skip
         results = [measure(name, starters[name], plan, workdir, args.only)
                    for name in args.targets]  # fmt: skip
     report = render_report(results, plan, args, time.monotonic() - started)
@@ -699,8 +757,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
-    parser.add_argument("--targets", type=lambda s: s.split(","), default=["bare", "router"],
-                        help="comma-separated: bare,router")  # fmt: skip
+    parser.add_argument("--targets", type=lambda s: s.split(","),
+                        default=["sipp", "bare", "router"],
+                        help="comma-separated: sipp (the held-call generators alone, caller "
+                        "SIPps dialling runtime SIPps), bare, router")  # fmt: skip
     parser.add_argument("--only", type=lambda s: s.split(","), default=list(STEPS),
                         help="comma-separated steps: reject,bridged,held (a partial run "
                         "writes bench/out/benchmarks-partial.md unless --output)")
@@ -716,7 +776,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=int, default=15, metavar="S")
     parser.add_argument("--native", action="store_true", help="--profile: with C frames")
     args = parser.parse_args(argv)
-    unknown = set(args.targets) - {"bare", "router"}
+    unknown = set(args.targets) - {"sipp", "bare", "router"}
     if unknown:
         parser.error(f"unknown targets: {sorted(unknown)}")
     if set(args.only) - set(STEPS):
@@ -756,6 +816,12 @@ def render_report(
 
 def target_section(result: TargetResults) -> list[str]:
     lines = [f"## {result.name}", ""]
+    if result.name == "sipp":
+        lines += ["The held-call load generators alone: each caller SIPp dials a runtime SIPp "
+                  "(`-rtp_echo`) directly, nothing in between, as many of each as in the router's "
+                  "steps. The system's own CPU and RSS are 0 here (the runtimes count as "
+                  "generators, their echo sockets' drops under *dropped by generators*).",
+                  ""]  # fmt: skip
     if result.error:
         lines += [f"Not (fully) measured: `{result.error.splitlines()[0]}`", ""]
     for label, sweep in (("Reject path (404)", result.reject), ("Bridged path", result.bridged)):
@@ -775,13 +841,14 @@ def target_section(result: TargetResults) -> list[str]:
             "",
             "| calls | ok | failed | CPU per call (% of a core) | its CPU (% of a core) | "
             "generators' CPU: SIPps, sum (busiest) | machine busy | idle RSS | RSS per call | "
-            "packets arrived / expected (worst caller) | dropped by target | audio flows |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "packets arrived / expected (worst caller) | dropped by target | "
+            "dropped by generators | audio flows |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in result.concurrent:
             if c.note:
                 lines.append(f"| {c.calls} | - | - | - | - | - | - | {c.idle_rss_mib:.0f} MiB | - "
-                             f"| - | - | not run: {c.note} |")  # fmt: skip
+                             f"| - | - | - | not run: {c.note} |")  # fmt: skip
                 continue
             lines.append(
                 f"| {c.calls} | {c.successful} | {c.failed} | {c.cpu_per_call_pct:.3f} | "
@@ -790,7 +857,8 @@ def target_section(result: TargetResults) -> list[str]:
                 f"{_num(c.machine_busy_pct, 0)} of {100 * (os.cpu_count() or 1)} | "
                 f"{c.idle_rss_mib:.0f} MiB | {c.rss_per_call_kib:.0f} KiB | "
                 f"{_ratio(c.packets_ratio)} ({_ratio(c.worst_caller_ratio)}) | "
-                f"{c.dropped_by_target} | {_yes(c.audio_flows)} |")  # fmt: skip
+                f"{c.dropped_by_target} | {c.dropped_by_generators} | "
+                f"{_yes(c.audio_flows)} |")  # fmt: skip
         lines.append("")
     return lines
 
