@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: run test deps venv engine lint unit integration bench bench-numbers bench-quick bench-webhooks \
-	bench-cluster clean fuzz image cluster
+	bench-cluster bench-held clean fuzz image cluster
 
 run: deps venv engine
 	$(VENV)/bin/callrouter serve $(if $(CONFIG),--config $(CONFIG))
@@ -60,6 +60,11 @@ bench-numbers: deps venv engine
 
 bench-quick: deps venv engine
 	$(PY) bench/run.py --quick
+
+# The held-call step alone, router and bare engine (bench/out/benchmarks-partial.md):
+# `make bench-held HELD=1000,1500,2000 WINDOW=10`.
+bench-held: deps venv engine
+	$(PY) bench/run.py --only held $(if $(HELD),--held $(HELD)) $(if $(WINDOW),--window $(WINDOW))
 
 # libFuzzer + ASan/UBSan over the guard's text functions and pjsip's parser (tests/fuzz/README.md).
 # `make fuzz CALLROUTER_FUZZ_SECONDS=300 FUZZ_ARGS=--merge`

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -87,8 +88,7 @@ class Proc:
         return self.popen.pid
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -126,6 +126,35 @@ class Proc:
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process ``pid``, all its threads (utime + stime of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def udp_port_drops(port: int) -> int:
+    """Datagrams dropped at the UDP sockets bound to local ``port`` (any address) in this
+    network namespace: for a socket its process never reads, every datagram that arrives
+    once its receive queue is full."""
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                drops += int(cols[-1])
+    return drops
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it): a
+    router holding N bridged calls keeps 4 N media sockets open. Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(soft, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def spawn(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str]) -> Proc:
@@ -170,6 +199,26 @@ def start_bare_engine(
     proc = spawn(f"bare-{mode}", argv, workdir, env)
     ready = wait_for_line(proc, "READY ", timeout=30)
     return proc, ready.split("sip=", 1)[1].split()[0]
+
+
+# SIPp binds its -mp port and -mp + 2 (video echo). Media ports come from above Linux's
+# default ephemeral range (32768-60999), so no port 0 bind (SIP sockets, free_port) takes
+# the +2 between choosing and SIPp's bind; a counter keeps this process from reusing one.
+_MEDIA_PORTS = iter(range(61000, 65532, 4))
+
+
+def media_port() -> int:
+    """A port P for SIPp's ``-mp`` with P and P + 2 free on loopback (UDP)."""
+    for port in _MEDIA_PORTS:
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 2):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                    s.bind((LOOPBACK, p))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free media port pair left in 61000-65535")
 
 
 def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
