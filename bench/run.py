@@ -267,8 +267,10 @@ def start_router(
 
 def start_runtime(workdir: Path, port: int) -> h.Proc:
     """The assistant runtime: a SIPp UAS that answers and echoes RTP, bounded to 15 min.
-    Its own media port and remote-control port (SIPp's default 8888 would be shared)."""
-    scenario = h.REPO / "sipp-scenarios" / "uas-runtime-answer.xml"
+    Its own media port and remote-control port (SIPp's default 8888 would be shared). It
+    answers PCMU, the callers' codec, so the router relays the two legs' packets (a
+    runtime answering another codec is transcoded on the switchboard instead)."""
+    scenario = h.REPO / "sipp-scenarios" / "uas-runtime-answer-pcmu.xml"
     spec = ["-sf", str(scenario)] if scenario.exists() else ["-sn", "uas"]
     argv = ["sipp", *spec, "-i", h.LOOPBACK, "-p", str(port), "-mp", str(h.media_port()),
             "-cp", str(h.free_port()), "-rtp_echo", "-timeout", "900s", "-nostdin",
@@ -902,7 +904,7 @@ def goals_section(bare: TargetResults | None, router: TargetResults | None) -> l
         "grows for the whole step and SIPp's generous timeouts only hide the overload); "
         "the sweep stops at the first step that is not. The bridged response time is "
         "INVITE -> 200 and includes the 200 ms the SIPp runtime waits before answering "
-        "(`sipp-scenarios/uas-runtime-answer.xml`). SIPp reports response times in whole "
+        "(`sipp-scenarios/uas-runtime-answer-pcmu.xml`). SIPp reports response times in whole "
         "milliseconds (its clock tick), so a p50 of 0 ms means under a millisecond.",
         "",
         f"A held step *holds* when every call was answered and stayed up, at least "
@@ -1015,7 +1017,7 @@ def command_lines(args: argparse.Namespace) -> list[str]:
         "CALLROUTER_SIP_INBOUND_FLOOD_LIMIT=0 python -m callrouter serve",
         "         POST /api/v1/assistants {runtime_uri: sip:runtime@127.0.0.1:RPORT}, "
         "POST /api/v1/numbers",
-        "runtime: sipp -sf sipp-scenarios/uas-runtime-answer.xml -rtp_echo -p RPORT -mp MPORT "
+        "runtime: sipp -sf sipp-scenarios/uas-runtime-answer-pcmu.xml -rtp_echo -p RPORT -mp MPORT "
         "(held: one per caller SIPp, each the runtime of its own assistant and number)",
         "held only: python bench/run.py --only held [--held 1000,1500,2000] [--window S]",
         "profile: python bench/run.py --profile 500   (py-spy on the router's reject path)",
