@@ -23,10 +23,12 @@
  * Packets are relayed only in the directions both legs' SDP allow (hold).
  *
  * DTMF that reaches the router as SIP INFO is sent towards a relayed leg as RFC 4733
- * events (crRelayDtmf), in place of the relayed audio packets, so the event packets
- * follow the relayed stream's clock, sequence and SSRC like pjmedia's own.
+ * events (crRelayDtmf) in the leg's own stream (its SSRC, the next sequence numbers, a
+ * timestamp where the stream is now), one packet per ptime from a pjsua timer, so it
+ * goes out whether or not the other side sends audio; relayed audio towards that leg is
+ * held back while an event lasts, as pjmedia's own stream does.
  *
- * Threading: crRelayBridge/crRelayDtmf run on the SIP thread; packets are handled on
+ * Threading: crRelayBridge/crRelayDtmf and the DTMF timer run on the SIP thread; packets are handled on
  * pjmedia's media thread and (for a stream's own packets) on the conference clock
  * thread. One mutex guards the pairing and the per-leg rewrite state; lock order is
  * pjsua's lock -> conference -> relay mutex, never the reverse. Counters are atomics.

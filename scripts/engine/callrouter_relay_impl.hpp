@@ -35,13 +35,16 @@ struct CrOut {
     pj_uint32_t ts_off = 0;     /* added to the source's timestamps */
 };
 
-/* An RFC 4733 event being sent in place of relayed audio (crRelayDtmf). */
+/* RFC 4733 events sent towards a relayed leg for SIP INFO DTMF (crRelayDtmf): one packet
+ * per ptime from a pjsua timer on the SIP thread, whether or not audio is being relayed
+ * to that leg; relayed audio towards it is held back while an event lasts. */
 struct CrDtmf {
     std::deque<int> queued;     /* event codes waiting */
     int event = -1;             /* the event being sent, -1 = none */
     pj_uint32_t start_ts = 0;
     unsigned duration = 0;      /* samples so far */
     unsigned ends = 0;          /* end packets sent (three, RFC 4733 s2.5.1.4) */
+    bool ticking = false;       /* a timer is scheduled */
 };
 
 struct CrRelayTp {
@@ -168,36 +171,101 @@ int crr_event_code(char digit) {
     }
 }
 
-/* Turns the rewritten audio packet `p` (its slot in the leg's stream) into the next
- * packet of the leg's DTMF event, when one is due; returns its new size or 0. */
-pj_size_t crr_dtmf_packet(CrRelayTp *tp, pj_uint8_t *p) {
+/* Writes the next packet of the leg's DTMF event into `p` (16 bytes); returns false when
+ * no event is due. crr_mu held. */
+bool crr_dtmf_packet(CrRelayTp *tp, pj_uint8_t *p) {
     CrDtmf &d = tp->dtmf;
+    CrOut &o = tp->out;
+    bool first = false;
     if (d.event < 0) {
-        if (d.queued.empty())
-            return 0;
+        if (d.queued.empty() || tp->event_out < 0)
+            return false;
         d.event = d.queued.front();
         d.queued.pop_front();
-        d.start_ts = crr_rd32(p + 4);
         d.duration = 0;
         d.ends = 0;
-        p[1] = (pj_uint8_t)(0x80 | tp->event_out);  /* marker: the event's first packet */
-    } else {
-        p[1] = (pj_uint8_t)tp->event_out;
+        first = true;
+        /* The event starts where the leg's stream is now (RFC 4733 s2.5.1.1). */
+        pj_timestamp now;
+        pj_get_timestamp(&now);
+        pj_uint64_t gap = o.have ? (pj_uint64_t)pj_elapsed_msec(&o.last_at, &now)
+                                   * tp->clock_rate / 1000 : 0;
+        if (gap < tp->samples_per_packet)
+            gap = tp->samples_per_packet;
+        if (!o.have) {
+            o.have = true;
+            o.ssrc = (pj_uint32_t)pj_rand();
+            o.last_seq = (pj_uint16_t)pj_rand();
+            o.last_ts = (pj_uint32_t)pj_rand();
+        }
+        d.start_ts = o.last_ts + (pj_uint32_t)gap;
+        o.source = &tp->dtmf;  /* the next relayed packet starts anew after the events */
     }
     unsigned length = tp->clock_rate / 5;  /* 200 ms, pjmedia's PJMEDIA_DTMF_DURATION */
     bool end = d.duration >= length;
     if (!end)
         d.duration += tp->samples_per_packet;
-    p[0] = 0x80;  /* no padding, extension or CSRCs */
+    p[0] = 0x80;
+    p[1] = (pj_uint8_t)((first ? 0x80 : 0) | tp->event_out);  /* marker on the first */
+    crr_wr16(p + 2, ++o.last_seq);
     crr_wr32(p + 4, d.start_ts);
+    crr_wr32(p + 8, o.ssrc);
     p[12] = (pj_uint8_t)d.event;
     p[13] = (pj_uint8_t)((end ? 0x80 : 0) | 10);  /* E bit, volume -10 dBm0 */
     crr_wr16(p + 14, (pj_uint16_t)d.duration);
-    if (end && ++d.ends == 3) {
+    pj_get_timestamp(&o.last_at);
+    o.last_ts = d.start_ts;
+    if (end && ++d.ends == 3) {  /* over: audio goes on after the event's length */
+        o.last_ts = d.start_ts + d.duration;
         d.event = -1;
         crr_dtmf_events++;
     }
-    return CR_RTP_HDR + 4;
+    return true;
+}
+
+/* The leg's DTMF clock: pjsua's timer heap (the SIP thread) every ptime while events are
+ * queued. The leg is found again by its call id; a call that ended, or whose transport
+ * is another one now, stops it. */
+struct CrTick {
+    int call_id;
+    CrRelayTp *tp;
+};
+void crr_dtmf_schedule(CrRelayTp *tp, int call_id);
+
+void crr_dtmf_tick(void *arg) {
+    CrTick *tick = (CrTick *)arg;
+    int call_id = tick->call_id;
+    CrRelayTp *tp = tick->tp;
+    delete tick;
+    PJSUA_LOCK();
+    bool alive = false;
+    if (call_id >= 0 && call_id < (int)pjsua_var.ua_cfg.max_calls) {
+        pjsua_call *call = &pjsua_var.calls[call_id];
+        for (unsigned i = 0; call->inv && i < call->med_cnt; ++i)
+            alive = alive || call->media[i].tp == &tp->base;
+    }
+    if (alive) {
+        std::lock_guard<std::mutex> lock(crr_mu);
+        tp->dtmf.ticking = false;
+        pj_uint8_t p[16];
+        if (tp->peer && tp->may_send && crr_dtmf_packet(tp, p)) {
+            if (pjmedia_transport_send_rtp(tp->slave, p, sizeof(p)) == PJ_SUCCESS)
+                crr_rtp++;
+            crr_dtmf_schedule(tp, call_id);
+        }
+    }
+    PJSUA_UNLOCK();
+}
+
+void crr_dtmf_schedule(CrRelayTp *tp, int call_id) {  /* crr_mu held */
+    if (tp->dtmf.ticking || (tp->dtmf.event < 0 && tp->dtmf.queued.empty()))
+        return;
+    unsigned ms = tp->clock_rate ? tp->samples_per_packet * 1000 / tp->clock_rate : 20;
+    CrTick *tick = new CrTick{call_id, tp};
+    if (pjsua_schedule_timer2(&crr_dtmf_tick, tick, ms ? ms : 20) == PJ_SUCCESS)
+        tp->dtmf.ticking = true;
+    else
+        delete tick;
 }
 
 void crr_unpair(CrRelayTp *tp) {  /* crr_mu held */
@@ -225,13 +293,14 @@ void crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
         crr_dropped++;  /* the far end did not negotiate telephone-event */
         return;
     }
+    if (to->dtmf.event >= 0) {
+        crr_dropped++;  /* held back while the leg's own DTMF event is sent */
+        return;
+    }
     int out = event ? to->event_out : (pt == from->pt_in ? to->pt_out : pt);
     p[1] = (pj_uint8_t)((p[1] & 0x80) | out);
     crr_rewrite(to->out, from, p, to->clock_rate, to->samples_per_packet);
-    pj_size_t len = (pj_size_t)size;
-    if (!event && to->event_out >= 0 && (to->dtmf.event >= 0 || !to->dtmf.queued.empty()))
-        len = crr_dtmf_packet(to, p);
-    if (pjmedia_transport_send_rtp(to->slave, p, len) == PJ_SUCCESS)
+    if (pjmedia_transport_send_rtp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
         crr_rtp++;
     else
         crr_dropped++;
@@ -567,6 +636,7 @@ int crRelayDtmf(int call_id, const std::string &digit) {
         if (leg.tp->peer && leg.tp->event_out >= 0) {
             if (leg.tp->dtmf.queued.size() < 64)
                 leg.tp->dtmf.queued.push_back(code);
+            crr_dtmf_schedule(leg.tp, call_id);
             queued = 1;
         }
     }

@@ -219,6 +219,25 @@ def test_reinvite_hold_keeps_the_call(media_router: RouterProcess) -> None:
     assert call["end_reason"] == "caller_hangup"
 
 
+def test_a_codec_change_mid_call_keeps_one_stream_towards_the_caller(
+        media_router: RouterProcess, media_path: str) -> None:
+    """The runtime re-INVITEs to PCMU while the caller talks PCMA: a relayed call moves to
+    the switchboard (transcoding) and the caller's stream goes on unbroken; the runtime
+    gets PCMU from then on."""
+    router = media_router
+    rt = runtime("uas-runtime-reinvite-pcmu", rtp_echo=True)
+    assign(router, rt)
+    caller = uac(router, "uac-call-bridged", duration_ms=3000)
+    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    assert rt.wait().ok
+    assert_one_stream(rtp.headers(caller.media_port), "the caller")
+    assert rtp.count(rt.media_port, payload_type=0) > 20, "no PCMU after the re-INVITE"
+    relayed = metric(router, RELAYED_RTP)
+    assert (relayed > 20) == (media_path == "relay"), relayed  # relayed before the change
+
+
 def test_rfc4733_dtmf_reaches_the_runtime(media_router: RouterProcess) -> None:
     router = media_router
     rt = runtime("uas-runtime-answer")
@@ -240,6 +259,22 @@ def test_sip_info_dtmf_reaches_the_runtime_as_rfc4733(media_router: RouterProces
     assert result.ok, result.explain()
     assert rtp.events(rt.media_port), "SIP INFO DTMF was not relayed as RFC 4733"
     assert_one_stream(rtp.headers(rt.media_port), "the runtime")  # events in its stream
+
+
+def test_sip_info_dtmf_from_a_silent_caller_reaches_the_runtime(media_router: RouterProcess
+                                                                ) -> None:
+    """No caller packet to carry it: the digit still goes out as RFC 4733 (on the relay,
+    from the engine's own DTMF clock), in one stream with what else the runtime gets."""
+    router = media_router
+    rt = runtime("uas-runtime-answer")
+    assign(router, rt)
+    caller = uac(router, "uac-call-dtmf-info-silent", duration_ms=1000)
+    with RtpCounter([rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    assert rtp.events(rt.media_port) == [5], rtp.events(rt.media_port)
+    events = [h for h in rtp.headers(rt.media_port) if h.pt == 101]
+    assert len({h.ssrc for h in events}) == 1 and events[0].marker, events[:3]
 
 
 def test_max_duration_ends_both_legs(router_factory: type[RouterProcess]) -> None:

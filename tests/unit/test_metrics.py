@@ -278,6 +278,7 @@ def test_the_grafana_dashboard_only_queries_metrics_that_exist(metrics: Metrics)
     # Guards docs/grafana-dashboard.json against renamed or misspelt metrics.
     metrics.set_engine_slots_source(lambda: (1, 0))
     metrics.set_engine_guard_source(dict)
+    metrics.set_engine_media_source(dict)
     metrics.http_request("/api/v1/numbers", "GET", 200, 0.01)  # labelled: no series before
     body, _ = metrics.render()
     exposed = {
@@ -304,3 +305,14 @@ def test_spooled_records_are_read_from_their_source_at_each_scrape(metrics: Metr
     assert value(metrics, "callrouter_call_records_spooled") == 42
     metrics.route_reload("reconnect")
     assert value(metrics, "callrouter_route_reloads_total", cause="reconnect") == 1
+
+
+def test_the_media_relay_is_read_from_its_source_at_each_scrape(metrics: Metrics) -> None:
+    counts = {"pairs": 3, "rtp": 1200, "rtcp": 4, "dropped": 2, "dtmf_events": 1}
+    metrics.set_engine_media_source(lambda: counts)
+    body = metrics.render()[0].decode()
+    assert "callrouter_media_relayed_calls 3.0" in body
+    assert 'callrouter_media_relay_packets_total{kind="rtp"} 1200.0' in body
+    assert 'callrouter_media_relay_packets_total{kind="dtmf_events"} 1.0' in body
+    counts["pairs"] = 0
+    assert "callrouter_media_relayed_calls 0.0" in metrics.render()[0].decode()
