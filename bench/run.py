@@ -88,7 +88,7 @@ class Plan:
 
 
 FULL = Plan((100, 250, 500, 750, 1000, 1250, 1500, 2000), (50, 100, 200, 300, 400, 600),
-            (250, 500, 1000, 1500, 2000), 5, 1000, 100, 10)  # fmt: skip
+            (500, 1000, 1500, 2000), 5, 1000, 100, 10)  # fmt: skip
 QUICK = Plan((250, 500, 1000), (50, 100, 200), (100, 250), 3, 1000, 100, 3)
 # A step whose p99 is above this is overloaded (its queue grows for the whole step): the
 # sweep stops there, as it does at the first failed call.
@@ -790,8 +790,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated steps: reject,bridged,held (a partial run "
                         "writes bench/out/benchmarks-partial.md unless --output)")
     parser.add_argument("--held", type=lambda s: tuple(int(n) for n in s.split(",")),
-                        metavar="N,N,...", help="held-call steps (default 250,500,1000,1500,"
-                        "2000; stops at the first that fails)")
+                        metavar="N,N,...", help="held-call steps (default 500,1000,1500,2000; "
+                        "stops at the first that fails)")
     parser.add_argument("--window", type=int, metavar="S",
                         help="held: seconds measured once every call is up (default 10)")
     parser.add_argument("--output", help="report path (default docs/benchmarks.md)")
