@@ -61,7 +61,7 @@ bench-numbers: deps venv engine
 bench-quick: deps venv engine
 	$(PY) bench/run.py --quick
 
-# The held-call step alone, router and bare engine (bench/out/benchmarks-partial.md):
+# The held-call step alone: generators alone (sipp), bare engine, router (bench/out/benchmarks-partial.md):
 # `make bench-held HELD=1000,1500,2000 WINDOW=10`.
 bench-held: deps venv engine
 	$(PY) bench/run.py --only held $(if $(HELD),--held $(HELD)) $(if $(WINDOW),--window $(WINDOW))

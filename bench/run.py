@@ -70,10 +70,10 @@ GOALS = {
 # single rtp_echo thread on one media socket (echoing every call's audio, the socket at the
 # kernel's default receive buffer: -buff_size and -rtp_buffsize do not reach it) and one
 # rtp_stream playback thread per -rtp_threadtasks calls, all sending on the same 20 ms
-# grid. Every 20 ms a burst of one packet per call reaches that socket: 1,000 calls in one
-# runtime SIPp lost 54 % of them there, 500 lost 3 %, 250 none (docs/benchmarks.md); 200
-# calls (10,000 packets/s each way, under a tenth of a core) leave room.
-HELD_CALLS_PER_SIPP = 200
+# grid. Every 20 ms a burst of one packet per call reaches that socket, and the echo thread
+# must be scheduled before the queue is full: 1,000 calls in one runtime SIPp lost 54 % of
+# them there, 500 lost 3 %, 200 up to 2 % on a busy machine, 100 none (docs/benchmarks.md).
+HELD_CALLS_PER_SIPP = 100
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Plan:
 
 
 FULL = Plan((100, 250, 500, 750, 1000, 1250, 1500, 2000), (50, 100, 200, 300, 400, 600),
-            (250, 500, 1000, 1500, 2000), 5, 1000, 100, 10)  # fmt: skip
+            (500, 1000, 1500, 2000), 5, 1000, 100, 10)  # fmt: skip
 QUICK = Plan((250, 500, 1000), (50, 100, 200), (100, 250), 3, 1000, 100, 3)
 # A step whose p99 is above this is overloaded (its queue grows for the whole step): the
 # sweep stops there, as it does at the first failed call.
@@ -113,6 +113,7 @@ class Target:
     max_calls: int | None = None  # calls it can hold by its configuration, if limited
     # Where the held step's i-th caller SIPp sends (addresses[i % len]); empty: ``address``.
     addresses: tuple[str, ...] = ()
+    metrics_url: str | None = None  # the router's /metrics (which media path its calls use)
 
 
 Starter = Callable[[str, Path], contextlib.AbstractContextManager[Target]]
@@ -138,7 +139,10 @@ def bare_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
 @contextlib.contextmanager
 def router_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
     """The router with ``lines`` runtime SIPps, each the runtime of its own assistant and
-    number (``held_number(i)``; the first is BRIDGED_NUMBER)."""
+    number (``held_number(i)``; the first is BRIDGED_NUMBER). For held calls (``path``
+    "held") the runtimes answer PCMU only, the codec the bench's callers offer: G.711 u-law
+    on both legs, so the router may relay the packets (sip.media_relay) rather than
+    transcode (the default runtime answers PCMA first)."""
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     sip_port, http_port = h.free_port(), h.free_port(socket.SOCK_STREAM)
@@ -148,7 +152,8 @@ def router_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
         for i in range(lines):
             port = h.free_port()
             runtime_dir = workdir if lines == 1 else workdir / f"runtime-{i}"
-            proc = stack.enter_context(h.running(start_runtime(runtime_dir, port)))
+            scenario = "uas-runtime-answer-pcmu.xml" if path == "held" else RUNTIME_SCENARIO
+            proc = stack.enter_context(h.running(start_runtime(runtime_dir, port, scenario)))
             runtimes.append((proc, port))
         key = create_api_key(data_dir)
         extra = {"CALLROUTER_SIP_MAX_CALLS": str(max_calls)}
@@ -162,6 +167,7 @@ def router_system(path: str, workdir: Path, lines: int = 1) -> Iterator[Target]:
         service = UNKNOWN_NUMBER if path == "reject" else BRIDGED_NUMBER
         yield Target(router, f"{h.LOOPBACK}:{sip_port}", service, legs=2,
                      services=tuple(held_number(i) for i in range(lines)),
+                     metrics_url=f"{base}/metrics",
                      generators=[proc for proc, _ in runtimes], max_calls=max_calls)  # fmt: skip
 
 
@@ -265,12 +271,14 @@ def start_router(
     raise h.BenchError(f"router did not become healthy at {health}:\n{proc.tail()}")
 
 
-def start_runtime(workdir: Path, port: int) -> h.Proc:
+RUNTIME_SCENARIO = "uas-runtime-answer.xml"
+
+
+def start_runtime(workdir: Path, port: int, scenario_name: str = RUNTIME_SCENARIO,
+                  ) -> h.Proc:  # fmt: skip
     """The assistant runtime: a SIPp UAS that answers and echoes RTP, bounded to 15 min.
-    Its own media port and remote-control port (SIPp's default 8888 would be shared). It
-    answers PCMU, the callers' codec, so the router relays the two legs' packets (a
-    runtime answering another codec is transcoded on the switchboard instead)."""
-    scenario = h.REPO / "sipp-scenarios" / "uas-runtime-answer-pcmu.xml"
+    Its own media port and remote-control port (SIPp's default 8888 would be shared)."""
+    scenario = h.REPO / "sipp-scenarios" / scenario_name
     spec = ["-sf", str(scenario)] if scenario.exists() else ["-sn", "uas"]
     argv = ["sipp", *spec, "-i", h.LOOPBACK, "-p", str(port), "-mp", str(h.media_port()),
             "-cp", str(h.free_port()), "-rtp_echo", "-timeout", "900s", "-nostdin",
@@ -401,6 +409,9 @@ class Concurrency:
     # Datagrams the runtime SIPps' echo sockets dropped (receive queue full): the part of a
     # shortfall that is the generators' own, not the system's.
     dropped_by_generators: int = 0
+    # Router: its calls whose RTP the engine relays packet by packet (same codec on both
+    # legs; callrouter_media_relayed_calls at the end of the window); None: not reported.
+    relayed_calls: int | None = None
     worst_caller_ratio: float | None = None  # the lowest packets ratio of one caller SIPp
     # Every UDP datagram that reached a socket in the namespace (/proc/net/snmp) / all the
     # legs' expected packets (both directions of every leg): a cross-check of the above.
@@ -443,7 +454,8 @@ def concurrency(start: HeldStarter, plan: Plan, workdir: Path) -> list[Concurren
                   f"generators={result.generators_cpu_pct:.0f}% "
                   f"(busiest {result.busiest_sipp_cpu_pct:.0f}%) "
                   f"callers sent={_ratio(result.callers_sent_ratio)} "
-                  f"machine={_num(result.machine_busy_pct, 0)}% audio={result.audio_flows}",
+                  f"machine={_num(result.machine_busy_pct, 0)}% "
+                  f"relayed={result.relayed_calls} audio={result.audio_flows}",
                   flush=True)  # fmt: skip
         if not result.audio_flows:
             break
@@ -470,7 +482,7 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
     hold_ms = int((ramp + settle + plan.window_seconds + 2) * 1000)
     timeout = hold_ms / 1000 + ramp + 30
     workdir.mkdir(parents=True, exist_ok=True)
-    with start("bridged", workdir, lines=sipps) as target:
+    with start("held", workdir, lines=sipps) as target:
         if target.max_calls is not None and n > target.max_calls:
             return Concurrency(n, 0, 0, 0.0, 0.0, target.proc.rss_bytes() / 1024 / 1024, None,
                                0, note=f"above the {target.max_calls} calls this build can "
@@ -500,6 +512,7 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
         time.sleep(plan.window_seconds)
         after = _held_snapshot(target, generator_pids, callers)
         rss = target.proc.rss_bytes()
+        relayed = relayed_calls(target.metrics_url) if target.metrics_url else None
         results = [h.finish_sipp(c.popen, c.workdir, timeout) for c in callers]
     seconds = after.time - before.time
     private = os.environ.get(NETNS_FLAG) == "1"
@@ -523,6 +536,7 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
         busiest_sipp_cpu_pct=max(gen_cpu),
         sipp_cpu_pcts=[round(c, 1) for c in gen_cpu],
         dropped_by_generators=after.runtime_drops - before.runtime_drops,
+        relayed_calls=relayed,
         worst_caller_ratio=min(a / e for a, e in zip(arrived, expected, strict=True))
         if private else None,
         namespace_ratio=udp / all_legs if private else None,
@@ -530,6 +544,15 @@ def hold_calls(start: HeldStarter, n: int, plan: Plan, workdir: Path) -> Concurr
         if private and target.legs == 1 else None,
         machine_busy_pct=100 * (os.cpu_count() or 1) * busy / total if total else None,
     )  # fmt: skip
+
+
+def relayed_calls(metrics_url: str) -> int | None:
+    """The router's ``callrouter_media_relayed_calls`` gauge, if it exports one."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(metrics_url, timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("callrouter_media_relayed_calls "):
+                return int(float(line.split()[1]))
+    return None
 
 
 @dataclass
@@ -767,8 +790,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated steps: reject,bridged,held (a partial run "
                         "writes bench/out/benchmarks-partial.md unless --output)")
     parser.add_argument("--held", type=lambda s: tuple(int(n) for n in s.split(",")),
-                        metavar="N,N,...", help="held-call steps (default 250,500,1000,1500,"
-                        "2000; stops at the first that fails)")
+                        metavar="N,N,...", help="held-call steps (default 500,1000,1500,2000; "
+                        "stops at the first that fails)")
     parser.add_argument("--window", type=int, metavar="S",
                         help="held: seconds measured once every call is up (default 10)")
     parser.add_argument("--output", help="report path (default docs/benchmarks.md)")
@@ -904,7 +927,7 @@ def goals_section(bare: TargetResults | None, router: TargetResults | None) -> l
         "grows for the whole step and SIPp's generous timeouts only hide the overload); "
         "the sweep stops at the first step that is not. The bridged response time is "
         "INVITE -> 200 and includes the 200 ms the SIPp runtime waits before answering "
-        "(`sipp-scenarios/uas-runtime-answer-pcmu.xml`). SIPp reports response times in whole "
+        "(`sipp-scenarios/uas-runtime-answer.xml`). SIPp reports response times in whole "
         "milliseconds (its clock tick), so a p50 of 0 ms means under a millisecond.",
         "",
         f"A held step *holds* when every call was answered and stayed up, at least "
@@ -1017,8 +1040,9 @@ def command_lines(args: argparse.Namespace) -> list[str]:
         "CALLROUTER_SIP_INBOUND_FLOOD_LIMIT=0 python -m callrouter serve",
         "         POST /api/v1/assistants {runtime_uri: sip:runtime@127.0.0.1:RPORT}, "
         "POST /api/v1/numbers",
-        "runtime: sipp -sf sipp-scenarios/uas-runtime-answer-pcmu.xml -rtp_echo -p RPORT -mp MPORT "
-        "(held: one per caller SIPp, each the runtime of its own assistant and number)",
+        "runtime: sipp -sf sipp-scenarios/uas-runtime-answer.xml -rtp_echo -p RPORT -mp MPORT "
+        "(held: uas-runtime-answer-pcmu.xml, one per caller SIPp, each the runtime of its own "
+        "assistant and number)",
         "held only: python bench/run.py --only held [--held 1000,1500,2000] [--window S]",
         "profile: python bench/run.py --profile 500   (py-spy on the router's reject path)",
     ]
