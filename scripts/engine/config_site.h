@@ -51,6 +51,17 @@
  * that transfers or outbound calls authenticate as (sip/trunks.py). pjsua's default of
  * 8 would stop the ninth with PJ_ETOOMANY; each costs a few KB of static state. */
 #define PJSUA_MAX_ACC                   256
+/* Media lines a pjsua call can use (pjsua's default: PJMEDIA_MAX_SDP_MEDIA, 16; made
+ * overridable by patch 0004). pjsua_call holds two arrays of this many pjsua_call_media
+ * (656 bytes each), and pjsua_init allocates and zeroes all PJSUA_MAX_CALLS of them at
+ * start: 16 cost 21.8 KB per call slot, 44.6 MB for 2048 slots, resident from the first
+ * second. A bridged leg uses one audio line; 4 leave room for audio with video, BFCP and
+ * text (6.1 KB per slot, 12.4 MB). The SDP parser still reads 16 lines: the lines of an
+ * offer beyond the fourth are answered with port 0 by the SDP negotiator (RFC 3264: as
+ * many lines as the offer), and pjsua's two checks of that count allow for the cap
+ * (patch 0004). An offer whose only audio line comes after the fourth gets no audio.
+ * sipp-scenarios/uac-call-bridged-many-media.xml sends six. */
+#define PJSUA_MAX_CALL_MEDIA            4
 /* No video, no players/recorders beyond a handful. */
 #define PJMEDIA_HAS_VIDEO               0
 #define PJSUA_MAX_PLAYERS               8

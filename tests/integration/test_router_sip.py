@@ -123,6 +123,25 @@ def test_bridged_call_rings_answers_and_carries_rtp_both_ways(media_router: Rout
     assert call["duration_seconds"] >= 1
 
 
+def test_offer_with_more_media_lines_than_call_media_slots_is_bridged(
+    router: RouterProcess,
+) -> None:
+    """Six m-lines (the engine keeps 4 call media per call, config_site.h): the audio line
+    is answered and bridged, every other line answered with port 0 (the scenario checks
+    the 200's SDP), and no engine assertion fires."""
+    rt = runtime("uas-runtime-answer", rtp_echo=True)
+    assign(router, rt)
+    caller = uac(router, "uac-call-bridged-many-media", duration_ms=2000)
+    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
+        result = caller.run()
+    rt.wait()
+    assert result.ok, result.explain()
+    assert result.sequence() == ["INVITE", 100, 180, 200, "ACK", "BYE", 200]
+    assert rtp.count(rt.media_port) > 20, "no RTP reached the runtime"
+    assert rtp.count(caller.media_port) > 20, "no RTP came back to the caller"
+    assert metric(router, "callrouter_engine_assertions_total") == 0
+
+
 def test_runtime_invite_carries_the_routing_headers(router: RouterProcess) -> None:
     rt = runtime("uas-runtime-answer")
     assistant, number_id = assign(router, rt)

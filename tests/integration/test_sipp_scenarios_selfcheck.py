@@ -82,6 +82,13 @@ def test_webhook_refusal_scenario_checks_ringing_and_the_reason_header(peer: str
         assert result.sequence() == ["INVITE", 100, 180, 603, "ACK"], result.explain()
 
 
+def test_many_media_scenario_fails_on_an_answer_without_every_line() -> None:
+    # The runtime scenario answers with its one audio line: the six-line check must fail.
+    caller, _, _, _, _ = call_pair("uac-call-bridged-many-media", "uas-runtime-answer")
+    assert not caller.ok, caller.explain()
+    assert "Failed regexp match" in caller.errors, caller.explain()
+
+
 @pytest.mark.parametrize("transport", ["u1", "t1"])
 def test_bridged_call_accepts_a_reinvite_from_its_peer(transport: str) -> None:
     caller, runtime, _, _, _ = call_pair("uac-call-bridged", "uas-runtime-reinvite",
