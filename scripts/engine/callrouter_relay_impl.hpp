@@ -252,6 +252,11 @@ void crr_dtmf_tick(void *arg) {
             if (pjmedia_transport_send_rtp(tp->slave, p, sizeof(p)) == PJ_SUCCESS)
                 crr_rtp++;
             crr_dtmf_schedule(tp, call_id);
+        } else if (!tp->peer || !tp->may_send) {
+            /* No longer relayed, or on hold: the rest of these digits is dropped, and
+             * relayed audio is never held back for them. */
+            tp->dtmf.event = -1;
+            tp->dtmf.queued.clear();
         }
     }
     PJSUA_UNLOCK();
