@@ -18,6 +18,14 @@
 /* Four sockets per bridged-call leg pair plus SIP transports: epoll handles. */
 #define PJ_IOQUEUE_MAX_HANDLES          8192
 #define PJ_IOQUEUE_MAX_EVENTS_IN_SINGLE_POLL 64
+/* Plain level-triggered epoll. pjlib's default (PJ_IOQUEUE_EPOLL_AUTO) registers every
+ * socket with EPOLLEXCLUSIVE, for several threads polling one ioqueue, and then re-arms a
+ * socket after each event with EPOLL_CTL_DEL + EPOLL_CTL_ADD (EXCLUSIVE cannot be
+ * MODded): two syscalls and an epoll item freed and allocated per RTP packet received.
+ * Each of the router's ioqueues has one polling thread (the SIP thread; pjmedia's media
+ * worker), so there is no herd to keep off: perf showed that re-arming as a fifth of the
+ * media thread's time while it relayed packets. */
+#define PJ_IOQUEUE_DEFAULT_EPOLL_FLAGS  0
 /* Transaction and dialog hash tables sized for a router, not a phone. */
 #define PJSIP_MAX_TSX_COUNT             65535
 #define PJSIP_MAX_DIALOG_COUNT          65535
