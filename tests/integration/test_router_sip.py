@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.router import RouterProcess, media_env
-from tests.support.sipp import RtpCounter, RtpHeader, Sipp, scenario
+from tests.support.sipp import RtpCounter, RtpHeader, Sipp, SippResult, scenario
 
 pytestmark = pytest.mark.sip
 
@@ -52,6 +52,19 @@ RELAYED_RTP = 'callrouter_media_relay_packets_total{kind="rtp"}'
 def media_router(router_factory: type[RouterProcess], media_path: str) -> RouterProcess:
     return router_factory(CALLROUTER_SIP_RING_TIMEOUT_SECONDS="3",  # type: ignore[call-arg]
                           **media_env(media_path))
+
+
+def echo_call(router: RouterProcess, runtime_scenario: str, duration_ms: int
+              ) -> tuple[SippResult, RtpCounter, Sipp, Sipp]:
+    """A bridged call from ``uac-call-bridged`` (PCMA audio) to an echoing runtime, with
+    the RTP towards both far ends recorded: (caller's result, packets, caller, runtime)."""
+    rt = runtime(runtime_scenario, rtp_echo=True)
+    assign(router, rt)
+    caller = uac(router, "uac-call-bridged", duration_ms=duration_ms)
+    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
+        result = caller.run()
+    assert result.ok, result.explain()
+    return result, rtp, caller, rt
 
 
 def assert_path(router: RouterProcess, media_path: str) -> None:
@@ -244,12 +257,7 @@ def test_a_codec_change_mid_call_keeps_one_stream_towards_the_caller(
     the switchboard (transcoding) and the caller's stream goes on unbroken; the runtime
     gets PCMU from then on."""
     router = media_router
-    rt = runtime("uas-runtime-reinvite-pcmu", rtp_echo=True)
-    assign(router, rt)
-    caller = uac(router, "uac-call-bridged", duration_ms=3000)
-    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
-        result = caller.run()
-    assert result.ok, result.explain()
+    _, rtp, caller, rt = echo_call(router, "uas-runtime-reinvite-pcmu", 3000)
     assert rt.wait().ok
     assert_one_stream(rtp.headers(caller.media_port), "the caller")
     assert rtp.count(rt.media_port, payload_type=0) > 20, "no PCMU after the re-INVITE"
@@ -448,12 +456,7 @@ def test_different_codecs_are_transcoded_on_the_switchboard(media_router: Router
     the audio switchboard (decode, re-encode) whether or not the relay is on, and audio
     flows both ways, each far end in its own codec."""
     router = media_router
-    rt = runtime("uas-runtime-answer-pcmu", rtp_echo=True)
-    assign(router, rt)
-    caller = uac(router, "uac-call-bridged", duration_ms=2000)
-    with RtpCounter([caller.media_port, rt.media_port]) as rtp:
-        result = caller.run()
-    assert result.ok, result.explain()
+    _, rtp, caller, rt = echo_call(router, "uas-runtime-answer-pcmu", 2000)
     assert rtp.count(rt.media_port, payload_type=0) > 20, "no PCMU reached the runtime"
     assert rtp.count(caller.media_port, payload_type=8) > 20, "no PCMA came back to the caller"
     assert_one_stream(rtp.headers(caller.media_port), "the caller")
