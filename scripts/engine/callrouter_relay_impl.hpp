@@ -3,6 +3,22 @@
 #include <pjmedia.h>
 #include <pjsua-lib/pjsua.h>
 #include <pjsua-lib/pjsua_internal.h>
+
+/* The relay needs pjmedia transports with group locks (their lifetime across threads)
+ * and pjlib of 2.14 or later. The 2.12.1 fallback engine, built on explicit request
+ * only (docs/engine.md), gets no relay: every bridge stays on the audio switchboard. */
+#if PJ_VERSION_NUM < ((2 << 24) | (14 << 16))
+int crRelayInstall(int) { return 0; }
+int crRelayBridge(int, int) { return 0; }
+int crRelayDtmf(int, const std::string &) { return 0; }
+std::string crRelayCodecOf(int) { return std::string(); }
+int crRelayIsRelayed(int) { return 0; }
+unsigned crRelayPairs() { return 0; }
+unsigned long crRelayRtp() { return 0; }
+unsigned long crRelayRtcp() { return 0; }
+unsigned long crRelayDropped() { return 0; }
+unsigned long crRelayDtmfEvents() { return 0; }
+#else
 #include <atomic>
 #include <cstring>
 #include <deque>
@@ -704,3 +720,5 @@ unsigned long crRelayRtp() { return crr_rtp.load(); }
 unsigned long crRelayRtcp() { return crr_rtcp.load(); }
 unsigned long crRelayDropped() { return crr_dropped.load(); }
 unsigned long crRelayDtmfEvents() { return crr_dtmf_events.load(); }
+
+#endif  /* PJ_VERSION_NUM */
