@@ -50,8 +50,6 @@ int crRelayDtmf(int call_id, const std::string &digit);
  * offer lists; "" when neither is known. The router offers it first to the leg it
  * dials for that call, so the two legs usually agree and can be relayed. */
 std::string crRelayCodecOf(int call_id);
-/* 1 while the call's audio is relayed. */
-int crRelayIsRelayed(int call_id);
 unsigned crRelayPairs();
 unsigned long crRelayRtp();
 unsigned long crRelayRtcp();

@@ -12,7 +12,6 @@ int crRelayInstall(int) { return 0; }
 int crRelayBridge(int, int) { return 0; }
 int crRelayDtmf(int, const std::string &) { return 0; }
 std::string crRelayCodecOf(int) { return std::string(); }
-int crRelayIsRelayed(int) { return 0; }
 unsigned crRelayPairs() { return 0; }
 unsigned long crRelayRtp() { return 0; }
 unsigned long crRelayRtcp() { return 0; }
@@ -70,7 +69,6 @@ struct CrRelayTp {
     bool del_base;
     /* The stream attached to us, and its callbacks. */
     void *stream_user_data;
-    void *stream_ref;
     void (*stream_rtp_cb)(void *, void *, pj_ssize_t);
     void (*stream_rtp_cb2)(pjmedia_tp_cb_param *);
     void (*stream_rtcp_cb)(void *, void *, pj_ssize_t);
@@ -83,7 +81,6 @@ struct CrRelayTp {
     unsigned clock_rate;        /* RTP clock */
     unsigned samples_per_packet;
     pjmedia_stream *paused;     /* the stream we paused for the relay */
-    bool closed;
     CrOut out;
     CrDtmf dtmf;
 };
@@ -299,24 +296,29 @@ void crr_unpair(CrRelayTp *tp) {  /* crr_mu held */
 
 /* ---- packets ---------------------------------------------------------------------- */
 
-void crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
+/* A packet that arrived on `from`: relayed (or dropped) when `from` is paired; false
+ * when it is not, and the packet is the stream's (passed on outside the lock: the stream
+ * may send, which takes it again). */
+bool crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
     std::lock_guard<std::mutex> lock(crr_mu);
     CrRelayTp *to = from->peer;
-    if (!to || !from->may_receive || !to->may_send || size < (pj_ssize_t)CR_RTP_HDR
+    if (!to)
+        return false;
+    if (!from->may_receive || !to->may_send || size < (pj_ssize_t)CR_RTP_HDR
         || size > (pj_ssize_t)CR_RTP_MAX || (p[0] >> 6) != 2
         || size < (pj_ssize_t)(CR_RTP_HDR + 4 * (p[0] & 0x0f))) {
         crr_dropped++;
-        return;
+        return true;
     }
     int pt = p[1] & 0x7f;
     bool event = from->event_in >= 0 && pt == from->event_in;
     if (event && to->event_out < 0) {
         crr_dropped++;  /* the far end did not negotiate telephone-event */
-        return;
+        return true;
     }
     if (to->dtmf.event >= 0) {
         crr_dropped++;  /* held back while the leg's own DTMF event is sent */
-        return;
+        return true;
     }
     int out = event ? to->event_out : (pt == from->pt_in ? to->pt_out : pt);
     p[1] = (pj_uint8_t)((p[1] & 0x80) | out);
@@ -325,28 +327,30 @@ void crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
         crr_rtp++;
     else
         crr_dropped++;
+    return true;
 }
 
-void crr_relay_rtcp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
+bool crr_relay_rtcp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {  /* as above */
     std::lock_guard<std::mutex> lock(crr_mu);
     CrRelayTp *to = from->peer;
-    if (!to || size < 8 || size > (pj_ssize_t)CR_RTP_MAX) {
+    if (!to)
+        return false;
+    if (size < 8 || size > (pj_ssize_t)CR_RTP_MAX) {
         crr_dropped++;
-        return;
+        return true;
     }
     crr_rewrite_rtcp(to->out, &from->out, p, (pj_size_t)size);
     if (pjmedia_transport_send_rtcp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
         crr_rtcp++;
     else
         crr_dropped++;
+    return true;
 }
 
 void crr_on_rtp(pjmedia_tp_cb_param *param) {
     CrRelayTp *tp = (CrRelayTp *)param->user_data;
-    if (tp->peer) {  /* read without the lock: crr_relay_rtp checks again under it */
-        crr_relay_rtp(tp, (pj_uint8_t *)param->pkt, param->size);
+    if (crr_relay_rtp(tp, (pj_uint8_t *)param->pkt, param->size))
         return;
-    }
     if (tp->stream_rtp_cb2) {
         pjmedia_tp_cb_param cb;
         std::memcpy(&cb, param, sizeof(cb));
@@ -359,10 +363,8 @@ void crr_on_rtp(pjmedia_tp_cb_param *param) {
 
 void crr_on_rtcp(void *user_data, void *pkt, pj_ssize_t size) {
     CrRelayTp *tp = (CrRelayTp *)user_data;
-    if (tp->peer) {
-        crr_relay_rtcp(tp, (pj_uint8_t *)pkt, size);
+    if (crr_relay_rtcp(tp, (pj_uint8_t *)pkt, size))
         return;
-    }
     if (tp->stream_rtcp_cb)
         tp->stream_rtcp_cb(tp->stream_user_data, pkt, size);
 }
@@ -379,7 +381,6 @@ pj_status_t crr_attach2(pjmedia_transport *t, pjmedia_transport_attach_param *at
     tp->stream_rtp_cb2 = att->rtp_cb2;
     tp->stream_rtp_cb = att->rtp_cb2 ? nullptr : att->rtp_cb;
     tp->stream_rtcp_cb = att->rtcp_cb;
-    tp->stream_ref = att->stream;
     att->rtp_cb2 = &crr_on_rtp;
     att->rtp_cb = nullptr;
     att->rtcp_cb = &crr_on_rtcp;
@@ -390,7 +391,6 @@ pj_status_t crr_attach2(pjmedia_transport *t, pjmedia_transport_attach_param *at
         tp->stream_rtp_cb = nullptr;
         tp->stream_rtp_cb2 = nullptr;
         tp->stream_rtcp_cb = nullptr;
-        tp->stream_ref = nullptr;
     }
     return status;
 }
@@ -404,7 +404,6 @@ void crr_detach(pjmedia_transport *t, void *strm) {
         tp->stream_rtp_cb = nullptr;
         tp->stream_rtp_cb2 = nullptr;
         tp->stream_rtcp_cb = nullptr;
-        tp->stream_ref = nullptr;
     }
 }
 
@@ -479,7 +478,6 @@ pj_status_t crr_destroy(pjmedia_transport *t) {
     {
         std::lock_guard<std::mutex> lock(crr_mu);
         crr_unpair(tp);
-        tp->closed = true;
     }
     if (tp->del_base)
         pjmedia_transport_close(tp->slave);
@@ -701,18 +699,6 @@ std::string crRelayCodecOf(int call_id) {
     }
     PJSUA_UNLOCK();
     return name;
-}
-
-int crRelayIsRelayed(int call_id) {
-    CrLeg leg;
-    int relayed = 0;
-    PJSUA_LOCK();
-    if (crr_leg(call_id, leg)) {
-        std::lock_guard<std::mutex> lock(crr_mu);
-        relayed = leg.tp->peer ? 1 : 0;
-    }
-    PJSUA_UNLOCK();
-    return relayed;
 }
 
 unsigned crRelayPairs() { return crr_pairs.load(); }

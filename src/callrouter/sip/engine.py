@@ -148,6 +148,7 @@ class SipEngine:
         self._max_calls = 0
         self.ep: Any = None
         self._codec_ids: list[tuple[str, str]] = []  # (pjsua codec id, encoding name)
+        self._codec_order = [c.upper() for c in settings.codecs]  # sip.codecs, preferred first
         self.account: Any = None
         self._log_writer = _LogWriter()
         self._heap = HeapTrimmer(malloc_trim())  # memory back to the OS after a burst
@@ -335,7 +336,7 @@ class SipEngine:
 
     def _set_codecs(self, first: str = "") -> None:
         """Priorities in the order of sip.codecs (``first`` moved to the front)."""
-        wanted = [c.upper() for c in self.settings.codecs]
+        wanted = list(self._codec_order)
         if first in wanted:
             wanted.remove(first)
             wanted.insert(0, first)
@@ -349,8 +350,7 @@ class SipEngine:
         sip.codecs and not first already): the dialled leg then usually answers with the
         caller's codec and the two legs can be relayed (callrouter_relay.hpp)."""
         codec = codec.upper()
-        wanted = [c.upper() for c in self.settings.codecs]
-        if codec not in wanted[1:]:
+        if codec not in self._codec_order[1:]:
             yield
             return
         self._set_codecs(codec)
