@@ -220,6 +220,27 @@ def test_unreachable_runtime_gets_503(router: RouterProcess) -> None:
     assert result.sequence() == ["INVITE", 100, 503, "ACK"], result.explain()
 
 
+def test_a_udp_runtime_gets_its_invite_over_udp_not_tcp(router: RouterProcess) -> None:
+    """A runtime URI without ;transport means UDP. pjsip sends a request of 1300 bytes or
+    more over TCP first (RFC 3261 s18.1.1), to whatever answers TCP on the runtime's port:
+    in a CI run that was the router's own TCP client socket, whose ephemeral port happened
+    to be the runtime's, connected to itself, so every later INVITE came back into the
+    router (404 there, 503 to the caller). The offer is audio only, which keeps the INVITE
+    well under that size; a TCP listener on the runtime's port stands in for that socket."""
+    rt = runtime("uas-runtime-answer")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", rt.port))  # SIPp holds the UDP port only
+        squatter.listen(4)
+        squatter.setblocking(False)
+        assign(router, rt)
+        result = uac(router, "uac-call-bridged", duration_ms=500).run()
+        assert result.ok, result.explain()
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # the router never connected over TCP
+    offer = (rt.wait().workdir / "uas-runtime-answer.msg.log").read_text()
+    assert "m=audio" in offer and "m=text" not in offer  # no unused T.140 stream
+
+
 def test_caller_cancel_while_ringing_cancels_the_runtime_leg(router: RouterProcess) -> None:
     rt = runtime("uas-runtime-noanswer")
     assign(router, rt)

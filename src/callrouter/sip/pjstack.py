@@ -81,7 +81,7 @@ class PjStack:
 
     def answer(self, leg: Leg, code: int, reason: str = "",
                retry_after: int | None = None, headers: Headers = ()) -> None:
-        prm = pj.CallOpParam(True) if code < 300 else pj.CallOpParam()
+        prm = _audio_only(pj.CallOpParam(True)) if code < 300 else pj.CallOpParam()
         prm.statusCode = code
         if reason:
             prm.reason = reason
@@ -99,7 +99,7 @@ class PjStack:
     def dial(self, leg: Leg, target: str, headers: Headers,
              credentials: Credentials | None, caller_id: str | None = None,
              like: Leg | None = None) -> None:
-        prm = pj.CallOpParam(True)
+        prm = _audio_only(pj.CallOpParam(True))
         for name, value in headers:
             _add_header(prm, name, value)
         if caller_id:  # From (pjsua would put the account's own URI there)
@@ -182,6 +182,17 @@ def _state(info: Any) -> LegState | None:
     if info.state == pj.PJSIP_INV_STATE_DISCONNECTED:
         return Disconnected(int(info.lastStatusCode), str(info.lastReason))
     return None
+
+
+def _audio_only(prm: Any) -> Any:
+    """The call carries audio alone. pjsua 2.14+ also offers a T.140 text stream by
+    default (an m=text line, and an RTP + RTCP socket pair per leg from sip.rtp_ports):
+    none of the router's peers uses it, and the ~300 bytes it adds lift an INVITE over
+    pjsip's 1300-byte UDP threshold, past which pjsip sends it over TCP first (RFC 3261
+    s18.1.1) -- to a runtime or trunk that listens on UDP only. (2.12.1 has no text.)"""
+    if hasattr(prm.opt, "textCount"):
+        prm.opt.textCount = 0
+    return prm
 
 
 def _add_header(prm: Any, name: str, value: str) -> None:
