@@ -38,8 +38,10 @@
 #include <string>
 
 /* Wrap every new call's media transport; `enabled` 0 keeps every bridge on the audio
- * switchboard (sip.media_relay = false). Call once, after libInit, before any call. */
-int crRelayInstall(int enabled);
+ * switchboard (sip.media_relay = false). `threads` relay threads move the packets of
+ * relayed legs on plain UDP (sip.media_relay_threads). Call once, after libInit,
+ * before any call; 0 on success. */
+int crRelayInstall(int enabled, int threads);
 /* Join the audio of two calls: 1 when their packets are now relayed, 0 when the codecs
  * differ (or the relay is off): then the caller joins their conference ports. */
 int crRelayBridge(int call_a, int call_b);
@@ -51,6 +53,9 @@ int crRelayDtmf(int call_id, const std::string &digit);
  * dials for that call, so the two legs usually agree and can be relayed. */
 std::string crRelayCodecOf(int call_id);
 unsigned crRelayPairs();
+/* Relayed calls whose packets relay threads move, and the packets they sent. */
+unsigned crRelayThreadPairs();
+unsigned long crRelayThreadPackets();
 unsigned long crRelayRtp();
 unsigned long crRelayRtcp();
 unsigned long crRelayDropped();

@@ -8,20 +8,27 @@
  * and pjlib of 2.14 or later. The 2.12.1 fallback engine, built on explicit request
  * only (docs/engine.md), gets no relay: every bridge stays on the audio switchboard. */
 #if PJ_VERSION_NUM < ((2 << 24) | (14 << 16))
-int crRelayInstall(int) { return 0; }
+int crRelayInstall(int, int) { return 0; }
 int crRelayBridge(int, int) { return 0; }
 int crRelayDtmf(int, const std::string &) { return 0; }
 std::string crRelayCodecOf(int) { return std::string(); }
 unsigned crRelayPairs() { return 0; }
+unsigned crRelayThreadPairs() { return 0; }
+unsigned long crRelayThreadPackets() { return 0; }
 unsigned long crRelayRtp() { return 0; }
 unsigned long crRelayRtcp() { return 0; }
 unsigned long crRelayDropped() { return 0; }
 unsigned long crRelayDtmfEvents() { return 0; }
 #else
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <thread>
+#include <vector>
+#include <sys/epoll.h>
+#include <sys/socket.h>
 
 namespace {
 
@@ -83,14 +90,47 @@ struct CrRelayTp {
     pjmedia_stream *paused;     /* the stream we paused for the relay */
     CrOut out;
     CrDtmf dtmf;
+    /* Handed to a relay thread (crr_mu and the shard's lock both held to change it; the
+     * thread reads it under the shard's lock): the UDP sockets, out of pjmedia's epoll
+     * set, and where packets towards the far end go. */
+    struct CrShard *shard;
+    pj_ioqueue_key_t *rtp_key, *rtcp_key;
+    int rtp_fd, rtcp_fd;
+    pj_sockaddr rem_rtp, rem_rtcp;
+    int addr_len;
+    unsigned rtp_slot, rtcp_slot;
+};
+
+/* Packet counters: the callback path's atomics, a relay thread's under its lock. */
+struct CrCounts {
+    unsigned long rtp = 0, rtcp = 0, dropped = 0;
+};
+
+/* A relay thread and the sockets it reads. Epoll data is a slot index and the slot's
+ * generation, so an event still in a thread's batch for a socket taken back since is
+ * recognised and skipped. */
+struct CrSlot {
+    CrRelayTp *tp = nullptr;
+    bool rtcp = false;
+    pj_uint32_t gen = 0;
+};
+struct CrShard {
+    std::mutex mu;
+    int epfd = -1;
+    std::vector<CrSlot> slots;
+    std::vector<unsigned> free_slots;
+    CrCounts counts;
+    unsigned legs = 0;          /* legs it has: changed under crr_mu and its lock */
 };
 
 std::mutex crr_mu;
+std::vector<CrShard *> crr_shards;  /* fixed once crRelayInstall has run */
 bool crr_enabled = true;
 bool crr_installed = false;
 pjmedia_transport *(*crr_chained)(pjsua_call_id, unsigned, pjmedia_transport *, unsigned) = nullptr;
 std::atomic<unsigned> crr_pairs(0);
 std::atomic<unsigned long> crr_rtp(0), crr_rtcp(0), crr_dropped(0), crr_dtmf_events(0);
+std::unique_lock<std::mutex> crr_lock_thread(CrRelayTp *tp);
 
 /* ---- the rewrite: one continuous stream per leg ---------------------------------- */
 
@@ -259,6 +299,7 @@ void crr_dtmf_tick(void *arg) {
     }
     if (alive) {
         std::lock_guard<std::mutex> lock(crr_mu);
+        std::unique_lock<std::mutex> thread_lock = crr_lock_thread(tp);
         tp->dtmf.ticking = false;
         pj_uint8_t p[16];
         if (tp->peer && tp->may_send && crr_dtmf_packet(tp, p)) {
@@ -286,8 +327,118 @@ void crr_dtmf_schedule(CrRelayTp *tp, int call_id) {  /* crr_mu held */
         delete tick;
 }
 
-void crr_unpair(CrRelayTp *tp) {  /* crr_mu held */
+/* ---- relay threads ----------------------------------------------------------------- */
+
+/* Takes `tp` back from its relay thread: its sockets leave the thread's epoll set, and
+ * their pjmedia keys go into `resume`, to go back into pjmedia's set once the caller has
+ * let go of crr_mu (pj_ioqueue_suspend_key takes the key's lock). crr_mu held. */
+void crr_unhand(CrRelayTp *tp, std::vector<pj_ioqueue_key_t *> &resume) {
+    CrShard *sh = tp->shard;
+    if (!sh)
+        return;
+    std::lock_guard<std::mutex> lock(sh->mu);
+    for (unsigned idx : {tp->rtp_slot, tp->rtcp_slot}) {
+        CrSlot &slot = sh->slots[idx];
+        int fd = slot.rtcp ? tp->rtcp_fd : tp->rtp_fd;
+        epoll_event ev{};
+        epoll_ctl(sh->epfd, EPOLL_CTL_DEL, fd, &ev);
+        slot.tp = nullptr;
+        slot.gen++;
+        sh->free_slots.push_back(idx);
+    }
+    sh->legs--;
+    tp->shard = nullptr;
+    resume.push_back(tp->rtp_key);
+    resume.push_back(tp->rtcp_key);
+}
+
+unsigned crr_slot(CrShard *sh, CrRelayTp *tp, bool rtcp) {  /* the shard's lock held */
+    unsigned idx;
+    if (!sh->free_slots.empty()) {
+        idx = sh->free_slots.back();
+        sh->free_slots.pop_back();
+    } else {
+        idx = (unsigned)sh->slots.size();
+        sh->slots.emplace_back();
+    }
+    sh->slots[idx].tp = tp;
+    sh->slots[idx].rtcp = rtcp;
+    return idx;
+}
+
+/* Hands `tp` (its sockets already suspended in pjmedia) to the relay thread `sh`, or
+ * updates where its packets go when it is there already. crr_mu held. */
+bool crr_hand(CrRelayTp *tp, const pjmedia_transport_udp_relay_info &info, CrShard *sh) {
+    std::lock_guard<std::mutex> lock(sh->mu);
+    if (tp->shard == sh) {
+        std::memcpy(&tp->rem_rtp, &info.rem_rtp_addr, sizeof(pj_sockaddr));
+        std::memcpy(&tp->rem_rtcp, &info.rem_rtcp_addr, sizeof(pj_sockaddr));
+        tp->addr_len = info.addr_len;
+        return true;
+    }
+    tp->rtp_key = info.rtp_key;
+    tp->rtcp_key = info.rtcp_key;
+    tp->rtp_fd = (int)info.rtp_sock;
+    tp->rtcp_fd = (int)info.rtcp_sock;
+    std::memcpy(&tp->rem_rtp, &info.rem_rtp_addr, sizeof(pj_sockaddr));
+    std::memcpy(&tp->rem_rtcp, &info.rem_rtcp_addr, sizeof(pj_sockaddr));
+    tp->addr_len = info.addr_len;
+    tp->rtp_slot = crr_slot(sh, tp, false);
+    tp->rtcp_slot = crr_slot(sh, tp, true);
+    bool ok = true;
+    for (unsigned idx : {tp->rtp_slot, tp->rtcp_slot}) {
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = ((pj_uint64_t)sh->slots[idx].gen << 32) | idx;
+        ok = ok && epoll_ctl(sh->epfd, EPOLL_CTL_ADD,
+                             sh->slots[idx].rtcp ? tp->rtcp_fd : tp->rtp_fd, &ev) == 0;
+    }
+    tp->shard = sh;
+    sh->legs++;
+    return ok;
+}
+
+/* The lock of the relay thread that has `tp`, if one has it. crr_mu held. */
+std::unique_lock<std::mutex> crr_lock_thread(CrRelayTp *tp) {
+    return tp->shard ? std::unique_lock<std::mutex>(tp->shard->mu)
+                     : std::unique_lock<std::mutex>();
+}
+
+/* The leg's plain UDP transport, when its packets can be moved by a relay thread: under
+ * pjsua's SRTP adapter (always there, with its member's transport type) only while
+ * SRTP is not in use; no RTCP mux. */
+bool crr_handoff_info(CrRelayTp *tp, pjmedia_transport_udp_relay_info &info) {
+    pjmedia_transport *udp = tp->slave;
+    pjmedia_transport_info ti;
+    pjmedia_transport_info_init(&ti);
+    if (!udp || pjmedia_transport_get_info(udp, &ti) != PJ_SUCCESS)
+        return false;
+    for (unsigned i = 0; i < ti.specific_info_cnt; ++i) {
+        if (ti.spc_info[i].type != PJMEDIA_TRANSPORT_TYPE_SRTP)
+            continue;
+        if (((const pjmedia_srtp_info *)ti.spc_info[i].buffer)->active)
+            return false;
+        if (ti.spc_info[i].tp == udp)
+            udp = pjmedia_transport_srtp_get_member(udp);
+    }
+    if (!udp || udp->type != PJMEDIA_TRANSPORT_TYPE_UDP
+        || pjmedia_transport_udp_get_relay_info(udp, &info) != PJ_SUCCESS)
+        return false;
+    return info.started && !info.rtcp_mux && info.rtp_key && info.rtcp_key
+        && info.addr_len > 0 && pj_sockaddr_has_addr(&info.rem_rtp_addr)
+        && pj_sockaddr_has_addr(&info.rem_rtcp_addr);
+}
+
+void crr_suspend(const std::vector<pj_ioqueue_key_t *> &keys, bool suspend) {  /* no locks */
+    for (pj_ioqueue_key_t *key : keys)
+        if (key)
+            pj_ioqueue_suspend_key(key, suspend ? PJ_TRUE : PJ_FALSE);
+}
+
+void crr_unpair(CrRelayTp *tp, std::vector<pj_ioqueue_key_t *> &resume) {  /* crr_mu held */
     if (tp && tp->peer) {
+        crr_unhand(tp->peer, resume);
+        crr_unhand(tp, resume);
         tp->peer->peer = nullptr;
         tp->peer = nullptr;
         crr_pairs--;
@@ -296,34 +447,45 @@ void crr_unpair(CrRelayTp *tp) {  /* crr_mu held */
 
 /* ---- packets ---------------------------------------------------------------------- */
 
-/* A packet that arrived on `from`: relayed (or dropped) when `from` is paired; false
- * when it is not, and the packet is the stream's (passed on outside the lock: the stream
- * may send, which takes it again). */
+/* Makes the RTP packet `p` from `from` what `to`'s far end is sent; false when it is
+ * dropped instead. crr_mu or the pair's relay thread lock held. */
+bool crr_prepare_rtp(CrRelayTp *from, CrRelayTp *to, pj_uint8_t *p, pj_ssize_t size) {
+    if (!from->may_receive || !to->may_send || size < (pj_ssize_t)CR_RTP_HDR
+        || size > (pj_ssize_t)CR_RTP_MAX || (p[0] >> 6) != 2
+        || size < (pj_ssize_t)(CR_RTP_HDR + 4 * (p[0] & 0x0f)))
+        return false;
+    int pt = p[1] & 0x7f;
+    bool event = from->event_in >= 0 && pt == from->event_in;
+    if (event && to->event_out < 0)
+        return false;  /* the far end did not negotiate telephone-event */
+    if (to->dtmf.event >= 0)
+        return false;  /* held back while the leg's own DTMF event is sent */
+    int out = event ? to->event_out : (pt == from->pt_in ? to->pt_out : pt);
+    p[1] = (pj_uint8_t)((p[1] & 0x80) | out);
+    crr_rewrite(to->out, from, p, to->clock_rate, to->samples_per_packet);
+    return true;
+}
+
+bool crr_prepare_rtcp(CrRelayTp *from, CrRelayTp *to, pj_uint8_t *p, pj_ssize_t size) {
+    if (size < 8 || size > (pj_ssize_t)CR_RTP_MAX)
+        return false;
+    crr_rewrite_rtcp(to->out, &from->out, p, (pj_size_t)size);
+    return true;
+}
+
+/* A packet that pjmedia delivered on `from` (its receive callback): relayed (or dropped)
+ * when `from` is paired; false when it is not, and the packet is the stream's (passed on
+ * outside the lock: the stream may send, which takes it again). A handed-off leg's
+ * packets come this way only while the hand-off happens. */
 bool crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
     std::lock_guard<std::mutex> lock(crr_mu);
     CrRelayTp *to = from->peer;
     if (!to)
         return false;
-    if (!from->may_receive || !to->may_send || size < (pj_ssize_t)CR_RTP_HDR
-        || size > (pj_ssize_t)CR_RTP_MAX || (p[0] >> 6) != 2
-        || size < (pj_ssize_t)(CR_RTP_HDR + 4 * (p[0] & 0x0f))) {
+    std::unique_lock<std::mutex> thread_lock = crr_lock_thread(from);
+    if (!crr_prepare_rtp(from, to, p, size))
         crr_dropped++;
-        return true;
-    }
-    int pt = p[1] & 0x7f;
-    bool event = from->event_in >= 0 && pt == from->event_in;
-    if (event && to->event_out < 0) {
-        crr_dropped++;  /* the far end did not negotiate telephone-event */
-        return true;
-    }
-    if (to->dtmf.event >= 0) {
-        crr_dropped++;  /* held back while the leg's own DTMF event is sent */
-        return true;
-    }
-    int out = event ? to->event_out : (pt == from->pt_in ? to->pt_out : pt);
-    p[1] = (pj_uint8_t)((p[1] & 0x80) | out);
-    crr_rewrite(to->out, from, p, to->clock_rate, to->samples_per_packet);
-    if (pjmedia_transport_send_rtp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
+    else if (pjmedia_transport_send_rtp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
         crr_rtp++;
     else
         crr_dropped++;
@@ -335,16 +497,89 @@ bool crr_relay_rtcp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {  /* as ab
     CrRelayTp *to = from->peer;
     if (!to)
         return false;
-    if (size < 8 || size > (pj_ssize_t)CR_RTP_MAX) {
+    std::unique_lock<std::mutex> thread_lock = crr_lock_thread(from);
+    if (!crr_prepare_rtcp(from, to, p, size))
         crr_dropped++;
-        return true;
-    }
-    crr_rewrite_rtcp(to->out, &from->out, p, (pj_size_t)size);
-    if (pjmedia_transport_send_rtcp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
+    else if (pjmedia_transport_send_rtcp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
         crr_rtcp++;
     else
         crr_dropped++;
     return true;
+}
+
+/* A relay thread: reads the handed-off sockets it has ready, up to CR_BATCH datagrams
+ * each in one recvmmsg(), and sends what it relays with one sendmmsg() from the other
+ * leg's socket of the same kind. Its lock is held for a whole epoll batch. */
+const unsigned CR_BATCH = 8;
+
+void crr_drain(CrShard *sh, CrSlot &slot) {
+    static thread_local pj_uint8_t bufs[CR_BATCH][CR_RTP_MAX];
+    mmsghdr in[CR_BATCH], out[CR_BATCH];
+    iovec in_iov[CR_BATCH], out_iov[CR_BATCH];
+    CrRelayTp *from = slot.tp;
+    bool rtcp = slot.rtcp;
+    std::memset(in, 0, sizeof(in));
+    for (unsigned i = 0; i < CR_BATCH; ++i) {
+        in_iov[i].iov_base = bufs[i];
+        in_iov[i].iov_len = CR_RTP_MAX;
+        in[i].msg_hdr.msg_iov = &in_iov[i];
+        in[i].msg_hdr.msg_iovlen = 1;
+    }
+    int n = recvmmsg(rtcp ? from->rtcp_fd : from->rtp_fd, in, CR_BATCH, MSG_DONTWAIT, nullptr);
+    if (n <= 0)
+        return;
+    CrRelayTp *to = from->peer;
+    if (!to || to->shard != sh) {
+        sh->counts.dropped += (unsigned)n;
+        return;
+    }
+    unsigned k = 0;
+    std::memset(out, 0, sizeof(out));
+    for (int i = 0; i < n; ++i) {
+        pj_ssize_t size = (pj_ssize_t)in[i].msg_len;
+        bool ok = !(in[i].msg_hdr.msg_flags & MSG_TRUNC)
+            && (rtcp ? crr_prepare_rtcp(from, to, bufs[i], size)
+                     : crr_prepare_rtp(from, to, bufs[i], size));
+        if (!ok) {
+            sh->counts.dropped++;
+            continue;
+        }
+        out_iov[k].iov_base = bufs[i];
+        out_iov[k].iov_len = (size_t)size;
+        out[k].msg_hdr.msg_name = rtcp ? &to->rem_rtcp : &to->rem_rtp;
+        out[k].msg_hdr.msg_namelen = (socklen_t)to->addr_len;
+        out[k].msg_hdr.msg_iov = &out_iov[k];
+        out[k].msg_hdr.msg_iovlen = 1;
+        ++k;
+    }
+    if (!k)
+        return;
+    int sent = sendmmsg(rtcp ? to->rtcp_fd : to->rtp_fd, out, k, MSG_DONTWAIT);
+    unsigned done = sent > 0 ? (unsigned)sent : 0;
+    (rtcp ? sh->counts.rtcp : sh->counts.rtp) += done;
+    sh->counts.dropped += k - done;
+}
+
+void crr_thread(CrShard *sh) {
+    epoll_event evs[128];
+    for (;;) {
+        int n = epoll_wait(sh->epfd, evs, 128, -1);
+        if (n < 0) {
+            if (errno != EINTR)
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            continue;
+        }
+        std::lock_guard<std::mutex> lock(sh->mu);
+        for (int i = 0; i < n; ++i) {
+            pj_uint64_t data = evs[i].data.u64;
+            unsigned idx = (unsigned)(data & 0xffffffffu);
+            if (idx >= sh->slots.size())
+                continue;
+            CrSlot &slot = sh->slots[idx];
+            if (slot.tp && slot.gen == (pj_uint32_t)(data >> 32))
+                crr_drain(sh, slot);
+        }
+    }
 }
 
 void crr_on_rtp(pjmedia_tp_cb_param *param) {
@@ -475,10 +710,12 @@ void crr_on_destroy(void *arg) {  /* the group lock's last reference is gone */
 
 pj_status_t crr_destroy(pjmedia_transport *t) {
     CrRelayTp *tp = (CrRelayTp *)t;
+    std::vector<pj_ioqueue_key_t *> resume;
     {
         std::lock_guard<std::mutex> lock(crr_mu);
-        crr_unpair(tp);
+        crr_unpair(tp, resume);
     }
+    crr_suspend(resume, false);  /* back in pjmedia's set before the sockets close */
     if (tp->del_base)
         pjmedia_transport_close(tp->slave);
     if (tp->base.grp_lock)
@@ -506,6 +743,7 @@ pjmedia_transport *crr_create(pjmedia_transport *slave, bool del_base) {
     tp->slave = slave;
     tp->del_base = del_base;
     tp->event_in = tp->event_out = -1;
+    tp->rtp_fd = tp->rtcp_fd = -1;
     if (slave->grp_lock) {
         tp->base.grp_lock = slave->grp_lock;
         pj_grp_lock_add_ref(slave->grp_lock);
@@ -592,8 +830,20 @@ void crr_pause(CrLeg &leg, bool pause) {  /* no relay lock: the stream takes its
 
 }  // namespace
 
-int crRelayInstall(int enabled) {
+int crRelayInstall(int enabled, int threads) {
     crr_enabled = enabled != 0;
+    for (int i = (int)crr_shards.size(); crr_enabled && i < threads; ++i) {
+        CrShard *sh = new CrShard();
+        sh->epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (sh->epfd < 0) {
+            delete sh;
+            return -1;
+        }
+        std::thread thread(&crr_thread, sh);
+        pthread_setname_np(thread.native_handle(), "relay");
+        thread.detach();
+        crr_shards.push_back(sh);
+    }
     if (crr_installed)
         return 0;
     pjsua_data *var = pjsua_get_var();
@@ -607,15 +857,17 @@ int crRelayInstall(int enabled) {
 
 int crRelayBridge(int call_a, int call_b) {
     CrLeg a, b;
+    std::vector<pj_ioqueue_key_t *> resume;
     PJSUA_LOCK();
     bool ok_a = crr_leg(call_a, a), ok_b = crr_leg(call_b, b);
     bool relay = crr_enabled && ok_a && ok_b && a.tp != b.tp && crr_same_codec(a, b);
     if (!relay) {
         {
             std::lock_guard<std::mutex> lock(crr_mu);
-            if (ok_a) crr_unpair(a.tp);
-            if (ok_b) crr_unpair(b.tp);
+            if (ok_a) crr_unpair(a.tp, resume);
+            if (ok_b) crr_unpair(b.tp, resume);
         }
+        crr_suspend(resume, false);
         if (ok_a) crr_pause(a, false);
         if (ok_b) crr_pause(b, false);
         PJSUA_UNLOCK();
@@ -629,17 +881,50 @@ int crRelayBridge(int call_a, int call_b) {
     }
     crr_pause(a, true);
     crr_pause(b, true);
+    /* Plain UDP on both legs and relay threads running: the legs' sockets leave
+     * pjmedia's epoll set for a relay thread's; otherwise pjmedia's media thread keeps
+     * reading them and the adapter relays from its receive callback. */
+    pjmedia_transport_udp_relay_info ia, ib;
+    bool handoff = !crr_shards.empty() && crr_handoff_info(a.tp, ia) && crr_handoff_info(b.tp, ib);
     {
         std::lock_guard<std::mutex> lock(crr_mu);
         if (a.tp->peer != b.tp) {
-            crr_unpair(a.tp);
-            crr_unpair(b.tp);
+            crr_unpair(a.tp, resume);
+            crr_unpair(b.tp, resume);
             a.tp->peer = b.tp;
             b.tp->peer = a.tp;
             crr_pairs++;
+        } else if (!handoff) {
+            crr_unhand(a.tp, resume);
+            crr_unhand(b.tp, resume);
         }
+        std::unique_lock<std::mutex> thread_lock = crr_lock_thread(a.tp);
         crr_set(a);
         crr_set(b);
+    }
+    crr_suspend(resume, false);
+    if (handoff) {
+        std::vector<pj_ioqueue_key_t *> keys = {ia.rtp_key, ia.rtcp_key, ib.rtp_key, ib.rtcp_key};
+        bool suspended = true;
+        for (pj_ioqueue_key_t *key : keys)
+            suspended = suspended && pj_ioqueue_suspend_key(key, PJ_TRUE) == PJ_SUCCESS;
+        bool handed = false;
+        if (suspended) {
+            std::lock_guard<std::mutex> lock(crr_mu);
+            if (a.tp->peer == b.tp) {
+                CrShard *sh = a.tp->shard;  /* the pair's thread, else the least busy */
+                for (CrShard *s : crr_shards)
+                    if (!a.tp->shard && (!sh || s->legs < sh->legs))
+                        sh = s;
+                handed = crr_hand(a.tp, ia, sh) && crr_hand(b.tp, ib, sh);
+                if (!handed) {
+                    crr_unhand(a.tp, resume);
+                    crr_unhand(b.tp, resume);
+                }
+            }
+        }
+        if (!handed)
+            crr_suspend(keys, false);
     }
     PJSUA_UNLOCK();
     return 1;
@@ -702,9 +987,35 @@ std::string crRelayCodecOf(int call_id) {
 }
 
 unsigned crRelayPairs() { return crr_pairs.load(); }
-unsigned long crRelayRtp() { return crr_rtp.load(); }
-unsigned long crRelayRtcp() { return crr_rtcp.load(); }
-unsigned long crRelayDropped() { return crr_dropped.load(); }
+static unsigned long crr_count(unsigned long CrCounts::*field, const std::atomic<unsigned long> &own) {
+    unsigned long total = own.load();
+    for (CrShard *sh : crr_shards) {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        total += sh->counts.*field;
+    }
+    return total;
+}
+unsigned long crRelayRtp() { return crr_count(&CrCounts::rtp, crr_rtp); }
+unsigned long crRelayRtcp() { return crr_count(&CrCounts::rtcp, crr_rtcp); }
+unsigned long crRelayDropped() { return crr_count(&CrCounts::dropped, crr_dropped); }
 unsigned long crRelayDtmfEvents() { return crr_dtmf_events.load(); }
+
+unsigned crRelayThreadPairs() {
+    unsigned legs = 0;
+    for (CrShard *sh : crr_shards) {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        legs += sh->legs;
+    }
+    return legs / 2;
+}
+
+unsigned long crRelayThreadPackets() {
+    unsigned long total = 0;
+    for (CrShard *sh : crr_shards) {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        total += sh->counts.rtp + sh->counts.rtcp;
+    }
+    return total;
+}
 
 #endif  /* PJ_VERSION_NUM */

@@ -42,6 +42,14 @@
 #ifndef PJ_DEBUG
 #  define PJ_DEBUG                      0
 #endif
+/* A request goes out on the transport its destination names (a sip: URI without
+ * ;transport= means UDP), whatever its size. pjsip's default tries TCP first for a
+ * request of 1,300 bytes or more (RFC 3261 s18.1.1): an INVITE to a UDP-only runtime
+ * then fails, or, when the kernel gave pjsip's TCP socket the runtime's own port as its
+ * local port, connects to itself and reads its own INVITE back (a 503 for every later
+ * call to that runtime). Asterisk's res_pjsip turns the switch off the same way
+ * (disable_tcp_switch). */
+#define PJSIP_DONT_SWITCH_TO_TCP        1
 /* IPv6 listeners and media (RFC 5118); 2.17's default is off. */
 #define PJ_HAS_IPV6                     1
 /* Receive any UDP datagram whole (65,507 bytes of payload) and TCP messages up to

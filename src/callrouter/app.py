@@ -89,6 +89,7 @@ log = structlog.get_logger("callrouter.app")
 
 
 HEARTBEAT_SECONDS = 1.0  # at most this much call time is lost to a crash
+MAX_AUTO_RELAY_THREADS = 4  # sip.media_relay_threads = 0: one per core, at most this
 
 
 def _utcnow() -> datetime:
@@ -129,6 +130,8 @@ def engine_settings(cfg: Config) -> EngineSettings:
         register_retry_max_seconds=cfg.trunks.register_retry_max_seconds,
         keepalive_seconds=cfg.trunks.keepalive_seconds,
         media_relay=sip.media_relay,
+        media_relay_threads=sip.media_relay_threads
+        or min(len(os.sched_getaffinity(0)), MAX_AUTO_RELAY_THREADS),
     )
 
 

@@ -79,6 +79,7 @@ class SipConfig:
     max_message_bytes: int
     inbound: InboundConfig
     media_relay: bool = True  # same-codec legs: packets relayed, not decoded
+    media_relay_threads: int = 0  # threads moving relayed packets; 0: one per core, <= 4
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,13 @@ def _non_negative_int(value: Any) -> int:
         raise ValueError(f"expected a whole number >= 0, got {value!r}") from None
     if number < 0 or isinstance(value, bool):
         raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
+def _relay_threads(value: Any) -> int:
+    number = _non_negative_int(value)
+    if number > 16:
+        raise ValueError(f"expected 0 (one per CPU core, at most 4) to 16, got {number}")
     return number
 
 
@@ -387,6 +395,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sip.codecs", ["PCMU", "PCMA"], _codecs),
     Setting("sip.max_message_bytes", 16384, _message_size),
     Setting("sip.media_relay", True, _bool),
+    Setting("sip.media_relay_threads", 0, _relay_threads),
     Setting("sip.inbound.allowed_sources", ["127.0.0.0/8", "::1/128"], _networks),
     Setting("sip.inbound.forbidden_action", "drop", _choice("drop", "reject")),
     Setting("sip.inbound.unknown_number_code", 404, _sip_code(400, 699)),
@@ -541,6 +550,7 @@ def _build(v: Mapping[str, Any]) -> Config:
         max_message_bytes=v["sip.max_message_bytes"],
         inbound=inbound,
         media_relay=v["sip.media_relay"],
+        media_relay_threads=v["sip.media_relay_threads"],
     )
     return Config(
         sip=sip,

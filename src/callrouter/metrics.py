@@ -432,11 +432,21 @@ def _media_families(counts: Mapping[str, int] | None = None) -> list[Metric]:
         "Packets the relay sent (rtp, rtcp), dropped (direction on hold, no peer, "
         "malformed) and RFC 4733 events it sent for SIP INFO DTMF (dtmf_events).",
         labels=["kind"])
+    thread_pairs = GaugeMetricFamily(
+        "callrouter_media_relay_thread_calls",
+        "Relayed calls whose packets a relay thread moves (sip.media_relay_threads); the "
+        "rest are relayed on the engine's media thread.")
+    thread_packets = CounterMetricFamily(
+        "callrouter_media_relay_thread_packets",
+        "RTP and RTCP packets the relay threads sent (part of "
+        "callrouter_media_relay_packets_total).")
     if counts is not None:
         pairs.add_metric([], counts.get("pairs", 0))
         for kind in RELAY_PACKET_KINDS:
             packets.add_metric([kind], counts.get(kind, 0))
-    return [pairs, packets]
+        thread_pairs.add_metric([], counts.get("thread_pairs", 0))
+        thread_packets.add_metric([], counts.get("thread_packets", 0))
+    return [pairs, packets, thread_pairs, thread_packets]
 
 
 def _assertions_family(count: int | None = None) -> Metric:

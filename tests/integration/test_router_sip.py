@@ -8,6 +8,7 @@ their own deployment.
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import time
 
@@ -23,8 +24,9 @@ NUMBER = "+31850835037"
 CALLER = "+31201234567"
 
 
-def uac(router: RouterProcess, name: str, dialled: str = NUMBER, **kw: object) -> Sipp:
-    keys = {"dialled": dialled, "caller": CALLER}
+def uac(router: RouterProcess, name: str, dialled: str = NUMBER, caller: str = CALLER,
+        **kw: object) -> Sipp:
+    keys = {"dialled": dialled, "caller": caller}
     return Sipp(scenario(name), target=router.sip_address, keys=keys, **kw)  # type: ignore[arg-type]
 
 
@@ -70,10 +72,14 @@ def echo_call(router: RouterProcess, runtime_scenario: str, duration_ms: int
 def assert_path(router: RouterProcess, media_path: str) -> None:
     """The call's packets took ``media_path``: the relay moved packets, or none."""
     relayed = metric(router, RELAYED_RTP)
+    by_thread = metric(router, "callrouter_media_relay_thread_packets_total")
     if media_path == "relay":
         assert relayed > 20, "the same-codec legs were not relayed"
+        # Plain UDP on both legs: a relay thread moved them, not the media thread.
+        assert by_thread > 20, by_thread
     else:
         assert relayed == 0, "sip.media_relay = false, yet packets were relayed"
+        assert by_thread == 0, by_thread
 
 
 def assert_one_stream(headers: list[RtpHeader], what: str) -> None:
@@ -220,25 +226,33 @@ def test_unreachable_runtime_gets_503(router: RouterProcess) -> None:
     assert result.sequence() == ["INVITE", 100, 503, "ACK"], result.explain()
 
 
-def test_a_udp_runtime_gets_its_invite_over_udp_not_tcp(router: RouterProcess) -> None:
-    """A runtime URI without ;transport means UDP. pjsip sends a request of 1300 bytes or
-    more over TCP first (RFC 3261 s18.1.1), to whatever answers TCP on the runtime's port:
-    in a CI run that was the router's own TCP client socket, whose ephemeral port happened
-    to be the runtime's, connected to itself, so every later INVITE came back into the
-    router (404 there, 503 to the caller). The offer is audio only, which keeps the INVITE
-    well under that size; a TCP listener on the runtime's port stands in for that socket."""
+@pytest.mark.parametrize("caller", [CALLER, "+1" + "5" * 200], ids=["short", "long-caller"])
+def test_a_udp_runtime_gets_its_invite_over_udp_not_tcp(router: RouterProcess,
+                                                       caller: str) -> None:
+    """A runtime URI without ;transport means UDP. pjsip's default sends a request of 1300
+    bytes or more over TCP first (RFC 3261 s18.1.1), to whatever answers TCP on the
+    runtime's port: in a CI run that was the router's own TCP client socket, whose
+    ephemeral port happened to be the runtime's, connected to itself, so every later
+    INVITE came back into the router (404 there, 503 to the caller). The engine is built
+    without that switch (PJSIP_DONT_SWITCH_TO_TCP), and the offer is audio only; a TCP
+    listener on the runtime's port stands in for that socket. A 200-digit caller number
+    makes the runtime's INVITE longer than 1300 bytes."""
     rt = runtime("uas-runtime-answer")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
         squatter.bind(("127.0.0.1", rt.port))  # SIPp holds the UDP port only
         squatter.listen(4)
         squatter.setblocking(False)
         assign(router, rt)
-        result = uac(router, "uac-call-bridged", duration_ms=500).run()
+        result = uac(router, "uac-call-bridged", caller=caller, duration_ms=500).run()
         assert result.ok, result.explain()
         with pytest.raises(BlockingIOError):
             squatter.accept()  # the router never connected over TCP
     offer = (rt.wait().workdir / "uas-runtime-answer.msg.log").read_text()
     assert "m=audio" in offer and "m=text" not in offer  # no unused T.140 stream
+    sizes = [int(n) for n in re.findall(r"UDP message received \[(\d+)\] bytes :\s+INVITE ", offer)]
+    assert sizes, "the runtime got no INVITE over UDP"
+    if caller != CALLER:
+        assert sizes[0] > 1300, sizes  # over pjsip's switch to TCP, and still UDP
 
 
 def test_caller_cancel_while_ringing_cancels_the_runtime_leg(router: RouterProcess) -> None:

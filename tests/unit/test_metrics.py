@@ -308,10 +308,13 @@ def test_spooled_records_are_read_from_their_source_at_each_scrape(metrics: Metr
 
 
 def test_the_media_relay_is_read_from_its_source_at_each_scrape(metrics: Metrics) -> None:
-    counts = {"pairs": 3, "rtp": 1200, "rtcp": 4, "dropped": 2, "dtmf_events": 1}
+    counts = {"pairs": 3, "rtp": 1200, "rtcp": 4, "dropped": 2, "dtmf_events": 1,
+              "thread_pairs": 2, "thread_packets": 900}
     metrics.set_engine_media_source(lambda: counts)
     body = metrics.render()[0].decode()
     assert "callrouter_media_relayed_calls 3.0" in body
+    assert "callrouter_media_relay_thread_calls 2.0" in body
+    assert "callrouter_media_relay_thread_packets_total 900.0" in body
     assert 'callrouter_media_relay_packets_total{kind="rtp"} 1200.0' in body
     assert 'callrouter_media_relay_packets_total{kind="dtmf_events"} 1.0' in body
     counts["pairs"] = 0

@@ -73,6 +73,7 @@ class EngineSettings:
     register_retry_max_seconds: int = 300
     keepalive_seconds: int = 15
     media_relay: bool = True
+    media_relay_threads: int = 1  # relay threads moving relayed legs' packets
 
 
 def _translate(exc: pj.Error, doing: str = "") -> EngineError:
@@ -248,6 +249,8 @@ class SipEngine:
                 "rtcp": int(pj.crRelayRtcp()),
                 "dropped": int(pj.crRelayDropped()),
                 "dtmf_events": int(pj.crRelayDtmfEvents()),
+                "thread_pairs": int(pj.crRelayThreadPairs()),
+                "thread_packets": int(pj.crRelayThreadPackets()),
             },
         )
 
@@ -372,7 +375,8 @@ class SipEngine:
         pj.crGuardSetMaxMessageBytes(self.settings.max_message_bytes)
         pj.crGuardSetFloodControl(self.settings.flood_limit, self.settings.flood_ban_seconds)
         # Every call's media transport is wrapped from now on (callrouter_relay.hpp).
-        if pj.crRelayInstall(1 if self.settings.media_relay else 0) != 0:
+        relay = 1 if self.settings.media_relay else 0
+        if pj.crRelayInstall(relay, self.settings.media_relay_threads) != 0:
             raise EngineError("could not install the media relay")
 
     def _account_config(self) -> Any:
