@@ -197,7 +197,15 @@ check_version() {  # $1 = version; refuses < 2.15 unless the ring fallback is na
 patch_and_configure() {  # $1 = tree (a private copy of the pristine one)
   local tree="$1" p
   # -l: the 2.12.1 tree is tab-indented, 2.17 space-indented; the same patches fit both.
+  # A patch whose first line is "# callrouter: pjproject >= X" is applied to X and later
+  # only (0006 adds to 2.17's ioqueue what the relay needs; the 2.12.1 fallback has none).
+  local v min; v=$(tree_version "$tree")
   for p in "$engine_dir"/patches/*.patch; do
+    min=$(sed -n '1s/^# callrouter: pjproject >= \([0-9.]*\)$/\1/p' "$p")
+    if [ -n "$min" ] && [ "$(printf '%s\n%s\n' "$min" "$v" | sort -V | head -n1)" != "$min" ]; then
+      echo "patch $(basename "$p") is for pjproject >= $min: not applied to $v" >&2
+      continue
+    fi
     (cd "$tree" && patch -p1 -l --forward --quiet < "$p") || { echo "patch failed: $p" >&2; return 1; }
   done
   # Debian's +dfsg repack of 2.17 drops the Windows-only BDIMAD device; the makefile
