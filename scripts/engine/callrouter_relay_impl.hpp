@@ -507,57 +507,28 @@ bool crr_relay_rtcp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {  /* as ab
     return true;
 }
 
-/* A relay thread: reads the handed-off sockets it has ready, up to CR_BATCH datagrams
- * each in one recvmmsg(), and sends what it relays with one sendmmsg() from the other
- * leg's socket of the same kind. Its lock is held for a whole epoll batch. */
-const unsigned CR_BATCH = 8;
-
-void crr_drain(CrShard *sh, CrSlot &slot) {
-    static thread_local pj_uint8_t bufs[CR_BATCH][CR_RTP_MAX];
-    mmsghdr in[CR_BATCH], out[CR_BATCH];
-    iovec in_iov[CR_BATCH], out_iov[CR_BATCH];
+/* A relay thread: one datagram per ready socket and epoll event (level-triggered: a
+ * socket with more queued is reported again by the next epoll_wait), sent on with one
+ * sendto() from the other leg's socket of the same kind. recvfrom/sendto, not the
+ * mmsg calls: a socket has one packet per ptime, and the plain calls copy no message
+ * header in. Its lock is held for a whole epoll batch. */
+void crr_move(CrShard *sh, CrSlot &slot) {
+    static thread_local pj_uint8_t buf[CR_RTP_MAX + 1];
     CrRelayTp *from = slot.tp;
     bool rtcp = slot.rtcp;
-    std::memset(in, 0, sizeof(in));
-    for (unsigned i = 0; i < CR_BATCH; ++i) {
-        in_iov[i].iov_base = bufs[i];
-        in_iov[i].iov_len = CR_RTP_MAX;
-        in[i].msg_hdr.msg_iov = &in_iov[i];
-        in[i].msg_hdr.msg_iovlen = 1;
-    }
-    int n = recvmmsg(rtcp ? from->rtcp_fd : from->rtp_fd, in, CR_BATCH, MSG_DONTWAIT, nullptr);
-    if (n <= 0)
+    pj_ssize_t size = recvfrom(rtcp ? from->rtcp_fd : from->rtp_fd, buf, sizeof(buf),
+                               MSG_DONTWAIT, nullptr, nullptr);
+    if (size < 0)
         return;
     CrRelayTp *to = from->peer;
-    if (!to || to->shard != sh) {
-        sh->counts.dropped += (unsigned)n;
-        return;
-    }
-    unsigned k = 0;
-    std::memset(out, 0, sizeof(out));
-    for (int i = 0; i < n; ++i) {
-        pj_ssize_t size = (pj_ssize_t)in[i].msg_len;
-        bool ok = !(in[i].msg_hdr.msg_flags & MSG_TRUNC)
-            && (rtcp ? crr_prepare_rtcp(from, to, bufs[i], size)
-                     : crr_prepare_rtp(from, to, bufs[i], size));
-        if (!ok) {
-            sh->counts.dropped++;
-            continue;
-        }
-        out_iov[k].iov_base = bufs[i];
-        out_iov[k].iov_len = (size_t)size;
-        out[k].msg_hdr.msg_name = rtcp ? &to->rem_rtcp : &to->rem_rtp;
-        out[k].msg_hdr.msg_namelen = (socklen_t)to->addr_len;
-        out[k].msg_hdr.msg_iov = &out_iov[k];
-        out[k].msg_hdr.msg_iovlen = 1;
-        ++k;
-    }
-    if (!k)
-        return;
-    int sent = sendmmsg(rtcp ? to->rtcp_fd : to->rtp_fd, out, k, MSG_DONTWAIT);
-    unsigned done = sent > 0 ? (unsigned)sent : 0;
-    (rtcp ? sh->counts.rtcp : sh->counts.rtp) += done;
-    sh->counts.dropped += k - done;
+    bool ok = to && to->shard == sh && size <= (pj_ssize_t)CR_RTP_MAX
+        && (rtcp ? crr_prepare_rtcp(from, to, buf, size) : crr_prepare_rtp(from, to, buf, size));
+    if (ok && sendto(rtcp ? to->rtcp_fd : to->rtp_fd, buf, (size_t)size, MSG_DONTWAIT,
+                     (const sockaddr *)(rtcp ? &to->rem_rtcp : &to->rem_rtp),
+                     (socklen_t)to->addr_len) == size)
+        (rtcp ? sh->counts.rtcp : sh->counts.rtp)++;
+    else
+        sh->counts.dropped++;
 }
 
 void crr_thread(CrShard *sh) {
@@ -577,7 +548,7 @@ void crr_thread(CrShard *sh) {
                 continue;
             CrSlot &slot = sh->slots[idx];
             if (slot.tp && slot.gen == (pj_uint32_t)(data >> 32))
-                crr_drain(sh, slot);
+                crr_move(sh, slot);
         }
     }
 }

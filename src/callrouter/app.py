@@ -89,7 +89,15 @@ log = structlog.get_logger("callrouter.app")
 
 
 HEARTBEAT_SECONDS = 1.0  # at most this much call time is lost to a crash
-MAX_AUTO_RELAY_THREADS = 4  # sip.media_relay_threads = 0: one per core, at most this
+MAX_AUTO_RELAY_THREADS = 4
+
+
+def auto_relay_threads() -> int:
+    """sip.media_relay_threads = 0: one relay thread per two CPU cores the process may
+    run on, at least one and at most MAX_AUTO_RELAY_THREADS. A relay thread moves about
+    1,000 relayed calls' packets on one core (docs/benchmarks.md); the other core of
+    each pair is left to SIP signalling, the API and the engine's own threads."""
+    return max(1, min(len(os.sched_getaffinity(0)) // 2, MAX_AUTO_RELAY_THREADS))
 
 
 def _utcnow() -> datetime:
@@ -130,8 +138,7 @@ def engine_settings(cfg: Config) -> EngineSettings:
         register_retry_max_seconds=cfg.trunks.register_retry_max_seconds,
         keepalive_seconds=cfg.trunks.keepalive_seconds,
         media_relay=sip.media_relay,
-        media_relay_threads=sip.media_relay_threads
-        or min(len(os.sched_getaffinity(0)), MAX_AUTO_RELAY_THREADS),
+        media_relay_threads=sip.media_relay_threads or auto_relay_threads(),
     )
 
 

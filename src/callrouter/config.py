@@ -79,7 +79,7 @@ class SipConfig:
     max_message_bytes: int
     inbound: InboundConfig
     media_relay: bool = True  # same-codec legs: packets relayed, not decoded
-    media_relay_threads: int = 0  # threads moving relayed packets; 0: one per core, <= 4
+    media_relay_threads: int = 0  # threads moving relayed packets; 0: one per 2 cores
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def _non_negative_int(value: Any) -> int:
 def _relay_threads(value: Any) -> int:
     number = _non_negative_int(value)
     if number > 16:
-        raise ValueError(f"expected 0 (one per CPU core, at most 4) to 16, got {number}")
+        raise ValueError(f"expected 0 (one per two CPU cores, at most 4) to 16, got {number}")
     return number
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from callrouter import config
+from callrouter.app import auto_relay_threads
 from callrouter.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[2] / "config" / "callrouter.toml"
@@ -94,6 +96,17 @@ def test_message_size_limit_is_bounded_by_what_the_engine_reads() -> None:
     for bad in ("65536", "1000", "big"):
         with pytest.raises(ConfigError, match=r"sip\.max_message_bytes"):
             config.load({"CALLROUTER_SIP_MAX_MESSAGE_BYTES": bad})
+
+
+def test_relay_threads_are_counted_or_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.load({}).sip.media_relay_threads == 0  # auto
+    assert config.load({"CALLROUTER_SIP_MEDIA_RELAY_THREADS": "3"}).sip.media_relay_threads == 3
+    for bad in ("-1", "17", "two"):
+        with pytest.raises(ConfigError, match=r"sip\.media_relay_threads"):
+            config.load({"CALLROUTER_SIP_MEDIA_RELAY_THREADS": bad})
+    for cores, threads in ((1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert auto_relay_threads() == threads, cores
 
 
 def test_a_capped_engine_is_refused() -> None:
