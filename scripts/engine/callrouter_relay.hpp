@@ -7,10 +7,19 @@
  * pjmedia stream unchanged, and the legs are joined on the audio switchboard
  * (decode, conference clock, encode). When the router bridges two legs whose streams
  * negotiated the same codec, clock rate, channels and ptime, crRelayBridge() pairs
- * their adapters instead: a packet that arrives on one leg is sent out of the other
- * leg's transport from inside the receive callback, on pjmedia's media thread, with
- * no decoding, jitter buffer or conference clock. Both streams are paused and their
- * own output is swallowed while the pair lasts.
+ * their adapters instead, with no decoding, jitter buffer or conference clock. Both
+ * streams are paused and their own output is swallowed while the pair lasts.
+ *
+ * Who moves the packets: when both legs are plain UDP (pjsua's SRTP adapter not in use,
+ * no RTCP mux), the pair is handed to a relay thread. Its four sockets leave pjmedia's
+ * epoll set (pj_ioqueue_suspend_key, engine patch 0006; pjmedia's pending reads stay
+ * posted) for the thread's own epoll set; the thread reads one datagram per ready
+ * socket and sends it on with sendto() from the other leg's socket of the same kind to
+ * that leg's remote address (pjmedia_transport_udp_get_relay_info). When the pair ends
+ * the sockets leave the thread and go back to pjmedia before anything can close them.
+ * Otherwise, and for a packet pjmedia had already taken while a pair was handed over, a
+ * packet is relayed from inside the adapter's receive callback on pjmedia's media
+ * thread, through the other leg's transport.
  *
  * What the far end of a leg receives stays one RTP stream for the leg's whole life:
  * the first SSRC it saw is kept, and when the source changes (the relay starts or
@@ -28,10 +37,15 @@
  * goes out whether or not the other side sends audio; relayed audio towards that leg is
  * held back while an event lasts, as pjmedia's own stream does.
  *
- * Threading: crRelayBridge/crRelayDtmf and the DTMF timer run on the SIP thread; packets are handled on
- * pjmedia's media thread and (for a stream's own packets) on the conference clock
- * thread. One mutex guards the pairing and the per-leg rewrite state; lock order is
- * pjsua's lock -> conference -> relay mutex, never the reverse. Counters are atomics.
+ * Threading: crRelayBridge/crRelayDtmf and the DTMF timer run on the SIP thread; packets
+ * are handled on the relay threads, pjmedia's media thread and (for a stream's own
+ * packets) the conference clock thread. The relay mutex guards the pairing and the
+ * per-leg state; a handed-over pair's state is changed only with its relay thread's
+ * lock held too, which the thread holds for one epoll batch. Lock order: pjsua's lock ->
+ * conference -> relay mutex -> relay thread lock, and pjlib's key locks never under
+ * either relay lock. An epoll event carries a slot number and its generation, so an
+ * event for a socket taken back since is skipped. The callback path counts in atomics,
+ * a relay thread under its lock.
  */
 #ifndef CALLROUTER_RELAY_HPP
 #define CALLROUTER_RELAY_HPP

@@ -789,11 +789,19 @@ void crr_set(CrLeg &leg) {  /* crr_mu held */
     tp->samples_per_packet = crr_ptime(si) * tp->clock_rate / 1000;
 }
 
-void crr_pause(CrLeg &leg, bool pause) {  /* no relay lock: the stream takes its own */
+/* Pauses a relayed leg's stream and takes its port off the conference clock (the
+ * switchboard would call into the paused stream every tick: engine patch 0007 lets a
+ * disabled port be skipped), or undoes both. No relay lock: the stream and the
+ * conference take their own. */
+void crr_pause(CrLeg &leg, bool pause) {
     if (pause) {
         pjmedia_stream_pause(leg.stream, PJMEDIA_DIR_ENCODING_DECODING);
         leg.tp->paused = leg.stream;
+        if (leg.slot != PJSUA_INVALID_ID)
+            pjsua_conf_configure_port(leg.slot, PJMEDIA_PORT_DISABLE, PJMEDIA_PORT_DISABLE);
     } else if (leg.tp->paused == leg.stream) {
+        if (leg.slot != PJSUA_INVALID_ID)
+            pjsua_conf_configure_port(leg.slot, PJMEDIA_PORT_ENABLE, PJMEDIA_PORT_ENABLE);
         pjmedia_stream_resume(leg.stream, PJMEDIA_DIR_ENCODING_DECODING);
         leg.tp->paused = nullptr;
     }
