@@ -28,7 +28,7 @@ from tests.integration.test_postgres_cluster import wait_until
 from tests.integration.test_router_sip import CALLER, NUMBER, runtime
 from tests.support.kamailio import KamailioProcess
 from tests.support.router import RouterProcess, free_rtp_range
-from tests.support.sipp import Sipp, scenario
+from tests.support.sipp import Sipp, free_sip_port, scenario
 
 pytestmark = [pytest.mark.sip,
               pytest.mark.skipif(shutil.which("kamailio") is None,
@@ -72,9 +72,15 @@ class Cluster:
         return self.routers[1]
 
     def callers(self, calls: int, rate: float, duration_ms: int, **kw: Any) -> Sipp:
+        # Never a router's SIP port, even a killed router's: Kamailio still sends that
+        # router's share of INVITEs (and its OPTIONS probes) there until it marks it down,
+        # and a caller SIPp bound to it would receive its own INVITEs back (a CI flake).
+        routers = {r.sip_address for r in self.routers}
+        port = next(p for p in (free_sip_port() for _ in range(50))
+                    if f"127.0.0.1:{p}" not in routers)
         return Sipp(scenario("uac-call-bridged"), target=self.kamailio.address,
                     keys={"dialled": NUMBER, "caller": CALLER}, calls=calls, rate=rate,
-                    duration_ms=duration_ms, **kw)
+                    duration_ms=duration_ms, port=port, **kw)
 
     def stop(self) -> None:
         self.kamailio.stop()
