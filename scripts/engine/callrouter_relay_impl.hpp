@@ -22,6 +22,8 @@ unsigned long crRelayDtmfEvents() { return 0; }
 #else
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -46,23 +48,23 @@ const unsigned CR_RTP_MAX = 1500;
 
 /* What one leg sends towards its far end: one RTP stream for the leg's life. */
 struct CrOut {
-    bool have = false;          /* a packet was sent: ssrc/last_* are set */
     pj_uint32_t ssrc = 0;       /* the SSRC the far end sees */
-    pj_uint16_t last_seq = 0;
+    pj_uint32_t in_ssrc = 0;    /* the current source's SSRC */
     pj_uint32_t last_ts = 0;
+    pj_uint32_t ts_off = 0;     /* added to the source's timestamps */
+    pj_uint16_t last_seq = 0;
+    pj_uint16_t seq_off = 0;    /* added to the source's sequence numbers */
+    bool have = false;          /* a packet was sent: ssrc/last_* are set */
     pj_timestamp last_at{};     /* when last_ts was sent */
     const void *source = nullptr;  /* the leg's own stream (its adapter) or the peer */
-    pj_uint32_t in_ssrc = 0;    /* the current source's SSRC */
-    pj_uint16_t seq_off = 0;    /* added to the source's sequence numbers */
-    pj_uint32_t ts_off = 0;     /* added to the source's timestamps */
 };
 
 /* RFC 4733 events sent towards a relayed leg for SIP INFO DTMF (crRelayDtmf): one packet
  * per ptime from a pjsua timer on the SIP thread, whether or not audio is being relayed
  * to that leg; relayed audio towards it is held back while an event lasts. */
 struct CrDtmf {
+    int event = -1;             /* the event being sent, -1 = none (first: read per packet) */
     std::deque<int> queued;     /* event codes waiting */
-    int event = -1;             /* the event being sent, -1 = none */
     pj_uint32_t start_ts = 0;
     unsigned duration = 0;      /* samples so far */
     unsigned ends = 0;          /* end packets sent (three, RFC 4733 s2.5.1.4) */
@@ -79,27 +81,34 @@ struct CrRelayTp {
     void (*stream_rtp_cb)(void *, void *, pj_ssize_t);
     void (*stream_rtp_cb2)(pjmedia_tp_cb_param *);
     void (*stream_rtcp_cb)(void *, void *, pj_ssize_t);
-    /* Guarded by crr_mu. */
-    CrRelayTp *peer;            /* relayed to/from this leg; null = the stream's path */
-    bool may_receive;           /* the far end sends to us (our SDP allows it) */
-    bool may_send;              /* we send to the far end */
-    int pt_in, pt_out;          /* the codec's payload type from / to the far end */
-    int event_in, event_out;    /* telephone-event payload types, -1 = not negotiated */
+    /* Guarded by crr_mu (and, where a relay thread has the leg, by its lock too). */
+    pjmedia_stream *paused;     /* the stream we paused for the relay */
+    /* Handed to a relay thread (crr_mu and the shard's lock both held to change it; the
+     * thread reads it under the shard's lock): the pjmedia keys of the UDP sockets, out
+     * of pjmedia's epoll set, and where RTCP towards the far end goes. */
+    pj_ioqueue_key_t *rtp_key, *rtcp_key;
+    unsigned rtp_slot, rtcp_slot;
+    pj_sockaddr rem_rtcp;
+    /* What a relay thread reads for every packet, on two cache lines from here: a
+     * packet's receiving leg needs the first, its sending leg both (at 1,000 calls,
+     * the fields spread over the struct cost a cache miss each). */
+    alignas(64) CrRelayTp *peer;  /* relayed to/from this leg; null = the stream's path */
+    struct CrShard *shard;      /* the relay thread that has the sockets, or null */
+    int rtp_fd, rtcp_fd;
+    pj_int16_t pt_in, pt_out;   /* the codec's payload type from / to the far end */
+    pj_int16_t event_in, event_out;  /* telephone-event payload types, -1 = not negotiated */
     unsigned clock_rate;        /* RTP clock */
     unsigned samples_per_packet;
-    pjmedia_stream *paused;     /* the stream we paused for the relay */
-    CrOut out;
-    CrDtmf dtmf;
-    /* Handed to a relay thread (crr_mu and the shard's lock both held to change it; the
-     * thread reads it under the shard's lock): the UDP sockets, out of pjmedia's epoll
-     * set, and where packets towards the far end go. */
-    struct CrShard *shard;
-    pj_ioqueue_key_t *rtp_key, *rtcp_key;
-    int rtp_fd, rtcp_fd;
-    pj_sockaddr rem_rtp, rem_rtcp;
     int addr_len;
-    unsigned rtp_slot, rtcp_slot;
+    bool may_receive;           /* the far end sends to us (our SDP allows it) */
+    bool may_send;              /* we send to the far end */
+    CrOut out;
+    pj_sockaddr rem_rtp;        /* where RTP towards the far end goes */
+    CrDtmf dtmf;                /* its event, first, is read per packet */
 };
+static_assert(offsetof(CrRelayTp, out) - offsetof(CrRelayTp, peer) < 64
+              && offsetof(CrRelayTp, dtmf) + sizeof(int) - offsetof(CrRelayTp, peer) <= 128,
+              "a relay thread's per-packet fields fit the two cache lines it fetches");
 
 /* Packet counters: the callback path's atomics, a relay thread's under its lock. */
 struct CrCounts {
@@ -477,33 +486,17 @@ bool crr_prepare_rtcp(CrRelayTp *from, CrRelayTp *to, pj_uint8_t *p, pj_ssize_t 
  * when `from` is paired; false when it is not, and the packet is the stream's (passed on
  * outside the lock: the stream may send, which takes it again). A handed-off leg's
  * packets come this way only while the hand-off happens. */
-bool crr_relay_rtp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {
+bool crr_relay(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size, bool rtcp) {
     std::lock_guard<std::mutex> lock(crr_mu);
     CrRelayTp *to = from->peer;
     if (!to)
         return false;
     std::unique_lock<std::mutex> thread_lock = crr_lock_thread(from);
-    if (!crr_prepare_rtp(from, to, p, size))
-        crr_dropped++;
-    else if (pjmedia_transport_send_rtp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
-        crr_rtp++;
-    else
-        crr_dropped++;
-    return true;
-}
-
-bool crr_relay_rtcp(CrRelayTp *from, pj_uint8_t *p, pj_ssize_t size) {  /* as above */
-    std::lock_guard<std::mutex> lock(crr_mu);
-    CrRelayTp *to = from->peer;
-    if (!to)
-        return false;
-    std::unique_lock<std::mutex> thread_lock = crr_lock_thread(from);
-    if (!crr_prepare_rtcp(from, to, p, size))
-        crr_dropped++;
-    else if (pjmedia_transport_send_rtcp(to->slave, p, (pj_size_t)size) == PJ_SUCCESS)
-        crr_rtcp++;
-    else
-        crr_dropped++;
+    bool ok = rtcp ? crr_prepare_rtcp(from, to, p, size) && pjmedia_transport_send_rtcp(
+                         to->slave, p, (pj_size_t)size) == PJ_SUCCESS
+                   : crr_prepare_rtp(from, to, p, size) && pjmedia_transport_send_rtp(
+                         to->slave, p, (pj_size_t)size) == PJ_SUCCESS;
+    (ok ? (rtcp ? crr_rtcp : crr_rtp) : crr_dropped)++;
     return true;
 }
 
@@ -521,7 +514,7 @@ void crr_move(CrShard *sh, CrSlot &slot) {
     if (size < 0)
         return;
     CrRelayTp *to = from->peer;
-    bool ok = to && to->shard == sh && size <= (pj_ssize_t)CR_RTP_MAX
+    bool ok = to && to->shard == sh  /* the prepares check the size */
         && (rtcp ? crr_prepare_rtcp(from, to, buf, size) : crr_prepare_rtp(from, to, buf, size));
     if (ok && sendto(rtcp ? to->rtcp_fd : to->rtp_fd, buf, (size_t)size, MSG_DONTWAIT,
                      (const sockaddr *)(rtcp ? &to->rem_rtcp : &to->rem_rtp),
@@ -541,21 +534,35 @@ void crr_thread(CrShard *sh) {
             continue;
         }
         std::lock_guard<std::mutex> lock(sh->mu);
+        /* Each packet's system calls push the legs out of the cache: while one packet
+         * moves, the receiving leg of the event two ahead is fetched, and the sending leg
+         * of the next (found through the receiving leg fetched one packet before). */
+        auto slot_of = [&](int i) -> CrSlot * {
+            if (i >= n)
+                return nullptr;
+            unsigned idx = (unsigned)(evs[i].data.u64 & 0xffffffffu);
+            return idx < sh->slots.size() ? &sh->slots[idx] : nullptr;
+        };
+        for (int i = 0; i < 2; ++i)
+            if (CrSlot *first = slot_of(i); first && first->tp)
+                __builtin_prefetch(&first->tp->peer);
         for (int i = 0; i < n; ++i) {
-            pj_uint64_t data = evs[i].data.u64;
-            unsigned idx = (unsigned)(data & 0xffffffffu);
-            if (idx >= sh->slots.size())
-                continue;
-            CrSlot &slot = sh->slots[idx];
-            if (slot.tp && slot.gen == (pj_uint32_t)(data >> 32))
-                crr_move(sh, slot);
+            if (CrSlot *later = slot_of(i + 2); later && later->tp)
+                __builtin_prefetch(&later->tp->peer);
+            if (CrSlot *next = slot_of(i + 1); next && next->tp && next->tp->peer) {
+                __builtin_prefetch(&next->tp->peer->peer);
+                __builtin_prefetch((const char *)&next->tp->peer->peer + 64);
+            }
+            CrSlot *slot = slot_of(i);
+            if (slot && slot->tp && slot->gen == (pj_uint32_t)(evs[i].data.u64 >> 32))
+                crr_move(sh, *slot);
         }
     }
 }
 
 void crr_on_rtp(pjmedia_tp_cb_param *param) {
     CrRelayTp *tp = (CrRelayTp *)param->user_data;
-    if (crr_relay_rtp(tp, (pj_uint8_t *)param->pkt, param->size))
+    if (crr_relay(tp, (pj_uint8_t *)param->pkt, param->size, false))
         return;
     if (tp->stream_rtp_cb2) {
         pjmedia_tp_cb_param cb;
@@ -569,7 +576,7 @@ void crr_on_rtp(pjmedia_tp_cb_param *param) {
 
 void crr_on_rtcp(void *user_data, void *pkt, pj_ssize_t size) {
     CrRelayTp *tp = (CrRelayTp *)user_data;
-    if (crr_relay_rtcp(tp, (pj_uint8_t *)pkt, size))
+    if (crr_relay(tp, (pj_uint8_t *)pkt, size, true))
         return;
     if (tp->stream_rtcp_cb)
         tp->stream_rtcp_cb(tp->stream_user_data, pkt, size);
@@ -706,7 +713,14 @@ pjmedia_transport *crr_create(pjmedia_transport *slave, bool del_base) {
     pj_pool_t *pool = pjmedia_endpt_create_pool(pjsua_get_pjmedia_endpt(), "crrelay%p", 512, 512);
     if (!pool)
         return slave;
-    CrRelayTp *tp = new (pj_pool_zalloc(pool, sizeof(CrRelayTp))) CrRelayTp();
+    /* Pool memory is aligned to 8 bytes only; the struct wants its cache-line alignment. */
+    std::uintptr_t raw = (std::uintptr_t)pj_pool_zalloc(pool, sizeof(CrRelayTp) + alignof(CrRelayTp));
+    if (!raw) {
+        pj_pool_release(pool);
+        return slave;
+    }
+    std::uintptr_t at = (raw + alignof(CrRelayTp) - 1) & ~(std::uintptr_t)(alignof(CrRelayTp) - 1);
+    CrRelayTp *tp = new ((void *)at) CrRelayTp();
     tp->pool = pool;
     pj_ansi_strxcpy(tp->base.name, pool->obj_name, sizeof(tp->base.name));
     tp->base.type = (pjmedia_transport_type)(PJMEDIA_TRANSPORT_TYPE_USER + 7);
