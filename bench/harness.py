@@ -221,10 +221,20 @@ def media_port() -> int:
     raise BenchError("no free media port pair left in 61000-65535")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A port free on loopback now and never handed out before by this process: the
+    kernel's port-0 pick may repeat one it gave a moment ago (released when the probe
+    socket closed), and two SIPps told the same port make one of them exit."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 # --- SIPp -------------------------------------------------------------------------------------
