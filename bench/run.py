@@ -358,15 +358,16 @@ class RateSweep:
 
 def rate_sweep(
     start: Starter, path: str, rates: Sequence[int], plan: Plan, workdir: Path,
-    bridged_scenario: Sequence[str] = ("-sn", "uac"),
+    bridged_scenario: Sequence[str] = ("-sn", "uac"), sweep: RateSweep | None = None,
 ) -> RateSweep:
     """Step the call rate up until a step has failures (each step on a fresh system).
     ``bridged_scenario``: SIPp's arguments for the bridged path (bench/cluster.py passes
-    one that follows a proxy's Record-Route)."""
+    one that follows a proxy's Record-Route). ``sweep``: where the steps go as they are
+    measured, so those done are kept when a later one raises."""
     reject = ["-sf", str(h.SCENARIOS / "reject_uac.xml")]
     scenario = reject if path == "reject" else list(bridged_scenario)
     hold_ms = 0 if path == "reject" else plan.bridged_hold_ms
-    sweep = RateSweep()
+    sweep = RateSweep() if sweep is None else sweep
     for rate in rates:
         step_dir = workdir / f"{path}-{rate}"
         with start(path, step_dir) as target:
@@ -435,9 +436,12 @@ class Concurrency:
                 and self.packets_ratio >= GOALS["held_packets"] and self.dropped_by_target == 0)
 
 
-def concurrency(start: HeldStarter, plan: Plan, workdir: Path) -> list[Concurrency]:
-    """Held calls at each N of the plan, stopping after the first N whose audio fails."""
-    results = []
+def concurrency(start: HeldStarter, plan: Plan, workdir: Path,
+                results: list[Concurrency] | None = None) -> list[Concurrency]:  # fmt: skip
+    """Held calls at each N of the plan, stopping after the first N whose audio fails.
+    ``results``: where the steps go as they are measured, so those done are kept when a
+    later one raises."""
+    results = [] if results is None else results
     for n in plan.concurrency:
         result = hold_calls(start, n, plan, workdir / f"concurrent-{n}")
         results.append(result)
@@ -709,13 +713,19 @@ def measure(name: str, start: HeldStarter, plan: Plan, workdir: Path,
     try:
         if name == "sipp":  # generators alone: only held calls mean anything
             steps = [s for s in steps if s == "held"]
+        # Each result is in place before it is measured: a step that raises (a generator
+        # that exited, say) leaves the steps done before it in the report.
         if "reject" in steps:
-            results.reject = rate_sweep(start, "reject", plan.reject_rates, plan, workdir / name)
+            results.reject = RateSweep()
+            rate_sweep(start, "reject", plan.reject_rates, plan, workdir / name,
+                       sweep=results.reject)  # fmt: skip
         if "bridged" in steps:
-            results.bridged = rate_sweep(start, "bridged", plan.bridged_rates, plan,
-                                         workdir / name)  # fmt: skip
+            results.bridged = RateSweep()
+            rate_sweep(start, "bridged", plan.bridged_rates, plan, workdir / name,
+                       sweep=results.bridged)  # fmt: skip
         if "held" in steps:
-            results.concurrent = concurrency(start, plan, workdir / name)
+            results.concurrent = []
+            concurrency(start, plan, workdir / name, results.concurrent)
     except (h.BenchError, OSError, KeyError, subprocess.SubprocessError) as exc:
         results.error = f"{type(exc).__name__}: {exc}"[:1500]
         print(f"  {name}: not measured further: {results.error}", flush=True)
@@ -851,7 +861,7 @@ def target_section(result: TargetResults) -> list[str]:
     if result.error:
         lines += [f"Not (fully) measured: `{result.error.splitlines()[0]}`", ""]
     for label, sweep in (("Reject path (404)", result.reject), ("Bridged path", result.bridged)):
-        if sweep is None:
+        if sweep is None or not sweep.steps:
             continue
         lines += [f"{label}:", "",
                   "| calls/s | ok | failed | p50 | p99 | CPU per call | sustained |",
